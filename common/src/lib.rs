@@ -6,6 +6,7 @@
 //! agent own their event loops; this crate gives them shared vocabulary.
 
 pub mod backoff;
+pub mod config;
 pub mod ids;
 pub mod pki;
 pub mod proto;

@@ -1,0 +1,114 @@
+//! Helpers every binary's configuration uses: human durations (`500ms`, `5s`,
+//! `10m`, `1h`), and reading a TOML file with errors that name the file.
+//!
+//! Each binary resolves its settings the same way: a command-line flag wins,
+//! then its `CCC_...` environment variable (both handled by clap), then the
+//! TOML file given with `--config`, then the built-in default.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+/// Parses `250ms`, `5s`, `10m`, `2h`, `1d`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (expected e.g. 500ms, 5s, 10m, 1h)"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" | "sec" | "secs" => value,
+        "m" | "min" | "mins" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86_400.0,
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?} in {s:?} (use ms, s, m, h or d)"
+            ));
+        }
+    };
+    if !seconds.is_finite() || seconds < 0.0 || seconds > 1e9 {
+        return Err(format!("duration {s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Deserializes an optional human duration from a TOML string.
+pub fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let raw: Option<String> = Option::deserialize(d)?;
+    raw.map(|s| parse_duration(&s).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+/// Reads a TOML file; `None` gives the empty configuration (every key unset).
+pub fn load_toml<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T, Error> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| Error::Parse {
+        path: shown,
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        for bad in ["", "s", "5 weeks", "-1s", "1e99s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Sample {
+        #[serde(default, deserialize_with = "de_opt_duration")]
+        timeout: Option<Duration>,
+    }
+
+    #[test]
+    fn toml_errors_name_the_file_and_the_key() {
+        let dir = std::env::temp_dir().join(format!("ccc-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "timeout = \"3s\"\n").expect("write");
+        let ok: Sample = load_toml(Some(&path)).expect("parses");
+        assert_eq!(ok.timeout, Some(Duration::from_secs(3)));
+        std::fs::write(&path, "timeout = \"3 parsecs\"\n").expect("write");
+        let err = load_toml::<Sample>(Some(&path)).expect_err("bad unit");
+        assert!(err.to_string().contains("c.toml"), "{err}");
+        std::fs::write(&path, "tmeout = \"3s\"\n").expect("write");
+        let err = load_toml::<Sample>(Some(&path)).expect_err("unknown key");
+        assert!(err.to_string().contains("tmeout"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,64 @@
+use common::ids::AgentId;
+use common::time::UnixMillis;
+
+use super::*;
+use crate::core::AgentState;
+
+fn record(name: &str, connections: u64) -> AgentRecord {
+    AgentRecord {
+        id: AgentId::new(name).expect("name"),
+        state: AgentState::Connected,
+        advert: None,
+        first_seen: UnixMillis(1),
+        last_seen: UnixMillis(2),
+        connections,
+        peer_address: "127.0.0.1:9".into(),
+        last_disconnect_reason: None,
+        revoked_reason: None,
+    }
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ccc-store-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn committed_records_survive_reopening() {
+    let dir = temp_dir("reopen");
+    {
+        let store = SledStore::open(&dir).expect("open");
+        store
+            .commit(&[Write::Agent(record("a", 1)), Write::Agent(record("b", 1))])
+            .expect("commit");
+        store.commit(&[Write::Agent(record("a", 2))]).expect("commit");
+    }
+    let store = SledStore::open(&dir).expect("reopen");
+    let loaded = store.load_agents().expect("load");
+    assert_eq!(loaded, vec![record("a", 2), record("b", 1)]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_newer_schema_is_refused_and_corrupt_rows_are_named() {
+    let dir = temp_dir("schema");
+    {
+        let store = SledStore::open(&dir).expect("open");
+        store
+            .meta
+            .insert(b"schema_version", &99u32.to_be_bytes())
+            .expect("insert");
+        store.db.flush().expect("flush");
+    }
+    let err = SledStore::open(&dir).err().expect("refused");
+    assert!(err.to_string().contains("schema version 99"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let dir = temp_dir("corrupt");
+    let store = SledStore::open(&dir).expect("open");
+    store.agents.insert(b"x", b"\x01{not json").expect("insert");
+    let err = store.load_agents().expect_err("corrupt");
+    assert!(err.to_string().contains("\"x\""), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
