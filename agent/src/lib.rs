@@ -1,1 +1,71 @@
+//! The agent: runs on each PC, holds one mTLS stream to the coordinator,
+//! advertises what the PC can do (specialties, slots, toolchains).
+//!
+//! Code map: `config` resolves settings, `toolchains` probes the PC's tools,
+//! `runner` is the only place that spawns processes, `conn` keeps the
+//! coordinator link alive.
 
+pub mod config;
+pub mod conn;
+pub mod runner;
+pub mod toolchains;
+
+use std::time::Duration;
+
+use common::types::AgentAdvert;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Conn(#[from] conn::Error),
+}
+
+/// This PC's hostname, for display only (the id is the certificate's CN).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Probes the PC, then keeps the coordinator link until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let toolchains = if config.toolchains.probe {
+        let probes = toolchains::plan(&config.toolchains.hide, &config.toolchains.extra);
+        let timeout = config.toolchains.timeout.unwrap_or(Duration::from_secs(3));
+        toolchains::detect(probes, timeout).await
+    } else {
+        Vec::new()
+    };
+    info!(
+        agent = %config.name,
+        specialties = ?config.specialties.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        capacity = config.capacity,
+        toolchains = %toolchains.iter().map(|t| format!("{} {}", t.name, t.version)).collect::<Vec<_>>().join(", "),
+        "agent starting"
+    );
+    let advert = AgentAdvert {
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        specialties: config.specialties.clone(),
+        capacity: config.capacity,
+        labels: config.labels.clone(),
+        toolchains,
+        hostname: hostname(),
+    };
+    conn::Link::new(&config, advert)?.run(shutdown).await?;
+    info!("agent stopped");
+    Ok(())
+}

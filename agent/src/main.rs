@@ -1,1 +1,62 @@
-fn main() {}
+//! `ccc-agent`: runs on each PC of the cluster.
+
+use agent::config::{Args, Config};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Claude Code Cluster agent: connects to the coordinator over mutual TLS,
+/// identified by its certificate, and advertises this PC's specialties,
+/// slots and toolchains.
+///
+/// Every setting is a flag, an environment variable (shown below) and a key
+/// of the TOML file given with --config; flags win over the environment,
+/// which wins over the file.
+#[derive(Parser, Debug)]
+#[command(name = "ccc-agent", version)]
+struct Cli {
+    #[command(flatten)]
+    args: Args,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    common::tls::install_crypto_provider();
+    match run(cli.args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ccc-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let config = Config::resolve(args)?;
+    common::telemetry::init(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        agent::run(config, shutdown).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// SIGTERM or SIGINT: tell the coordinator, close the stream, exit 0.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    shutdown.cancel();
+}

@@ -1,5 +1,100 @@
-//! The coordinator: accepts agents over mTLS, remembers them in sled, and
-//! lets admins inspect and steer the cluster.
+//! The coordinator: accepts agents over mutual TLS, remembers them in sled,
+//! and lets admins inspect and steer the cluster.
+//!
+//! Code map: `core` decides (pure), `driver` runs the one event loop and
+//! commits through `store` before acting, `grpc` adapts tonic to driver
+//! commands, `server` owns sockets and TLS, `config` resolves settings.
 
+pub mod config;
 pub mod core;
+pub mod driver;
+pub mod grpc;
+pub mod server;
 pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::config::Config;
+use crate::core::Core;
+use crate::driver::Driver;
+use crate::store::{SledStore, Store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Tls(#[from] common::tls::Error),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error(transparent)]
+    Server(#[from] server::Error),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// Runs the coordinator until `shutdown` fires (or a fatal store error).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let tls = config.tls.load()?;
+    let server_tls = Arc::new(tls.server_config()?);
+    std::fs::create_dir_all(&config.data_dir).map_err(io(format!(
+        "cannot create data dir {}",
+        config.data_dir.display()
+    )))?;
+    let store = SledStore::open(&config.data_dir.join("store"))?;
+    let records = store.load_agents()?;
+    info!(n_agents = records.len(), "state restored from the store");
+    let core = Core::new(config.core.clone(), records);
+    let store: Arc<dyn Store> = Arc::new(store);
+    let (driver, handle) = Driver::new(core, store);
+
+    let grpc_listener = TcpListener::bind(config.grpc_listen)
+        .await
+        .map_err(io(format!("cannot listen on {}", config.grpc_listen)))?;
+    let http_listener = TcpListener::bind(config.http_listen)
+        .await
+        .map_err(io(format!("cannot listen on {}", config.http_listen)))?;
+    let grpc_addr = grpc_listener.local_addr().map_err(io("grpc address"))?;
+    let http_addr = http_listener.local_addr().map_err(io("http address"))?;
+    info!(%grpc_addr, %http_addr, "coordinator listening");
+
+    let driver_task = tokio::spawn(driver.run(shutdown.clone()));
+    let incoming = server::tls_incoming(
+        grpc_listener,
+        server_tls,
+        config.handshake_timeout,
+        shutdown.clone(),
+    );
+    let grpc_task = tokio::spawn(server::serve_grpc(incoming, handle, shutdown.clone()));
+    let http_task = tokio::spawn(server::serve_http(http_listener, shutdown.clone()));
+
+    let driver_result = driver_task.await;
+    // Whatever stopped the driver stops everything else too.
+    shutdown.cancel();
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = grpc_task.await;
+        let _ = http_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        error!("servers did not stop within 5s");
+    }
+    match driver_result {
+        Ok(result) => Ok(result?),
+        Err(join) => Err(Error::Io {
+            what: "driver task".into(),
+            source: std::io::Error::other(join.to_string()),
+        }),
+    }
+}

@@ -1,1 +1,62 @@
-fn main() {}
+//! `ccc-coordinator`: the cluster's coordinator process.
+
+use clap::Parser;
+use coordinator::config::{Args, Config};
+use tokio_util::sync::CancellationToken;
+
+/// Claude Code Cluster coordinator: accepts agents over mutual TLS, keeps
+/// the cluster's state in sled and serves the Admin API.
+///
+/// Every setting is a flag, an environment variable (shown below) and a key
+/// of the TOML file given with --config; flags win over the environment,
+/// which wins over the file.
+#[derive(Parser, Debug)]
+#[command(name = "ccc-coordinator", version)]
+struct Cli {
+    #[command(flatten)]
+    args: Args,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli.args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ccc-coordinator: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let config = Config::resolve(args)?;
+    common::telemetry::init(config.log_format);
+    common::tls::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        coordinator::run(config, shutdown).await?;
+        tracing::info!("coordinator stopped");
+        anyhow::Ok(())
+    })
+}
+
+/// SIGTERM or SIGINT starts a graceful shutdown.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+}

@@ -27,6 +27,8 @@ pub enum Error {
     Open { path: String, source: sled::Error },
     #[error("store I/O failed: {0}")]
     Io(#[from] sled::Error),
+    #[error("store task failed: {0}")]
+    Task(String),
     #[error("store holds schema version {found}, this build reads version {SCHEMA_VERSION}")]
     Schema { found: u32 },
     #[error("corrupt row {key:?} in tree {tree}: {why}")]

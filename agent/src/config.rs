@@ -1,0 +1,239 @@
+//! The agent's settings: each is a flag, a `CCC_...` environment variable and
+//! a key of the TOML file given with `--config` (flag, then environment, then
+//! file, then default). Toolchain probes are configured in the file only.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::config::{de_opt_duration, load_toml, parse_duration};
+use common::pki::Role;
+use common::telemetry::LogFormat;
+use common::tls::{TlsMaterial, TlsPaths};
+use common::types::Specialty;
+use serde::Deserialize;
+
+use crate::toolchains::Probe;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// TOML file with any of the settings below (keys in snake_case), and a
+    /// [toolchains] table (probe, timeout, hide, extra).
+    #[arg(long, env = "CCC_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The coordinator's gRPC URL [default: https://127.0.0.1:7443].
+    #[arg(long, env = "CCC_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Directory of the cluster PKI [default: certs].
+    #[arg(long, env = "CCC_CERTS_DIR")]
+    pub certs_dir: Option<PathBuf>,
+    /// Cluster CA certificate [default: <certs-dir>/ca.pem].
+    #[arg(long, env = "CCC_CA")]
+    pub ca: Option<PathBuf>,
+    /// This agent's certificate; its CN is the agent's id [default: the one <certs-dir>/agent-*.pem].
+    #[arg(long, env = "CCC_CERT")]
+    pub cert: Option<PathBuf>,
+    /// This agent's private key [default: the certificate's name with -key.pem].
+    #[arg(long, env = "CCC_KEY")]
+    pub key: Option<PathBuf>,
+    /// Where the agent keeps workspaces and buffers [default: data/agent-<name>].
+    #[arg(long, env = "CCC_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Kinds of work this PC takes: backend, frontend, testing, devops, general [default: general].
+    #[arg(long, env = "CCC_SPECIALTIES", value_delimiter = ',')]
+    pub specialties: Option<Vec<Specialty>>,
+    /// Tasks run at once [default: 1].
+    #[arg(long, env = "CCC_CAPACITY")]
+    pub capacity: Option<u32>,
+    /// Labels as key=value, comma-separated (e.g. gpu=yes,os=debian).
+    #[arg(long, env = "CCC_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Option<Vec<(String, String)>>,
+    /// First delay before reconnecting; doubles up to --reconnect-max [default: 500ms].
+    #[arg(long, env = "CCC_RECONNECT_INITIAL", value_parser = parse_duration)]
+    pub reconnect_initial: Option<Duration>,
+    /// Longest delay between reconnection attempts [default: 15s].
+    #[arg(long, env = "CCC_RECONNECT_MAX", value_parser = parse_duration)]
+    pub reconnect_max: Option<Duration>,
+    /// Log format: pretty or json [default: pretty].
+    #[arg(long, env = "CCC_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label {s:?} is not key=value"))?;
+    if k.trim().is_empty() {
+        return Err(format!("label {s:?} has an empty key"));
+    }
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub version: Option<u32>,
+    pub coordinator: Option<String>,
+    pub certs_dir: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub specialties: Option<Vec<Specialty>>,
+    pub capacity: Option<u32>,
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub reconnect_initial: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub reconnect_max: Option<Duration>,
+    pub log_format: Option<String>,
+    #[serde(default)]
+    pub toolchains: ToolchainsConfig,
+}
+
+/// `[toolchains]`: which tools to look for at start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolchainsConfig {
+    /// Set to false to advertise no toolchains at all.
+    #[serde(default = "yes")]
+    pub probe: bool,
+    /// Each probe's timeout [default: 3s].
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub timeout: Option<Duration>,
+    /// Tools not to advertise even when present.
+    #[serde(default)]
+    pub hide: Vec<String>,
+    /// More tools: `{ name = "deno", command = ["deno", "--version"] }`.
+    #[serde(default)]
+    pub extra: Vec<Probe>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for ToolchainsConfig {
+    fn default() -> Self {
+        Self {
+            probe: true,
+            timeout: None,
+            hide: Vec::new(),
+            extra: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    File(#[from] common::config::Error),
+    #[error(transparent)]
+    Tls(#[from] common::tls::Error),
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub coordinator: String,
+    pub tls: TlsMaterial,
+    /// The CN of our certificate: the id the coordinator knows us by.
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub specialties: Vec<Specialty>,
+    pub capacity: u32,
+    pub labels: BTreeMap<String, String>,
+    pub reconnect_initial: Duration,
+    pub reconnect_max: Duration,
+    pub log_format: LogFormat,
+    pub toolchains: ToolchainsConfig,
+    /// How long to wait for `Welcome` after opening the stream.
+    pub welcome_timeout: Duration,
+}
+
+impl Config {
+    pub fn resolve(args: Args) -> Result<Self, Error> {
+        let file: FileConfig = load_toml(args.config.as_deref())?;
+        if let Some(v) = file.version
+            && v != 1
+        {
+            return Err(Error::Invalid(format!(
+                "unsupported config version {v} (this build reads version 1)"
+            )));
+        }
+        let certs_dir = args
+            .certs_dir
+            .or(file.certs_dir)
+            .unwrap_or_else(|| PathBuf::from("certs"));
+        let paths = TlsPaths::for_client(
+            &certs_dir,
+            Role::Agent,
+            args.ca.or(file.ca),
+            args.cert.or(file.cert),
+            args.key.or(file.key),
+        )?;
+        let tls = paths.load()?;
+        let identity = tls.identity()?;
+        if identity.role != Role::Agent {
+            return Err(Error::Invalid(format!(
+                "{} is a {} certificate; an agent needs one made by `ccc certs agent <name>`",
+                paths.cert.display(),
+                identity.role
+            )));
+        }
+        let capacity = args.capacity.or(file.capacity).unwrap_or(1);
+        if capacity == 0 || capacity > common::wire::MAX_CAPACITY {
+            return Err(Error::Invalid(format!(
+                "capacity {capacity} is not within 1..={}",
+                common::wire::MAX_CAPACITY
+            )));
+        }
+        let mut specialties = args
+            .specialties
+            .or(file.specialties)
+            .unwrap_or_else(|| vec![Specialty::General]);
+        specialties.sort();
+        specialties.dedup();
+        let labels = match args.labels {
+            Some(pairs) => pairs.into_iter().collect(),
+            None => file.labels.unwrap_or_default(),
+        };
+        let log_format = match args.log_format {
+            Some(f) => f,
+            None => file
+                .log_format
+                .map(|s| s.parse().map_err(Error::Invalid))
+                .transpose()?
+                .unwrap_or(LogFormat::Pretty),
+        };
+        let reconnect_initial = args
+            .reconnect_initial
+            .or(file.reconnect_initial)
+            .unwrap_or(Duration::from_millis(500));
+        Ok(Self {
+            coordinator: args
+                .coordinator
+                .or(file.coordinator)
+                .unwrap_or_else(|| "https://127.0.0.1:7443".into()),
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(format!("data/agent-{}", identity.name))),
+            name: identity.name,
+            tls,
+            specialties,
+            capacity,
+            labels,
+            reconnect_initial,
+            reconnect_max: args
+                .reconnect_max
+                .or(file.reconnect_max)
+                .unwrap_or(Duration::from_secs(15))
+                .max(reconnect_initial),
+            log_format,
+            toolchains: file.toolchains,
+            welcome_timeout: Duration::from_secs(10),
+        })
+    }
+}

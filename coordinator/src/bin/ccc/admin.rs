@@ -1,0 +1,115 @@
+//! Connecting to the Admin API with an admin certificate.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use common::pki::Role;
+use common::proto::admin_client::AdminClient;
+use common::tls::TlsPaths;
+use serde::Deserialize;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, clap::Args)]
+pub struct ConnArgs {
+    /// TOML file with `coordinator`, `certs_dir`, `ca`, `cert`, `key`.
+    #[arg(long, env = "CCC_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// The coordinator's gRPC URL [default: https://127.0.0.1:7443].
+    #[arg(long, env = "CCC_COORDINATOR", global = true)]
+    coordinator: Option<String>,
+    /// Directory of the cluster PKI [default: certs].
+    #[arg(long, env = "CCC_CERTS_DIR", global = true)]
+    certs_dir: Option<PathBuf>,
+    /// Cluster CA certificate [default: <certs-dir>/ca.pem].
+    #[arg(long, env = "CCC_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// Admin certificate [default: the one <certs-dir>/admin-*.pem].
+    #[arg(long, env = "CCC_CERT", global = true)]
+    cert: Option<PathBuf>,
+    /// Admin private key [default: the certificate's name with -key.pem].
+    #[arg(long, env = "CCC_KEY", global = true)]
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    version: Option<u32>,
+    coordinator: Option<String>,
+    certs_dir: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+impl ConnArgs {
+    fn file(&self) -> anyhow::Result<FileConfig> {
+        let file: FileConfig = common::config::load_toml(self.config.as_deref())?;
+        if let Some(v) = file.version {
+            anyhow::ensure!(v == 1, "unsupported config version {v} (this build reads version 1)");
+        }
+        Ok(file)
+    }
+
+    pub fn certs_dir(&self) -> anyhow::Result<PathBuf> {
+        Ok(self
+            .certs_dir
+            .clone()
+            .or(self.file()?.certs_dir)
+            .unwrap_or_else(|| PathBuf::from("certs")))
+    }
+
+    pub async fn connect(self) -> anyhow::Result<AdminClient<Channel>> {
+        let file = self.file()?;
+        let certs_dir = self.certs_dir()?;
+        let url = self
+            .coordinator
+            .or(file.coordinator)
+            .unwrap_or_else(|| "https://127.0.0.1:7443".into());
+        let paths = TlsPaths::for_client(
+            &certs_dir,
+            Role::Admin,
+            self.ca.or(file.ca),
+            self.cert.or(file.cert),
+            self.key.or(file.key),
+        )?;
+        let tls = paths.load()?;
+        let endpoint = Endpoint::from_shared(url.clone())
+            .with_context(|| format!("invalid coordinator URL {url:?}"))?
+            .tls_config(tls.client_config())
+            .context("TLS configuration")?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))
+            .with_context(|| format!("cannot connect to the coordinator at {url}"))?;
+        Ok(AdminClient::new(channel))
+    }
+}
+
+/// Every cause of an error on one line: transport errors hide the useful
+/// part (e.g. the TLS alert) several levels down.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+/// A gRPC status as a readable error.
+pub fn status(s: tonic::Status) -> anyhow::Error {
+    let mut text = format!("{:?}: {}", s.code(), s.message());
+    if let Some(source) = std::error::Error::source(&s) {
+        text.push_str(&format!(" ({})", error_chain(source)));
+    }
+    anyhow::anyhow!(text)
+}

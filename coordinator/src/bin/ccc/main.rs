@@ -1,0 +1,201 @@
+//! `ccc`: the cluster's admin CLI and certificate tool.
+//!
+//! `ccc certs ...` makes the cluster PKI; every other command calls the
+//! coordinator's Admin API over mutual TLS with an admin certificate.
+
+mod admin;
+mod table;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use common::pki::{PkiDir, Role, Validity};
+
+/// Claude Code Cluster admin CLI: make the cluster's certificates, inspect
+/// and steer agents.
+///
+/// Admin commands need an admin certificate (`ccc certs admin <name>`); by
+/// default the one certs/admin-*.pem is used.
+#[derive(Parser, Debug)]
+#[command(name = "ccc", version)]
+struct Cli {
+    #[command(flatten)]
+    conn: admin::ConnArgs,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Make the cluster PKI: CA, coordinator, agent and admin certificates.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+    /// List agents, connected or not.
+    Agents {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one agent in detail.
+    Agent {
+        /// The agent's id (its certificate name).
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an agent: its stream is closed and it can never connect again.
+    Revoke {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Ask a connected agent to take no new work until it reconnects.
+    Drain {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCmd {
+    /// Create the cluster CA (ca.pem, ca-key.pem).
+    Init {
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue the coordinator's server certificate (coordinator.pem).
+    Server {
+        /// Names and addresses agents use to reach the coordinator, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,localhost")]
+        san: Vec<String>,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue an agent's client certificate (agent-<name>.pem); the name is its id.
+    Agent {
+        name: String,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue an admin's client certificate (admin-<name>.pem).
+    Admin {
+        name: String,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    common::tls::install_crypto_provider();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ccc: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Certs(cmd) => certs(&cli.conn.certs_dir()?, cmd),
+        cmd => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(admin_command(cli.conn, cmd))
+        }
+    }
+}
+
+fn certs(dir: &std::path::Path, cmd: CertsCmd) -> anyhow::Result<()> {
+    let pki = PkiDir::new(dir);
+    let written: Vec<PathBuf> = match cmd {
+        CertsCmd::Init { days, force } => pki.init(Validity::days_from_now(days), force)?,
+        CertsCmd::Server { san, days, force } => {
+            pki.issue_server(&san, Validity::days_from_now(days), force)?
+        }
+        CertsCmd::Agent { name, days, force } => {
+            pki.issue_client(Role::Agent, &name, Validity::days_from_now(days), force)?
+        }
+        CertsCmd::Admin { name, days, force } => {
+            pki.issue_client(Role::Admin, &name, Validity::days_from_now(days), force)?
+        }
+    };
+    for path in written {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+async fn admin_command(conn: admin::ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
+    let mut client = conn.connect().await?;
+    match cmd {
+        Cmd::Certs(_) => unreachable!("handled without a connection"),
+        Cmd::Agents { json } => {
+            let agents = client
+                .list_agents(common::proto::ListAgentsRequest {})
+                .await
+                .map_err(admin::status)
+                .context("ListAgents")?
+                .into_inner()
+                .agents;
+            if json {
+                let all: Vec<_> = agents.iter().map(table::agent_json).collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                print!("{}", table::agents_table(&agents));
+            }
+        }
+        Cmd::Agent { id, json } => {
+            let agent = client
+                .get_agent(common::proto::GetAgentRequest { agent_id: id })
+                .await
+                .map_err(admin::status)
+                .context("GetAgent")?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&table::agent_json(&agent))?);
+            } else {
+                print!("{}", table::agent_detail(&agent));
+            }
+        }
+        Cmd::Revoke { id, reason } => {
+            let agent = client
+                .revoke_agent(common::proto::RevokeAgentRequest {
+                    agent_id: id,
+                    reason,
+                })
+                .await
+                .map_err(admin::status)
+                .context("RevokeAgent")?
+                .into_inner();
+            println!("revoked {}", agent.agent_id);
+        }
+        Cmd::Drain { id, reason } => {
+            let agent = client
+                .drain_agent(common::proto::DrainAgentRequest {
+                    agent_id: id,
+                    reason,
+                })
+                .await
+                .map_err(admin::status)
+                .context("DrainAgent")?
+                .into_inner();
+            println!("draining {}", agent.agent_id);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! The coordinator's settings. Each is a flag, a `CCC_...` environment
+//! variable and a key of the TOML file given with `--config`; the flag wins,
+//! then the environment, then the file, then the default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::config::{de_opt_duration, load_toml, parse_duration};
+use common::telemetry::LogFormat;
+use common::tls::TlsPaths;
+use serde::Deserialize;
+
+use crate::core::CoreConfig;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// TOML file with any of the settings below (keys in snake_case).
+    #[arg(long, env = "CCC_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the gRPC server (agents and admins) [default: 127.0.0.1:7443].
+    #[arg(long, env = "CCC_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// Address of the HTTP server (webhooks, health) [default: 127.0.0.1:8080].
+    #[arg(long, env = "CCC_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Where the coordinator keeps its sled store [default: ./data/coordinator].
+    #[arg(long, env = "CCC_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Directory of the cluster PKI made by `ccc certs` [default: certs].
+    #[arg(long, env = "CCC_CERTS_DIR")]
+    pub certs_dir: Option<PathBuf>,
+    /// Cluster CA certificate [default: <certs-dir>/ca.pem].
+    #[arg(long, env = "CCC_CA")]
+    pub ca: Option<PathBuf>,
+    /// Server certificate [default: <certs-dir>/coordinator.pem].
+    #[arg(long, env = "CCC_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Server private key [default: <certs-dir>/coordinator-key.pem].
+    #[arg(long, env = "CCC_KEY")]
+    pub key: Option<PathBuf>,
+    /// Interval of heartbeats on agent streams [default: 5s].
+    #[arg(long, env = "CCC_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+    /// A stream silent this long is closed [default: 20s].
+    #[arg(long, env = "CCC_HEARTBEAT_TIMEOUT", value_parser = parse_duration)]
+    pub heartbeat_timeout: Option<Duration>,
+    /// How long a running task survives its agent's silence [default: 10m].
+    #[arg(long, env = "CCC_LEASE_TIMEOUT", value_parser = parse_duration)]
+    pub lease_timeout: Option<Duration>,
+    /// Log format: pretty or json [default: pretty].
+    #[arg(long, env = "CCC_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The file format's version; only 1 exists.
+    pub version: Option<u32>,
+    pub grpc_listen: Option<SocketAddr>,
+    pub http_listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub certs_dir: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub heartbeat_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub heartbeat_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub lease_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_log_format")]
+    pub log_format: Option<LogFormat>,
+}
+
+fn de_opt_log_format<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<LogFormat>, D::Error> {
+    let raw: Option<String> = Option::deserialize(d)?;
+    raw.map(|s| s.parse().map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    File(#[from] common::config::Error),
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub tls: TlsPaths,
+    pub core: CoreConfig,
+    pub log_format: LogFormat,
+    /// A TLS handshake must finish within this time.
+    pub handshake_timeout: Duration,
+}
+
+impl Config {
+    pub fn resolve(args: Args) -> Result<Self, Error> {
+        let file: FileConfig = load_toml(args.config.as_deref())?;
+        if let Some(v) = file.version
+            && v != 1
+        {
+            return Err(Error::Invalid(format!(
+                "unsupported config version {v} (this build reads version 1)"
+            )));
+        }
+        let certs_dir = args
+            .certs_dir
+            .or(file.certs_dir)
+            .unwrap_or_else(|| PathBuf::from("certs"));
+        let heartbeat_interval = args
+            .heartbeat_interval
+            .or(file.heartbeat_interval)
+            .unwrap_or(Duration::from_secs(5));
+        let heartbeat_timeout = args
+            .heartbeat_timeout
+            .or(file.heartbeat_timeout)
+            .unwrap_or(Duration::from_secs(20));
+        if heartbeat_interval.is_zero() || heartbeat_timeout <= heartbeat_interval {
+            return Err(Error::Invalid(format!(
+                "heartbeat_timeout ({heartbeat_timeout:?}) must be longer than a non-zero heartbeat_interval ({heartbeat_interval:?})"
+            )));
+        }
+        Ok(Self {
+            grpc_listen: args
+                .grpc_listen
+                .or(file.grpc_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7443))),
+            http_listen: args
+                .http_listen
+                .or(file.http_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("data/coordinator")),
+            tls: TlsPaths::for_server(
+                &certs_dir,
+                args.ca.or(file.ca),
+                args.cert.or(file.cert),
+                args.key.or(file.key),
+            ),
+            core: CoreConfig {
+                heartbeat_interval,
+                heartbeat_timeout,
+                hello_timeout: heartbeat_timeout,
+                lease_timeout: args
+                    .lease_timeout
+                    .or(file.lease_timeout)
+                    .unwrap_or(Duration::from_secs(600)),
+            },
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Pretty),
+            handshake_timeout: Duration::from_secs(10),
+        })
+    }
+}

@@ -1,0 +1,124 @@
+//! The network edge: a TLS accept loop that logs every refused handshake with
+//! the peer's address and a reason an operator can act on, the tonic server
+//! (agent gateway, admin, health, reflection v1 and v1alpha) on top of it,
+//! and the HTTP server.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::proto::{admin_server::AdminServer, agent_gateway_server::AgentGatewayServer};
+use common::tls::describe_handshake_error;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::driver::DriverHandle;
+use crate::grpc::{Admin, Gateway, admin_only};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Handshakes in flight at once; more wait for the accept loop.
+const MAX_HANDSHAKES: usize = 256;
+
+/// Accepts TCP connections and completes their TLS handshakes concurrently;
+/// yields only the connections whose client certificate the CA verified.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+    shutdown: CancellationToken,
+) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Usually out of file descriptors: back off, do not spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        debug!(%peer, "TLS connection accepted");
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => log_refused(peer, &describe_handshake_error(&e)),
+                    Err(_) => log_refused(peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+fn log_refused(peer: SocketAddr, reason: &str) {
+    warn!(%peer, %reason, "refused connection");
+}
+
+/// Serves every gRPC service until `shutdown`.
+pub async fn serve_grpc(
+    incoming: ReceiverStream<io::Result<TlsStream<TcpStream>>>,
+    driver: DriverHandle,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AgentGatewayServer<Gateway>>()
+        .await;
+    health.set_serving::<AdminServer<Admin>>().await;
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(AgentGatewayServer::new(Gateway::new(driver.clone())))
+        .add_service(AdminServer::with_interceptor(Admin::new(driver), admin_only))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(common::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+}
+
+/// The HTTP side: `/healthz` now; webhooks and metrics join it.
+pub async fn serve_http(listener: TcpListener, shutdown: CancellationToken) -> io::Result<()> {
+    let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
