@@ -50,6 +50,7 @@ enum Ended {
 
 pub struct Link {
     endpoint: Endpoint,
+    tls: common::tls::TlsMaterial,
     advert: AgentAdvert,
     name: String,
     backoff: Backoff,
@@ -71,6 +72,7 @@ impl Link {
             .keep_alive_while_idle(true);
         Ok(Self {
             endpoint,
+            tls: config.tls.clone(),
             advert,
             name: config.name.clone(),
             backoff: Backoff::new(config.reconnect_initial, config.reconnect_max),
@@ -86,9 +88,13 @@ impl Link {
             match self.session(&shutdown).await {
                 Ended::Shutdown => return Ok(()),
                 Ended::Refused(why) => return Err(Error::Refused(why)),
-                Ended::Lost { welcomed, why } => {
+                Ended::Lost { welcomed, mut why } => {
                     if welcomed {
                         self.backoff.reset();
+                    } else if let Some(cause) = self.tls.diagnose(now_unix_secs()) {
+                        // TLS 1.3 reports a refused certificate as a closed
+                        // connection: say what is wrong with ours.
+                        why = format!("{why}; likely cause: {cause}");
                     }
                     let delay = self.backoff.next_delay(rng.random());
                     warn!(
@@ -120,7 +126,11 @@ impl Link {
         };
         let (tx, rx) = mpsc::channel::<AgentMessage>(64);
         let hello = wire::hello_from_advert(&self.advert, &self.name);
-        if tx.send(message(agent_message::Msg::Hello(hello))).await.is_err() {
+        if tx
+            .send(message(agent_message::Msg::Hello(hello)))
+            .await
+            .is_err()
+        {
             return lost("stream closed before Hello".into());
         }
         let mut client = AgentGatewayClient::new(channel);
@@ -215,6 +225,10 @@ impl Link {
             Some(Msg::Cancel(_)) | Some(Msg::OutputAck(_)) => {}
         }
     }
+}
+
+fn now_unix_secs() -> i64 {
+    i64::try_from(common::time::UnixMillis::now().0 / 1000).unwrap_or(i64::MAX)
 }
 
 fn message(msg: agent_message::Msg) -> AgentMessage {

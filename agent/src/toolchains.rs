@@ -152,7 +152,8 @@ fn version_in_line(line: &str) -> Option<String> {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | '_'));
             // A date (2025-04-15) is not a version.
-            let is_date = digits.len() == 10 && digits.matches('-').count() == 2 && !digits.contains('.');
+            let is_date =
+                digits.len() == 10 && digits.matches('-').count() == 2 && !digits.contains('.');
             (looks_like_version && !is_date && digits.len() <= 64).then(|| digits.to_owned())
         })
     }
@@ -168,15 +169,25 @@ mod tests {
             ("Python 3.11.7", "3.11.7"),
             ("v20.20.2", "20.20.2"),
             ("go version go1.22.1 linux/amd64", "1.22.1"),
-            ("openjdk version \"17.0.15\" 2025-04-15\nOpenJDK Runtime", "17.0.15"),
+            (
+                "openjdk version \"17.0.15\" 2025-04-15\nOpenJDK Runtime",
+                "17.0.15",
+            ),
             ("Docker version 28.2.2, build e6534b4", "28.2.2"),
             ("cargo 1.95.0 (f2d3ce0bd 2026-03-21)", "1.95.0"),
             ("2.1.197 (Claude Code)", "2.1.197"),
             ("psql (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)", "15.18"),
-            ("Client Version: v1.30.2\nKustomize Version: v5.0.4", "1.30.2"),
+            (
+                "Client Version: v1.30.2\nKustomize Version: v5.0.4",
+                "1.30.2",
+            ),
         ];
         for (output, want) in cases {
-            assert_eq!(parse_version(output, "x").as_deref(), Some(want), "{output}");
+            assert_eq!(
+                parse_version(output, "x").as_deref(),
+                Some(want),
+                "{output}"
+            );
         }
         assert_eq!(parse_version("no version here", "x"), None);
         let maven = "\u{1b}[1mApache Maven 3.8.7\u{1b}[m\nJava version: 17.0.15\n";

@@ -190,8 +190,8 @@ impl CertificateAuthority {
         if names.is_empty() {
             return Err(Error::InvalidSan(String::new()));
         }
-        let mut params =
-            CertificateParams::new(names.clone()).map_err(|_| Error::InvalidSan(names.join(",")))?;
+        let mut params = CertificateParams::new(names.clone())
+            .map_err(|_| Error::InvalidSan(names.join(",")))?;
         params.subject_alt_names.push(SanType::URI(
             Role::Coordinator
                 .uri("coordinator")

@@ -107,10 +107,7 @@ impl PeerIdentity {
             )));
         }
         validate_name(name).map_err(|e| Error::PeerCert(e.to_string()))?;
-        Ok(Self {
-            role,
-            name: cn,
-        })
+        Ok(Self { role, name: cn })
     }
 
     /// Reads the first certificate of a PEM file's contents.
@@ -261,6 +258,54 @@ impl TlsMaterial {
         PeerIdentity::from_der(&certs[0])
     }
 
+    /// Why the coordinator would refuse our certificate, if we can tell
+    /// locally: expired, not yet valid, or issued by a CA other than the one
+    /// in our CA file. With TLS 1.3 the client learns of a refusal only as
+    /// "connection closed", so callers add this to that error.
+    pub fn diagnose(&self, now_unix_secs: i64) -> Option<String> {
+        let certs = self.certs().ok()?;
+        let (_, cert) = X509Certificate::from_der(&certs[0]).ok()?;
+        let validity = cert.validity();
+        if now_unix_secs > validity.not_after.timestamp() {
+            return Some(format!(
+                "this client certificate expired at {}",
+                validity.not_after
+            ));
+        }
+        if now_unix_secs < validity.not_before.timestamp() {
+            return Some(format!(
+                "this client certificate is not valid before {}",
+                validity.not_before
+            ));
+        }
+        let ca_certs = self.ca_certs().ok()?;
+        let (_, ca) = X509Certificate::from_der(&ca_certs[0]).ok()?;
+        let ca_key_id = ca
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0),
+                _ => None,
+            });
+        let issuer_key_id = cert
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    aki.key_identifier.as_ref().map(|k| k.0)
+                }
+                _ => None,
+            });
+        if let (Some(ca_id), Some(issuer_id)) = (ca_key_id, issuer_key_id)
+            && ca_id != issuer_id
+        {
+            return Some(
+                "this client certificate was issued by another CA than the cluster CA file".into(),
+            );
+        }
+        None
+    }
+
     /// The coordinator's rustls configuration: a client certificate signed by
     /// the cluster CA is required; HTTP/2 only (gRPC).
     pub fn server_config(&self) -> Result<rustls::ServerConfig, Error> {
@@ -321,7 +366,8 @@ pub fn describe_handshake_error(err: &std::io::Error) -> String {
                 "client certificate is not signed by the cluster CA".into()
             }
             rustls::CertificateError::BadSignature => {
-                "client certificate has a bad signature".into()
+                // Same CA name, different key: another cluster's CA.
+                "client certificate is not signed by the cluster CA (bad signature)".into()
             }
             other => format!("invalid client certificate: {other:?}"),
         },
@@ -360,7 +406,10 @@ mod tests {
         assert_eq!(paths.key, dir.join("agent-a-key.pem"));
         fs::write(dir.join("agent-b.pem"), "x").expect("write");
         let err = TlsPaths::for_client(&dir, Role::Agent, None, None, None).expect_err("two");
-        assert!(err.to_string().contains("agent-a.pem, agent-b.pem"), "{err}");
+        assert!(
+            err.to_string().contains("agent-a.pem, agent-b.pem"),
+            "{err}"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 }

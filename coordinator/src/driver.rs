@@ -137,7 +137,8 @@ impl Driver {
                     None => break,
                 },
                 () = sleep_until(deadline) => {
-                    self.core.handle_timeout(Instant::now(), UnixMillis::now());
+                    let (now, wall) = clock();
+                    self.core.handle_timeout(now, wall);
                 }
             }
             for _ in 0..MAX_BATCH {
@@ -157,8 +158,7 @@ impl Driver {
     }
 
     fn apply(&mut self, cmd: Command) {
-        let now = Instant::now();
-        let wall = UnixMillis::now();
+        let (now, wall) = clock();
         match cmd {
             Command::Open {
                 agent,
@@ -223,9 +223,7 @@ impl Driver {
                 let n_writes = writes.len();
                 tokio::task::spawn_blocking(move || store.commit(&writes))
                     .await
-                    .unwrap_or_else(|join| {
-                        Err(store::Error::Task(join.to_string()))
-                    })
+                    .unwrap_or_else(|join| Err(store::Error::Task(join.to_string())))
                     .inspect_err(|e| error!(error = %e, "commit failed; stopping"))?;
                 debug!(n_writes, "committed");
             }
@@ -254,12 +252,9 @@ impl Driver {
                     // reconnects and resynchronises from Hello.
                     warn!(conn = conn.0, "agent stream is not keeping up; closing it");
                     self.streams.remove(&conn);
-                    self.core.handle_closed(
-                        conn,
-                        "outbound queue full".into(),
-                        Instant::now(),
-                        UnixMillis::now(),
-                    );
+                    let (now, wall) = clock();
+                    self.core
+                        .handle_closed(conn, "outbound queue full".into(), now, wall);
                 }
             }
             Action::Close { conn, reason } => {
@@ -269,6 +264,13 @@ impl Driver {
             }
         }
     }
+}
+
+/// The driver's one clock read: monotonic time for timers, wall time for
+/// what is persisted and shown.
+#[allow(clippy::disallowed_methods)]
+fn clock() -> (Instant, UnixMillis) {
+    (Instant::now(), UnixMillis::now())
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -138,23 +138,17 @@ impl agent_gateway_server::AgentGateway for Gateway {
         let stop = CancellationToken::new();
         let span = info_span!("agent", agent_id = %agent, conn = conn.0);
         tokio::spawn(
-            pump_inbound(
-                self.driver.clone(),
-                conn,
-                req.into_inner(),
-                stop.clone(),
-            )
-            .instrument(span),
+            pump_inbound(self.driver.clone(), conn, req.into_inner(), stop.clone())
+                .instrument(span),
         );
         let guard = stop.drop_guard();
-        let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
-            .map(move |out| {
-                let _keep = &guard;
-                match out {
-                    Outbound::Msg(msg) => Ok(to_proto(msg)),
-                    Outbound::Close(reason) => Err(close_status(reason)),
-                }
-            });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |out| {
+            let _keep = &guard;
+            match out {
+                Outbound::Msg(msg) => Ok(to_proto(msg)),
+                Outbound::Close(reason) => Err(close_status(reason)),
+            }
+        });
         // The driver drops its sender right after a `Close`, so the stream
         // ends with that status.
         Ok(Response::new(Box::pin(stream)))
@@ -315,7 +309,11 @@ fn agent_info(view: AgentView) -> AgentInfo {
             .collect(),
         capacity: advert.capacity,
         labels: advert.labels.into_iter().collect(),
-        toolchains: advert.toolchains.iter().map(wire::toolchain_to_proto).collect(),
+        toolchains: advert
+            .toolchains
+            .iter()
+            .map(wire::toolchain_to_proto)
+            .collect(),
         agent_version: advert.agent_version,
         hostname: advert.hostname,
         first_seen: Some(record.first_seen.to_timestamp()),
@@ -406,7 +404,11 @@ impl admin_server::Admin for Admin {
 
 /// The admin's reason, bounded, with who gave it.
 fn reason_or(given: &str, admin: &PeerIdentity, default: &str) -> String {
-    let text: String = given.chars().filter(|c| !c.is_control()).take(200).collect();
+    let text: String = given
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
     let text = if text.trim().is_empty() {
         default.to_owned()
     } else {

@@ -91,9 +91,7 @@ pub async fn serve_grpc(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<AgentGatewayServer<Gateway>>()
-        .await;
+    health.set_serving::<AgentGatewayServer<Gateway>>().await;
     health.set_serving::<AdminServer<Admin>>().await;
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -101,7 +99,10 @@ pub async fn serve_grpc(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(AgentGatewayServer::new(Gateway::new(driver.clone())))
-        .add_service(AdminServer::with_interceptor(Admin::new(driver), admin_only))
+        .add_service(AdminServer::with_interceptor(
+            Admin::new(driver),
+            admin_only,
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;
     Ok(())

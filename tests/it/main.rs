@@ -1,1 +1,5 @@
+//! The one integration-test binary: real binaries, real mTLS, real sled
+//! files, over loopback. See `tests/src` for the harness.
 
+mod foundation;
+mod raw_stream;

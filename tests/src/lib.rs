@@ -1,1 +1,14 @@
+//! The harness shared by the integration tests (`tests/it`) and `make demo`:
+//! it runs the real binaries from the target directory on loopback, each
+//! with its own temporary directory, PKI, ports and log files.
+//!
+//! Patterned on local cluster runners: binaries found next to the test
+//! executable, one log file per process, readiness by waiting for a log
+//! line, `KEEP_TEST_DIRS=1` keeps every directory, and a failing test dumps
+//! every process's log.
 
+pub mod cluster;
+pub mod process;
+
+pub use cluster::{Cluster, Pki};
+pub use process::{Process, TestDir, bin, eventually};

@@ -528,10 +528,14 @@ impl Core {
     /// When `handle_timeout` must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let hellos = self.pending.values().map(|p| p.hello_deadline);
-        let lives = self.agents.values().filter_map(|e| e.live.as_ref()).map(|l| {
-            l.next_heartbeat
-                .min(l.last_heard + self.config.heartbeat_timeout)
-        });
+        let lives = self
+            .agents
+            .values()
+            .filter_map(|e| e.live.as_ref())
+            .map(|l| {
+                l.next_heartbeat
+                    .min(l.last_heard + self.config.heartbeat_timeout)
+            });
         hellos.chain(lives).min()
     }
 

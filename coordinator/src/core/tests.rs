@@ -1,6 +1,8 @@
 //! Scripted event sequences through the core, and a property test over random
 //! ones. No tokio, no sleeps: time is an argument.
 
+#![allow(clippy::disallowed_methods)] // one real Instant as the origin of simulated time
+
 use std::time::{Duration, Instant};
 
 use common::ids::AgentId;
@@ -74,7 +76,11 @@ impl Harness {
     }
 
     fn state(&self, name: &str) -> AgentState {
-        self.core.agent(&id(name)).expect("known agent").record.state
+        self.core
+            .agent(&id(name))
+            .expect("known agent")
+            .record
+            .state
     }
 }
 
@@ -231,7 +237,10 @@ fn revoked_agents_are_cut_off_and_refused() {
     h.connect(1, "a", 0);
     h.actions();
     let (now, wall) = h.at(1);
-    let view = h.core.revoke(&id("a"), "stolen".into(), wall).expect("known");
+    let view = h
+        .core
+        .revoke(&id("a"), "stolen".into(), wall)
+        .expect("known");
     assert_eq!(view.record.state, AgentState::Revoked);
     assert_eq!(
         h.actions(),
@@ -244,15 +253,16 @@ fn revoked_agents_are_cut_off_and_refused() {
     h.core.handle_closed(ConnId(1), "closed".into(), now, wall);
     assert_eq!(h.state("a"), AgentState::Revoked);
     assert_eq!(
-        h.core
-            .handle_open(ConnId(2), id("a"), String::new(), now),
+        h.core.handle_open(ConnId(2), id("a"), String::new(), now),
         Err(OpenRejected::Revoked {
             agent: id("a"),
             reason: "stolen".into()
         })
     );
     assert_eq!(
-        h.core.revoke(&id("nobody"), String::new(), wall).map(|_| ()),
+        h.core
+            .revoke(&id("nobody"), String::new(), wall)
+            .map(|_| ()),
         Err(AdminError::UnknownAgent(id("nobody")))
     );
 }
@@ -263,7 +273,9 @@ fn drain_reaches_a_connected_agent_only() {
     h.connect(1, "a", 0);
     h.actions();
     let (now, wall) = h.at(1);
-    h.core.drain(&id("a"), "maintenance".into(), wall).expect("drain");
+    h.core
+        .drain(&id("a"), "maintenance".into(), wall)
+        .expect("drain");
     assert_eq!(
         h.actions(),
         vec![Action::Send {

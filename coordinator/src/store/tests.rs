@@ -32,7 +32,9 @@ fn committed_records_survive_reopening() {
         store
             .commit(&[Write::Agent(record("a", 1)), Write::Agent(record("b", 1))])
             .expect("commit");
-        store.commit(&[Write::Agent(record("a", 2))]).expect("commit");
+        store
+            .commit(&[Write::Agent(record("a", 2))])
+            .expect("commit");
     }
     let store = SledStore::open(&dir).expect("reopen");
     let loaded = store.load_agents().expect("load");

