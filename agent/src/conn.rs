@@ -15,6 +15,7 @@ use common::proto::{
     self, AgentMessage, CoordinatorMessage, agent_gateway_client::AgentGatewayClient,
     agent_message, coordinator_message,
 };
+use common::telemetry::error_chain;
 use common::types::AgentAdvert;
 use common::wire;
 use rand::{Rng, SeedableRng};
@@ -244,18 +245,4 @@ fn classify(status: &Status, welcomed: bool) -> Ended {
         why = format!("{why}: {}", error_chain(source));
     }
     Ended::Lost { welcomed, why }
-}
-
-/// Every cause on one line; transport errors hide the useful part deep down.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = s.source();
-    }
-    parts.join(": ")
 }

@@ -44,19 +44,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     })
 }
 
-/// SIGTERM or SIGINT: tell the coordinator, close the stream, exit 0.
+/// SIGTERM or SIGINT starts a graceful stop.
 async fn cancel_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
-    }
+    let signal = common::signal::terminated().await;
+    tracing::info!("{signal}: stopping");
     shutdown.cancel();
 }

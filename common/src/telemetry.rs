@@ -46,3 +46,19 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder.json().try_init(),
     };
 }
+
+/// Every cause of an error on one line, without repeats: transport errors
+/// hide the useful part (a TLS alert, a refused connection) several levels
+/// down their `source()` chain.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use common::pki::Role;
 use common::proto::admin_client::AdminClient;
+use common::telemetry::error_chain;
 use common::tls::TlsPaths;
 use serde::Deserialize;
 use tonic::transport::{Channel, Endpoint};
@@ -95,21 +96,6 @@ impl ConnArgs {
             .with_context(|| format!("cannot connect to the coordinator at {url}"))?;
         Ok((AdminClient::new(channel), diagnosis))
     }
-}
-
-/// Every cause of an error on one line: transport errors hide the useful
-/// part (e.g. the TLS alert) several levels down.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = s.source();
-    }
-    parts.join(": ")
 }
 
 /// What we can tell locally about why the coordinator would refuse us.
