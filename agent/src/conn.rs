@@ -223,7 +223,7 @@ impl Link {
                     .send(message(agent_message::Msg::TaskRejected(rejected)))
                     .await;
             }
-            Some(Msg::Cancel(_)) | Some(Msg::OutputAck(_)) => {}
+            Some(Msg::Cancel(_)) | Some(Msg::OutputAck(_)) | Some(Msg::FinishedAck(_)) => {}
         }
     }
 }

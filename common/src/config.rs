@@ -50,6 +50,41 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// Parses a size: `4096`, `512KiB`, `64MiB`, `1GiB` (also KB/MB/GB as powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (expected e.g. 64MiB)"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("invalid size unit {other:?} in {s:?}")),
+    };
+    value
+        .checked_mul(factor)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Deserializes an optional size from a TOML string or integer.
+pub fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::N(n)) => Ok(Some(n)),
+        Some(Raw::S(s)) => parse_size(&s).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
 /// Deserializes an optional human duration from a TOML string.
 pub fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let raw: Option<String> = Option::deserialize(d)?;
@@ -86,6 +121,15 @@ mod tests {
         for bad in ["", "s", "5 weeks", "-1s", "1e99s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1 kb"), Ok(1024));
+        assert!(parse_size("1TiB").is_err());
+        assert!(parse_size("x").is_err());
     }
 
     #[derive(Debug, Default, Deserialize)]

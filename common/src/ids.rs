@@ -105,3 +105,65 @@ mod tests {
         );
     }
 }
+
+/// A task's id: `t-<n>`, short enough to type (`ccc task t-42`), stable for
+/// the task's whole life, allocated in submission order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskId(pub u64);
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "t-{}", self.0)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid task id {0:?} (expected t-<number>, e.g. t-42)")]
+pub struct InvalidTaskId(pub String);
+
+impl FromStr for TaskId {
+    type Err = InvalidTaskId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let digits = s.trim().strip_prefix("t-").unwrap_or(s.trim());
+        digits
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(Self)
+            .ok_or_else(|| InvalidTaskId(s.to_owned()))
+    }
+}
+
+/// Which attempt of a task; starts at 1 and only grows. Every report of an
+/// agent carries it so that a late report of an old attempt is recognised
+/// (fencing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Attempt(pub u32);
+
+impl fmt::Display for Attempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The position of an output chunk within one attempt; starts at 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Seq(pub u64);
+
+#[cfg(test)]
+mod task_id_tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_parse_with_or_without_prefix() {
+        assert_eq!("t-42".parse(), Ok(TaskId(42)));
+        assert_eq!("42".parse(), Ok(TaskId(42)));
+        assert_eq!(TaskId(7).to_string(), "t-7");
+        for bad in ["", "t-", "t-0", "x-1", "t--1", "t-1a"] {
+            assert!(bad.parse::<TaskId>().is_err(), "{bad}");
+        }
+    }
+}

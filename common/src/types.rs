@@ -77,3 +77,205 @@ pub struct AgentAdvert {
     pub toolchains: Vec<Toolchain>,
     pub hostname: String,
 }
+
+/// How an attempt ended, as the agent reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Succeeded,
+    NoChanges,
+    CliFailed,
+    TurnLimit,
+    BudgetExceeded,
+    TimedOut,
+    RateLimited,
+    TestsFailed,
+    PushRejected,
+    Cancelled,
+    WorkspaceError,
+    /// Set by the coordinator: the agent vanished and the lease ran out.
+    LeaseExpired,
+    /// Set by the coordinator: the agent did not accept the assignment in time.
+    NotAccepted,
+    /// Set by the coordinator: the agent refused the assignment.
+    Rejected,
+    /// Set by the coordinator: the agent came back without the task.
+    LostByAgent,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::NoChanges => "no_changes",
+            Self::CliFailed => "cli_failed",
+            Self::TurnLimit => "turn_limit",
+            Self::BudgetExceeded => "budget_exceeded",
+            Self::TimedOut => "timed_out",
+            Self::RateLimited => "rate_limited",
+            Self::TestsFailed => "tests_failed",
+            Self::PushRejected => "push_rejected",
+            Self::Cancelled => "cancelled",
+            Self::WorkspaceError => "workspace_error",
+            Self::LeaseExpired => "lease_expired",
+            Self::NotAccepted => "not_accepted",
+            Self::Rejected => "rejected",
+            Self::LostByAgent => "lost_by_agent",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where an attempt is on the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Preparing,
+    RunningClaude,
+    Testing,
+    Committing,
+    Pushing,
+}
+
+/// Which stream an output chunk came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputKind {
+    Stdout,
+    Stderr,
+    /// A parsed stream-json event of the CLI.
+    Event,
+    /// A line written by the agent or the coordinator itself.
+    System,
+}
+
+impl OutputKind {
+    pub fn to_byte(self) -> u8 {
+        match self {
+            Self::Stdout => 1,
+            Self::Stderr => 2,
+            Self::Event => 3,
+            Self::System => 4,
+        }
+    }
+
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(Self::Stdout),
+            2 => Some(Self::Stderr),
+            3 => Some(Self::Event),
+            4 => Some(Self::System),
+            _ => None,
+        }
+    }
+}
+
+/// What the agent needs to work on a task; sent in `Assign`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub repo_url: String,
+    /// Empty: the remote's HEAD.
+    pub base_branch: String,
+    pub issue_number: u64,
+    pub title: String,
+    pub body: String,
+    pub issue_url: String,
+    pub author: String,
+    pub labels: Vec<String>,
+    pub specialty: Specialty,
+    pub technologies: Vec<String>,
+    /// The branch to push.
+    pub branch: String,
+    pub follow_up: bool,
+    /// Empty: the agent's default for the specialty.
+    pub test_command: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TestSummary {
+    pub ran: bool,
+    pub passed: bool,
+    pub command: String,
+    pub exit_code: i32,
+    pub tail: String,
+}
+
+/// What the CLI's final `result` event said.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CliResult {
+    pub cost_usd: f64,
+    pub turns: u32,
+    pub duration_ms: u64,
+    pub session_id: String,
+    pub is_error: bool,
+    pub subtype: String,
+    pub result: String,
+}
+
+/// An agent's report that an attempt ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FinishedReport {
+    pub outcome: Outcome,
+    pub message: String,
+    pub branch: String,
+    pub commit: String,
+    pub tests: Option<TestSummary>,
+    pub cli: Option<CliResult>,
+    pub rate_limit_reset_unix_ms: u64,
+    pub last_output_seq: u64,
+}
+
+/// The branch an attempt pushes: `ccc/issue-<n>-<slug>` for an issue,
+/// `ccc/<task>-<slug>` for a manual task. The slug keeps ASCII letters and
+/// digits of the title, lowercased, joined by '-', at most 40 characters, so
+/// the name is safe for git refs and file names.
+pub fn branch_name(issue_number: u64, task: crate::ids::TaskId, title: &str) -> String {
+    let mut slug = String::new();
+    for word in title
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        if slug.len() + word.len() + 1 > 40 {
+            break;
+        }
+        if !slug.is_empty() {
+            slug.push('-');
+        }
+        slug.push_str(&word.to_ascii_lowercase());
+    }
+    let stem = if issue_number > 0 {
+        format!("ccc/issue-{issue_number}")
+    } else {
+        format!("ccc/{task}")
+    };
+    if slug.is_empty() {
+        stem
+    } else {
+        format!("{stem}-{slug}")
+    }
+}
+
+#[cfg(test)]
+mod branch_tests {
+    use super::*;
+    use crate::ids::TaskId;
+
+    #[test]
+    fn branch_names_are_safe() {
+        assert_eq!(
+            branch_name(12, TaskId(3), "Fix the login bug!"),
+            "ccc/issue-12-fix-the-login-bug"
+        );
+        assert_eq!(branch_name(0, TaskId(3), "ログイン修正"), "ccc/t-3");
+        assert_eq!(
+            branch_name(1, TaskId(1), "../../etc/passwd; rm -rf ~ `x`"),
+            "ccc/issue-1-etc-passwd-rm-rf-x"
+        );
+        assert!(branch_name(1, TaskId(1), &"word ".repeat(50)).len() <= 60);
+    }
+}

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::config::{de_opt_duration, load_toml, parse_duration};
+use common::config::{de_opt_duration, de_opt_size, load_toml, parse_duration, parse_size};
 use common::telemetry::LogFormat;
 use common::tls::TlsPaths;
 use serde::Deserialize;
@@ -48,6 +48,27 @@ pub struct Args {
     /// How long a running task survives its agent's silence [default: 10m].
     #[arg(long, env = "CCC_LEASE_TIMEOUT", value_parser = parse_duration)]
     pub lease_timeout: Option<Duration>,
+    /// An assignment not accepted within this time is requeued [default: 30s].
+    #[arg(long, env = "CCC_ACCEPT_TIMEOUT", value_parser = parse_duration)]
+    pub accept_timeout: Option<Duration>,
+    /// How long one attempt may run on an agent [default: 60m].
+    #[arg(long, env = "CCC_TASK_DEADLINE", value_parser = parse_duration)]
+    pub task_deadline: Option<Duration>,
+    /// Attempts a task may spend before it fails for good [default: 3].
+    #[arg(long, env = "CCC_MAX_ATTEMPTS")]
+    pub max_attempts: Option<u32>,
+    /// Wait before retrying a failed attempt; doubles per failure [default: 10s].
+    #[arg(long, env = "CCC_RETRY_BACKOFF", value_parser = parse_duration)]
+    pub retry_backoff: Option<Duration>,
+    /// Longest wait between attempts [default: 5m].
+    #[arg(long, env = "CCC_RETRY_BACKOFF_MAX", value_parser = parse_duration)]
+    pub retry_backoff_max: Option<Duration>,
+    /// After this long in the queue, `general` agents may take any task [default: 2m].
+    #[arg(long, env = "CCC_GENERAL_FALLBACK_AFTER", value_parser = parse_duration)]
+    pub general_fallback_after: Option<Duration>,
+    /// Output stored per task; past it a truncation marker is stored [default: 64MiB].
+    #[arg(long, env = "CCC_OUTPUT_CAP", value_parser = parse_size)]
+    pub output_cap: Option<u64>,
     /// Log format: pretty or json [default: pretty].
     #[arg(long, env = "CCC_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -71,6 +92,19 @@ pub struct FileConfig {
     pub heartbeat_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub lease_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub accept_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub task_deadline: Option<Duration>,
+    pub max_attempts: Option<u32>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub retry_backoff: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub retry_backoff_max: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub general_fallback_after: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_size")]
+    pub output_cap: Option<u64>,
     #[serde(default, deserialize_with = "de_opt_log_format")]
     pub log_format: Option<LogFormat>,
 }
@@ -130,6 +164,10 @@ impl Config {
                 "heartbeat_timeout ({heartbeat_timeout:?}) must be longer than a non-zero heartbeat_interval ({heartbeat_interval:?})"
             )));
         }
+        let retry_backoff = args
+            .retry_backoff
+            .or(file.retry_backoff)
+            .unwrap_or(Duration::from_secs(10));
         Ok(Self {
             grpc_listen: args
                 .grpc_listen
@@ -157,6 +195,26 @@ impl Config {
                     .lease_timeout
                     .or(file.lease_timeout)
                     .unwrap_or(Duration::from_secs(600)),
+                accept_timeout: args
+                    .accept_timeout
+                    .or(file.accept_timeout)
+                    .unwrap_or(Duration::from_secs(30)),
+                task_deadline: args
+                    .task_deadline
+                    .or(file.task_deadline)
+                    .unwrap_or(Duration::from_secs(3600)),
+                max_attempts: args.max_attempts.or(file.max_attempts).unwrap_or(3).max(1),
+                retry_backoff_initial: retry_backoff,
+                retry_backoff_max: args
+                    .retry_backoff_max
+                    .or(file.retry_backoff_max)
+                    .unwrap_or(Duration::from_secs(300))
+                    .max(retry_backoff),
+                general_fallback_after: args
+                    .general_fallback_after
+                    .or(file.general_fallback_after)
+                    .unwrap_or(Duration::from_secs(120)),
+                output_cap_bytes: args.output_cap.or(file.output_cap).unwrap_or(64 << 20),
             },
             log_format: args
                 .log_format

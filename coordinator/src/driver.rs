@@ -14,15 +14,32 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
+use common::ids::TaskId;
+
 use crate::core::{
-    Action, AdminError, AgentView, CloseReason, ConnId, Core, FromAgent, OpenRejected, ToAgent,
+    Action, AdminError, AgentView, CloseReason, ConnId, Core, FromAgent, NewTask, OpenRejected,
+    Task, TaskError, TaskEvent, ToAgent,
 };
 use crate::store::{self, Store};
 
 /// How many commands one batch takes before committing; bounds latency.
 const MAX_BATCH: usize = 512;
 /// Messages queued for one agent stream before it counts as stuck.
-pub const OUTBOUND_QUEUE: usize = 256;
+pub const OUTBOUND_QUEUE: usize = 1024;
+/// Events queued for one watcher before it is dropped (it can resume).
+pub const WATCH_QUEUE: usize = 1024;
+
+/// A filter and page of `ListTasks`.
+#[derive(Clone, Debug, Default)]
+pub struct TaskQuery {
+    pub state: Option<crate::core::TaskState>,
+    pub specialty: Option<common::types::Specialty>,
+    pub agent: Option<AgentId>,
+    pub repo: Option<String>,
+    /// Tasks with a greater id than this.
+    pub after: Option<TaskId>,
+    pub limit: usize,
+}
 
 /// What the driver sends down an agent's stream.
 #[derive(Debug)]
@@ -72,6 +89,35 @@ pub enum Command {
         reason: String,
         reply: Reply<Result<AgentView, AdminError>>,
     },
+    Submit {
+        task: NewTask,
+        reply: Reply<Task>,
+    },
+    ListTasks {
+        query: TaskQuery,
+        /// The page, and whether more follow.
+        reply: Reply<(Vec<Task>, bool)>,
+    },
+    GetTask {
+        task: TaskId,
+        reply: Reply<Option<Task>>,
+    },
+    /// Registers `events` for the task's live events; answers the task as
+    /// it is now, so history read afterwards cannot miss anything.
+    Watch {
+        task: TaskId,
+        events: mpsc::Sender<TaskEvent>,
+        reply: Reply<Option<Task>>,
+    },
+    Cancel {
+        task: TaskId,
+        reason: String,
+        reply: Reply<Result<Task, TaskError>>,
+    },
+    Retry {
+        task: TaskId,
+        reply: Reply<Result<Task, TaskError>>,
+    },
 }
 
 /// A cheap handle to send commands to the driver.
@@ -104,6 +150,7 @@ pub struct Driver {
     rx: mpsc::Receiver<Command>,
     next_conn: u64,
     streams: HashMap<ConnId, mpsc::Sender<Outbound>>,
+    watchers: HashMap<TaskId, Vec<mpsc::Sender<TaskEvent>>>,
     /// Answers held back until the batch that produced them is committed.
     replies: Vec<Box<dyn FnOnce() + Send>>,
 }
@@ -117,6 +164,7 @@ impl Driver {
             rx,
             next_conn: 0,
             streams: HashMap::new(),
+            watchers: HashMap::new(),
             replies: Vec::new(),
         };
         (driver, DriverHandle { tx })
@@ -193,7 +241,7 @@ impl Driver {
                 reason,
                 reply,
             } => {
-                let result = self.core.revoke(&agent, reason, wall);
+                let result = self.core.revoke(&agent, reason, now, wall);
                 self.reply(reply, result);
             }
             Command::Drain {
@@ -204,7 +252,75 @@ impl Driver {
                 let result = self.core.drain(&agent, reason, wall);
                 self.reply(reply, result);
             }
+            Command::Submit { task, reply } => {
+                let id = self.core.submit(task, now, wall);
+                let task = self
+                    .core
+                    .task(id)
+                    .cloned()
+                    .expect("invariant: just submitted");
+                self.reply(reply, task);
+            }
+            Command::ListTasks { query, reply } => {
+                let page = self.list_tasks(&query);
+                self.reply(reply, page);
+            }
+            Command::GetTask { task, reply } => {
+                let task = self.core.task(task).cloned();
+                self.reply(reply, task);
+            }
+            Command::Watch {
+                task,
+                events,
+                reply,
+            } => {
+                let snapshot = self.core.task(task).cloned();
+                if snapshot.as_ref().is_some_and(|t| !t.state.is_terminal()) {
+                    self.watchers.entry(task).or_default().push(events);
+                }
+                let _ = reply.send(snapshot);
+            }
+            Command::Cancel {
+                task,
+                reason,
+                reply,
+            } => {
+                let result = self.core.cancel(task, reason, now, wall).map(|()| {
+                    self.core
+                        .task(task)
+                        .cloned()
+                        .expect("invariant: task exists")
+                });
+                self.reply(reply, result);
+            }
+            Command::Retry { task, reply } => {
+                let result = self.core.retry(task, now, wall).map(|()| {
+                    self.core
+                        .task(task)
+                        .cloned()
+                        .expect("invariant: task exists")
+                });
+                self.reply(reply, result);
+            }
         }
+    }
+
+    fn list_tasks(&self, q: &TaskQuery) -> (Vec<Task>, bool) {
+        let mut matching = self
+            .core
+            .tasks()
+            .filter(|t| q.after.is_none_or(|after| t.id > after))
+            .filter(|t| q.state.is_none_or(|s| t.state == s))
+            .filter(|t| q.specialty.is_none_or(|s| t.spec.specialty == s))
+            .filter(|t| q.repo.as_ref().is_none_or(|r| &t.spec.repo_url == r))
+            .filter(|t| {
+                q.agent
+                    .as_ref()
+                    .is_none_or(|a| t.attempts.iter().any(|at| &at.agent == a))
+            });
+        let page: Vec<Task> = matching.by_ref().take(q.limit).cloned().collect();
+        let more = matching.next().is_some();
+        (page, more)
     }
 
     fn reply<T: Send + 'static>(&mut self, reply: Reply<T>, value: T) {
@@ -262,6 +378,22 @@ impl Driver {
                     let _ = tx.try_send(Outbound::Close(reason));
                 }
             }
+            Action::Publish(event) => self.publish(event),
+        }
+    }
+
+    /// Hands an event to the task's watchers; a watcher that is gone or too
+    /// slow is dropped (it can resume from its last position). After a
+    /// terminal state nothing more comes, so the watchers are released.
+    fn publish(&mut self, event: TaskEvent) {
+        let task = event.task();
+        let Some(watchers) = self.watchers.get_mut(&task) else {
+            return;
+        };
+        watchers.retain(|w| w.try_send(event.clone()).is_ok());
+        let ended = matches!(&event, TaskEvent::Changed(t) if t.state.is_terminal());
+        if ended || watchers.is_empty() {
+            self.watchers.remove(&task);
         }
     }
 }
@@ -269,7 +401,7 @@ impl Driver {
 /// The driver's one clock read: monotonic time for timers, wall time for
 /// what is persisted and shown.
 #[allow(clippy::disallowed_methods)]
-fn clock() -> (Instant, UnixMillis) {
+pub fn clock() -> (Instant, UnixMillis) {
     (Instant::now(), UnixMillis::now())
 }
 

@@ -6,8 +6,9 @@
 //! API boundary: only this module and `common::wire` see protobuf types.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
-use common::ids::AgentId;
+use common::ids::{AgentId, Attempt, TaskId};
 use common::pki::Role;
 use common::proto::{
     self, AgentInfo, AgentMessage, CoordinatorMessage, admin_server, agent_gateway_server,
@@ -15,6 +16,7 @@ use common::proto::{
 };
 use common::time::duration_ms;
 use common::tls::PeerIdentity;
+use common::types::{CliResult, FinishedReport, Outcome, OutputKind, Phase, TaskSpec, TestSummary};
 use common::wire;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
@@ -23,9 +25,13 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::core::{
-    AdminError, AgentState, AgentView, CloseReason, FromAgent, OpenRejected, ReportedTask, ToAgent,
+    AdminError, AgentState, AgentView, CloseReason, FromAgent, NewTask, OpenRejected, ReportedTask,
+    Task, TaskError, TaskEvent, TaskSource, TaskState, ToAgent,
 };
-use crate::driver::{Command, DriverGone, DriverHandle, OUTBOUND_QUEUE, Outbound};
+use crate::driver::{
+    Command, DriverGone, DriverHandle, OUTBOUND_QUEUE, Outbound, TaskQuery, WATCH_QUEUE,
+};
+use crate::store::Store;
 
 impl From<DriverGone> for Status {
     fn from(e: DriverGone) -> Self {
@@ -188,15 +194,152 @@ async fn pump_inbound(
     let _ = driver.send(Command::Closed { conn, reason }).await;
 }
 
-fn reported(tasks: &[proto::RunningTask]) -> Vec<ReportedTask> {
+/// The largest output chunk an agent may send.
+pub const MAX_CHUNK: usize = 1 << 20;
+
+fn task_id(raw: &str) -> Result<TaskId, String> {
+    raw.parse::<TaskId>().map_err(|e| e.to_string())
+}
+
+fn reported(tasks: &[proto::RunningTask]) -> Result<Vec<ReportedTask>, String> {
+    if tasks.len() > 4096 {
+        return Err("too many running tasks".into());
+    }
     tasks
         .iter()
-        .map(|t| ReportedTask {
-            task_id: t.task_id.clone(),
-            attempt: t.attempt,
-            last_output_seq: t.last_output_seq,
+        .map(|t| {
+            Ok(ReportedTask {
+                task: task_id(&t.task_id)?,
+                attempt: Attempt(t.attempt),
+                last_output_seq: t.last_output_seq,
+            })
         })
         .collect()
+}
+
+fn outcome_from_proto(value: i32) -> Result<Outcome, String> {
+    use proto::Outcome as P;
+    Ok(match P::try_from(value) {
+        Ok(P::Succeeded) => Outcome::Succeeded,
+        Ok(P::NoChanges) => Outcome::NoChanges,
+        Ok(P::CliFailed) => Outcome::CliFailed,
+        Ok(P::TurnLimit) => Outcome::TurnLimit,
+        Ok(P::BudgetExceeded) => Outcome::BudgetExceeded,
+        Ok(P::TimedOut) => Outcome::TimedOut,
+        Ok(P::RateLimited) => Outcome::RateLimited,
+        Ok(P::TestsFailed) => Outcome::TestsFailed,
+        Ok(P::PushRejected) => Outcome::PushRejected,
+        Ok(P::Cancelled) => Outcome::Cancelled,
+        Ok(P::WorkspaceError) => Outcome::WorkspaceError,
+        Ok(P::Unspecified) | Err(_) => return Err(format!("unknown outcome {value}")),
+    })
+}
+
+fn outcome_to_proto(o: Outcome) -> proto::Outcome {
+    use proto::Outcome as P;
+    match o {
+        Outcome::Succeeded => P::Succeeded,
+        Outcome::NoChanges => P::NoChanges,
+        Outcome::CliFailed => P::CliFailed,
+        Outcome::TurnLimit => P::TurnLimit,
+        Outcome::BudgetExceeded => P::BudgetExceeded,
+        Outcome::TimedOut => P::TimedOut,
+        Outcome::RateLimited => P::RateLimited,
+        Outcome::TestsFailed => P::TestsFailed,
+        Outcome::PushRejected => P::PushRejected,
+        Outcome::Cancelled => P::Cancelled,
+        Outcome::WorkspaceError => P::WorkspaceError,
+        // The coordinator's own outcomes have no agent-side code.
+        Outcome::LeaseExpired | Outcome::NotAccepted | Outcome::Rejected | Outcome::LostByAgent => {
+            P::Unspecified
+        }
+    }
+}
+
+fn phase_from_proto(value: i32) -> Result<Phase, String> {
+    use proto::Phase as P;
+    Ok(match P::try_from(value) {
+        Ok(P::Preparing) => Phase::Preparing,
+        Ok(P::RunningClaude) => Phase::RunningClaude,
+        Ok(P::Testing) => Phase::Testing,
+        Ok(P::Committing) => Phase::Committing,
+        Ok(P::Pushing) => Phase::Pushing,
+        Ok(P::Unspecified) | Err(_) => return Err(format!("unknown phase {value}")),
+    })
+}
+
+fn phase_to_proto(p: Phase) -> proto::Phase {
+    use proto::Phase as P;
+    match p {
+        Phase::Preparing => P::Preparing,
+        Phase::RunningClaude => P::RunningClaude,
+        Phase::Testing => P::Testing,
+        Phase::Committing => P::Committing,
+        Phase::Pushing => P::Pushing,
+    }
+}
+
+fn kind_from_proto(value: i32) -> Result<OutputKind, String> {
+    use proto::OutputKind as P;
+    Ok(match P::try_from(value) {
+        Ok(P::Stdout) => OutputKind::Stdout,
+        Ok(P::Stderr) => OutputKind::Stderr,
+        Ok(P::Event) => OutputKind::Event,
+        Ok(P::System) => OutputKind::System,
+        Ok(P::Unspecified) | Err(_) => return Err(format!("unknown output kind {value}")),
+    })
+}
+
+fn kind_to_proto(k: OutputKind) -> proto::OutputKind {
+    match k {
+        OutputKind::Stdout => proto::OutputKind::Stdout,
+        OutputKind::Stderr => proto::OutputKind::Stderr,
+        OutputKind::Event => proto::OutputKind::Event,
+        OutputKind::System => proto::OutputKind::System,
+    }
+}
+
+/// Keeps at most `max` bytes of an agent-supplied string, on a char boundary.
+fn bounded(s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+fn report_from_proto(f: proto::TaskFinished) -> Result<FinishedReport, String> {
+    Ok(FinishedReport {
+        outcome: outcome_from_proto(f.outcome)?,
+        message: bounded(f.message, 4096),
+        branch: bounded(f.branch, 256),
+        commit: bounded(f.commit, 64),
+        tests: f.tests.map(|t| TestSummary {
+            ran: t.ran,
+            passed: t.passed,
+            command: bounded(t.command, 1024),
+            exit_code: t.exit_code,
+            tail: bounded(t.tail, 16 * 1024),
+        }),
+        cli: f.cli.map(|c| CliResult {
+            cost_usd: if c.cost_usd.is_finite() {
+                c.cost_usd
+            } else {
+                0.0
+            },
+            turns: c.turns,
+            duration_ms: c.duration_ms,
+            session_id: bounded(c.session_id, 128),
+            is_error: c.is_error,
+            subtype: bounded(c.subtype, 128),
+            result: bounded(c.result, 16 * 1024),
+        }),
+        rate_limit_reset_unix_ms: f.rate_limit_reset_unix_ms,
+        last_output_seq: f.last_output_seq,
+    })
 }
 
 /// Validates an agent message; `Ok(None)` for messages the coordinator does
@@ -212,21 +355,54 @@ fn from_proto(msg: AgentMessage) -> Result<Option<FromAgent>, String> {
             let advert = wire::advert_from_hello(&hello).map_err(|e| format!("Hello: {e}"))?;
             Ok(Some(FromAgent::Hello {
                 advert,
-                running: reported(&hello.running),
+                running: reported(&hello.running).map_err(|e| format!("Hello: {e}"))?,
             }))
         }
         Some(Msg::Heartbeat(hb)) => Ok(Some(FromAgent::Heartbeat {
             free_slots: hb.free_slots,
-            running: reported(&hb.running),
+            running: reported(&hb.running).map_err(|e| format!("Heartbeat: {e}"))?,
         })),
-        Some(Msg::Draining(d)) => Ok(Some(FromAgent::Draining { reason: d.reason })),
-        Some(
-            Msg::TaskAccepted(_)
-            | Msg::TaskRejected(_)
-            | Msg::TaskOutput(_)
-            | Msg::TaskProgress(_)
-            | Msg::TaskFinished(_),
-        ) => Ok(None),
+        Some(Msg::Draining(d)) => Ok(Some(FromAgent::Draining {
+            reason: bounded(d.reason, 1024),
+        })),
+        Some(Msg::TaskAccepted(m)) => Ok(Some(FromAgent::Accepted {
+            task: task_id(&m.task_id)?,
+            attempt: Attempt(m.attempt),
+        })),
+        Some(Msg::TaskRejected(m)) => Ok(Some(FromAgent::Rejected {
+            task: task_id(&m.task_id)?,
+            attempt: Attempt(m.attempt),
+            reason: bounded(m.reason, 1024),
+        })),
+        Some(Msg::TaskOutput(m)) => {
+            if m.data.len() > MAX_CHUNK {
+                return Err(format!(
+                    "TaskOutput: chunk of {} bytes exceeds {MAX_CHUNK}",
+                    m.data.len()
+                ));
+            }
+            Ok(Some(FromAgent::Output {
+                task: task_id(&m.task_id)?,
+                attempt: Attempt(m.attempt),
+                seq: m.seq,
+                kind: kind_from_proto(m.kind)?,
+                data: Arc::from(m.data),
+            }))
+        }
+        Some(Msg::TaskProgress(m)) => Ok(Some(FromAgent::Progress {
+            task: task_id(&m.task_id)?,
+            attempt: Attempt(m.attempt),
+            phase: phase_from_proto(m.phase)?,
+        })),
+        Some(Msg::TaskFinished(m)) => {
+            let task = task_id(&m.task_id)?;
+            let attempt = Attempt(m.attempt);
+            Ok(Some(FromAgent::Finished {
+                task,
+                attempt,
+                report: report_from_proto(m).map_err(|e| format!("TaskFinished: {e}"))?,
+            }))
+        }
     }
 }
 
@@ -238,19 +414,80 @@ fn to_proto(msg: ToAgent) -> CoordinatorMessage {
             heartbeat_interval,
             heartbeat_timeout,
             lease_timeout,
+            held,
         } => Msg::Welcome(proto::Welcome {
             agent_id: agent_id.to_string(),
             heartbeat_interval_ms: duration_ms(heartbeat_interval),
             heartbeat_timeout_ms: duration_ms(heartbeat_timeout),
             lease_timeout_ms: duration_ms(lease_timeout),
-            held: Vec::new(),
+            held: held
+                .into_iter()
+                .map(|(task, attempt, acked_seq)| proto::OutputPosition {
+                    task_id: task.to_string(),
+                    attempt: attempt.0,
+                    acked_seq,
+                })
+                .collect(),
         }),
         ToAgent::Heartbeat { now } => {
             Msg::Heartbeat(proto::CoordinatorHeartbeat { unix_ms: now.0 })
         }
         ToAgent::Drain { reason } => Msg::Drain(proto::Drain { reason }),
+        ToAgent::Assign {
+            task,
+            attempt,
+            spec,
+            deadline,
+        } => Msg::Assign(proto::Assign {
+            task: Some(spec_to_proto(task, &spec)),
+            attempt: attempt.0,
+            deadline_unix_ms: deadline.0,
+            credential: None,
+        }),
+        ToAgent::Cancel {
+            task,
+            attempt,
+            reason,
+        } => Msg::Cancel(proto::Cancel {
+            task_id: task.to_string(),
+            attempt: attempt.0,
+            reason,
+        }),
+        ToAgent::OutputAck { task, attempt, seq } => Msg::OutputAck(proto::OutputAck {
+            task_id: task.to_string(),
+            attempt: attempt.0,
+            seq,
+        }),
+        ToAgent::FinishedAck { task, attempt } => Msg::FinishedAck(proto::FinishedAck {
+            task_id: task.to_string(),
+            attempt: attempt.0,
+        }),
     };
     CoordinatorMessage { msg: Some(msg) }
+}
+
+fn spec_to_proto(task: TaskId, spec: &TaskSpec) -> proto::TaskSpec {
+    proto::TaskSpec {
+        task_id: task.to_string(),
+        repo_url: spec.repo_url.clone(),
+        base_branch: spec.base_branch.clone(),
+        issue_number: spec.issue_number,
+        title: spec.title.clone(),
+        body: spec.body.clone(),
+        issue_url: spec.issue_url.clone(),
+        author: spec.author.clone(),
+        labels: spec.labels.clone(),
+        triage: Some(proto::Triage {
+            specialty: wire::specialty_to_proto(spec.specialty) as i32,
+            confidence: 1.0,
+            complexity: String::new(),
+            technologies: spec.technologies.clone(),
+            keywords: Vec::new(),
+        }),
+        branch: spec.branch.clone(),
+        follow_up: spec.follow_up,
+        test_command: spec.test_command.clone(),
+    }
 }
 
 fn close_status(reason: CloseReason) -> Status {
@@ -271,12 +508,223 @@ fn close_status(reason: CloseReason) -> Status {
 
 pub struct Admin {
     driver: DriverHandle,
+    store: Arc<dyn Store>,
 }
 
 impl Admin {
-    pub fn new(driver: DriverHandle) -> Self {
-        Self { driver }
+    pub fn new(driver: DriverHandle, store: Arc<dyn Store>) -> Self {
+        Self { driver, store }
     }
+}
+
+impl From<TaskError> for Status {
+    fn from(e: TaskError) -> Self {
+        match e {
+            TaskError::Unknown(id) => Status::not_found(format!("no task {id}")),
+            TaskError::AlreadyFinished(id, state) => {
+                Status::failed_precondition(format!("task {id} is already {}", state.as_str()))
+            }
+            TaskError::NotFinished(id, state) => Status::failed_precondition(format!(
+                "task {id} is {}: only failed or cancelled tasks can be retried",
+                state.as_str()
+            )),
+        }
+    }
+}
+
+fn admin_task_id(raw: &str) -> Result<TaskId, Status> {
+    raw.parse::<TaskId>()
+        .map_err(|e| Status::invalid_argument(format!("task_id: {e}")))
+}
+
+fn task_state_to_proto(s: TaskState) -> proto::TaskState {
+    match s {
+        TaskState::Queued => proto::TaskState::Queued,
+        TaskState::Assigned => proto::TaskState::Assigned,
+        TaskState::Running => proto::TaskState::Running,
+        TaskState::Finishing => proto::TaskState::Finishing,
+        TaskState::Succeeded => proto::TaskState::Succeeded,
+        TaskState::Failed => proto::TaskState::Failed,
+        TaskState::Cancelled => proto::TaskState::Cancelled,
+    }
+}
+
+fn task_state_from_proto(value: i32) -> Result<Option<TaskState>, Status> {
+    use proto::TaskState as P;
+    Ok(match P::try_from(value) {
+        Ok(P::Unspecified) => None,
+        Ok(P::Queued) => Some(TaskState::Queued),
+        Ok(P::Assigned) => Some(TaskState::Assigned),
+        Ok(P::Running) => Some(TaskState::Running),
+        Ok(P::Finishing) => Some(TaskState::Finishing),
+        Ok(P::Succeeded) => Some(TaskState::Succeeded),
+        Ok(P::Failed) => Some(TaskState::Failed),
+        Ok(P::Cancelled) => Some(TaskState::Cancelled),
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown task state {value}"
+            )));
+        }
+    })
+}
+
+pub fn task_info(task: &Task) -> proto::TaskInfo {
+    proto::TaskInfo {
+        task_id: task.id.to_string(),
+        source: match &task.source {
+            TaskSource::Manual { .. } => "manual".into(),
+            TaskSource::Github { .. } => "github".into(),
+        },
+        repo: task.spec.repo_url.clone(),
+        base_branch: task.spec.base_branch.clone(),
+        title: task.spec.title.clone(),
+        body: task.spec.body.clone(),
+        issue_number: task.spec.issue_number,
+        issue_url: task.spec.issue_url.clone(),
+        author: task.spec.author.clone(),
+        specialty: wire::specialty_to_proto(task.spec.specialty) as i32,
+        technologies: task.spec.technologies.clone(),
+        priority: task.priority,
+        state: task_state_to_proto(task.state) as i32,
+        state_reason: task.state_reason.clone(),
+        attempts: task
+            .attempts
+            .iter()
+            .map(|a| {
+                let report = a.report.as_ref();
+                proto::TaskAttempt {
+                    attempt: a.attempt.0,
+                    agent_id: a.agent.to_string(),
+                    assigned_at: Some(a.assigned_at.to_timestamp()),
+                    accepted_at: a.accepted_at.map(|t| t.to_timestamp()),
+                    finished_at: a.finished_at.map(|t| t.to_timestamp()),
+                    outcome: a
+                        .outcome
+                        .map_or(proto::Outcome::Unspecified, outcome_to_proto)
+                        as i32,
+                    message: match a.outcome {
+                        Some(o) if outcome_to_proto(o) == proto::Outcome::Unspecified => {
+                            format!("{o}: {}", a.message)
+                        }
+                        _ => a.message.clone(),
+                    },
+                    placement: a.placement.clone(),
+                    phase: a.phase.map_or(proto::Phase::Unspecified, phase_to_proto) as i32,
+                    branch: report.map(|r| r.branch.clone()).unwrap_or_default(),
+                    commit: report.map(|r| r.commit.clone()).unwrap_or_default(),
+                    tests: report
+                        .and_then(|r| r.tests.as_ref())
+                        .map(|t| proto::TestSummary {
+                            ran: t.ran,
+                            passed: t.passed,
+                            command: t.command.clone(),
+                            exit_code: t.exit_code,
+                            tail: t.tail.clone(),
+                        }),
+                    cli: report
+                        .and_then(|r| r.cli.as_ref())
+                        .map(|c| proto::CliResult {
+                            cost_usd: c.cost_usd,
+                            turns: c.turns,
+                            duration_ms: c.duration_ms,
+                            session_id: c.session_id.clone(),
+                            is_error: c.is_error,
+                            subtype: c.subtype.clone(),
+                            result: c.result.clone(),
+                        }),
+                }
+            })
+            .collect(),
+        max_attempts: task.max_attempts,
+        branch: task.spec.branch.clone(),
+        created_at: Some(task.created_at.to_timestamp()),
+        updated_at: Some(task.updated_at.to_timestamp()),
+        not_before: task.not_before.map(|t| t.to_timestamp()),
+        cancel_requested: task.cancel_requested.clone().unwrap_or_default(),
+    }
+}
+
+fn output_event(
+    task: TaskId,
+    attempt: Attempt,
+    seq: u64,
+    kind: OutputKind,
+    data: &[u8],
+) -> proto::TaskEvent {
+    proto::TaskEvent {
+        event: Some(proto::task_event::Event::Output(proto::TaskOutput {
+            task_id: task.to_string(),
+            attempt: attempt.0,
+            seq,
+            kind: kind_to_proto(kind) as i32,
+            data: data.to_vec(),
+        })),
+    }
+}
+
+fn state_event(task: &Task) -> proto::TaskEvent {
+    proto::TaskEvent {
+        event: Some(proto::task_event::Event::Task(task_info(task))),
+    }
+}
+
+/// Validates a manual submission.
+fn new_task(req: proto::SubmitTaskRequest, admin: &PeerIdentity) -> Result<NewTask, Status> {
+    let field = |name: &str, value: &str, max: usize, required: bool| -> Result<(), Status> {
+        if required && value.trim().is_empty() {
+            return Err(Status::invalid_argument(format!("{name} is required")));
+        }
+        if value.len() > max {
+            return Err(Status::invalid_argument(format!(
+                "{name} is longer than {max} bytes"
+            )));
+        }
+        Ok(())
+    };
+    field("repo", &req.repo, 2048, true)?;
+    field("title", &req.title, 512, true)?;
+    field("body", &req.body, 256 * 1024, false)?;
+    field("base_branch", &req.base_branch, 256, false)?;
+    field("test_command", &req.test_command, 4096, false)?;
+    if req.repo.chars().any(char::is_control) || req.base_branch.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(
+            "repo and base_branch must not contain control characters",
+        ));
+    }
+    if req.technologies.len() > 32 {
+        return Err(Status::invalid_argument("at most 32 technologies"));
+    }
+    let specialty = if req.specialty == 0 {
+        common::types::Specialty::General
+    } else {
+        wire::specialty_from_proto(req.specialty)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+    };
+    Ok(NewTask {
+        source: TaskSource::Manual {
+            submitted_by: admin.name.clone(),
+        },
+        spec: TaskSpec {
+            repo_url: req.repo,
+            base_branch: req.base_branch,
+            issue_number: req.issue_number,
+            title: req.title,
+            body: req.body,
+            issue_url: String::new(),
+            author: admin.name.clone(),
+            labels: Vec::new(),
+            specialty,
+            technologies: req
+                .technologies
+                .into_iter()
+                .map(|t| bounded(t, 64))
+                .collect(),
+            branch: String::new(),
+            follow_up: false,
+            test_command: req.test_command,
+        },
+        priority: req.priority.clamp(-1000, 1000),
+    })
 }
 
 fn agent_id(raw: &str) -> Result<AgentId, Status> {
@@ -324,8 +772,8 @@ fn agent_info(view: AgentView) -> AgentInfo {
             .running
             .into_iter()
             .map(|t| proto::RunningTask {
-                task_id: t.task_id,
-                attempt: t.attempt,
+                task_id: t.task.to_string(),
+                attempt: t.attempt.0,
                 last_output_seq: t.last_output_seq,
             })
             .collect(),
@@ -334,8 +782,204 @@ fn agent_info(view: AgentView) -> AgentInfo {
     }
 }
 
+type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::TaskEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl admin_server::Admin for Admin {
+    type WatchTaskStream = WatchStream;
+
+    async fn submit_task(
+        &self,
+        req: Request<proto::SubmitTaskRequest>,
+    ) -> Result<Response<proto::TaskInfo>, Status> {
+        let admin = authorize(&req, Role::Admin, "Admin API")?;
+        let task = new_task(req.into_inner(), &admin)?;
+        let task = self
+            .driver
+            .call(|reply| Command::Submit { task, reply })
+            .await?;
+        Ok(Response::new(task_info(&task)))
+    }
+
+    async fn list_tasks(
+        &self,
+        req: Request<proto::ListTasksRequest>,
+    ) -> Result<Response<proto::ListTasksResponse>, Status> {
+        let req = req.into_inner();
+        let query = TaskQuery {
+            state: task_state_from_proto(req.state)?,
+            specialty: if req.specialty == 0 {
+                None
+            } else {
+                Some(
+                    wire::specialty_from_proto(req.specialty)
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                )
+            },
+            agent: if req.agent_id.is_empty() {
+                None
+            } else {
+                Some(agent_id(&req.agent_id)?)
+            },
+            repo: (!req.repo.is_empty()).then_some(req.repo),
+            after: if req.page_token.is_empty() {
+                None
+            } else {
+                Some(
+                    admin_task_id(&req.page_token)
+                        .map_err(|_| Status::invalid_argument("bad page_token"))?,
+                )
+            },
+            limit: match req.page_size {
+                0 => 100,
+                n => usize::try_from(n.min(1000)).unwrap_or(1000),
+            },
+        };
+        let (tasks, more) = self
+            .driver
+            .call(|reply| Command::ListTasks { query, reply })
+            .await?;
+        let next_page_token = if more {
+            tasks.last().map(|t| t.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListTasksResponse {
+            tasks: tasks.iter().map(task_info).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_task(
+        &self,
+        req: Request<proto::GetTaskRequest>,
+    ) -> Result<Response<proto::TaskInfo>, Status> {
+        let id = admin_task_id(&req.get_ref().task_id)?;
+        let task = self
+            .driver
+            .call(|reply| Command::GetTask { task: id, reply })
+            .await?
+            .ok_or(TaskError::Unknown(id))?;
+        Ok(Response::new(task_info(&task)))
+    }
+
+    async fn watch_task(
+        &self,
+        req: Request<proto::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let req = req.into_inner();
+        let id = admin_task_id(&req.task_id)?;
+        let (events_tx, mut events) = mpsc::channel(WATCH_QUEUE);
+        let snapshot = self
+            .driver
+            .call(|reply| Command::Watch {
+                task: id,
+                events: events_tx,
+                reply,
+            })
+            .await?
+            .ok_or(TaskError::Unknown(id))?;
+        let (tx, rx) = mpsc::channel::<Result<proto::TaskEvent, Status>>(64);
+        let store = Arc::clone(&self.store);
+        let from = (Attempt(req.from_attempt), req.from_seq);
+        let follow = req.follow;
+        tokio::spawn(async move {
+            if tx.send(Ok(state_event(&snapshot))).await.is_err() {
+                return;
+            }
+            // History first, page by page, then the live events after it.
+            let mut next = from;
+            loop {
+                let store = Arc::clone(&store);
+                let page = tokio::task::spawn_blocking(move || store.read_output(id, next, 256))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))
+                    .and_then(|r| r.map_err(|e| Status::internal(e.to_string())));
+                let page = match page {
+                    Ok(page) => page,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let done = page.len() < 256;
+                for chunk in page {
+                    next = (chunk.attempt, chunk.seq + 1);
+                    let event = output_event(id, chunk.attempt, chunk.seq, chunk.kind, &chunk.data);
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                if done {
+                    break;
+                }
+            }
+            if snapshot.state.is_terminal() || !follow {
+                return;
+            }
+            while let Some(event) = events.recv().await {
+                let (event, last) = match &event {
+                    TaskEvent::Output {
+                        attempt,
+                        seq,
+                        kind,
+                        data,
+                        ..
+                    } => {
+                        if (*attempt, *seq) < next {
+                            continue; // Already sent from the store.
+                        }
+                        next = (*attempt, seq + 1);
+                        (output_event(id, *attempt, *seq, *kind, data), false)
+                    }
+                    TaskEvent::Changed(task) => (state_event(task), task.state.is_terminal()),
+                };
+                if tx.send(Ok(event)).await.is_err() || last {
+                    return;
+                }
+            }
+            // The driver dropped us: too slow, or shutting down.
+            let _ = tx
+                .send(Err(Status::unavailable(
+                    "watch interrupted; resume from the last position received",
+                )))
+                .await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn cancel_task(
+        &self,
+        req: Request<proto::CancelTaskRequest>,
+    ) -> Result<Response<proto::TaskInfo>, Status> {
+        let admin = authorize(&req, Role::Admin, "Admin API")?;
+        let id = admin_task_id(&req.get_ref().task_id)?;
+        let reason = reason_or(&req.get_ref().reason, &admin, "cancelled");
+        let task = self
+            .driver
+            .call(|reply| Command::Cancel {
+                task: id,
+                reason,
+                reply,
+            })
+            .await??;
+        Ok(Response::new(task_info(&task)))
+    }
+
+    async fn retry_task(
+        &self,
+        req: Request<proto::RetryTaskRequest>,
+    ) -> Result<Response<proto::TaskInfo>, Status> {
+        let id = admin_task_id(&req.get_ref().task_id)?;
+        let task = self
+            .driver
+            .call(|reply| Command::Retry { task: id, reply })
+            .await??;
+        Ok(Response::new(task_info(&task)))
+    }
+
     async fn list_agents(
         &self,
         _req: Request<proto::ListAgentsRequest>,

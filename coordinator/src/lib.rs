@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::config::Config;
-use crate::core::Core;
+use common::ids::Attempt;
+
+use crate::core::{Core, Restored};
 use crate::driver::Driver;
 use crate::store::{SledStore, Store};
 
@@ -44,6 +46,22 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
+/// Reads everything the core is rebuilt from.
+fn restore(store: &SledStore) -> Result<Restored, store::Error> {
+    let agents = store.load_agents()?;
+    let tasks = store.load_tasks()?;
+    let mut output = std::collections::BTreeMap::new();
+    for task in tasks.iter().filter(|t| !t.state.is_terminal()) {
+        let attempt = task.current().map_or(Attempt(0), |a| a.attempt);
+        output.insert(task.id, store.output_position(task.id, attempt)?);
+    }
+    Ok(Restored {
+        agents,
+        tasks,
+        output,
+    })
+}
+
 /// Runs the coordinator until `shutdown` fires (or a fatal store error).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let tls = config.tls.load()?;
@@ -53,11 +71,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         config.data_dir.display()
     )))?;
     let store = SledStore::open(&config.data_dir.join("store"))?;
-    let records = store.load_agents()?;
-    info!(n_agents = records.len(), "state restored from the store");
-    let core = Core::new(config.core.clone(), records);
+    let restored = restore(&store)?;
+    info!(
+        n_agents = restored.agents.len(),
+        n_tasks = restored.tasks.len(),
+        "state restored from the store"
+    );
+    let (now, wall) = driver::clock();
+    let core = Core::new(config.core.clone(), restored, now, wall);
     let store: Arc<dyn Store> = Arc::new(store);
-    let (driver, handle) = Driver::new(core, store);
+    let (driver, handle) = Driver::new(core, Arc::clone(&store));
 
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await
@@ -76,7 +99,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         config.handshake_timeout,
         shutdown.clone(),
     );
-    let grpc_task = tokio::spawn(server::serve_grpc(incoming, handle, shutdown.clone()));
+    let grpc_task = tokio::spawn(server::serve_grpc(
+        incoming,
+        handle,
+        store,
+        shutdown.clone(),
+    ));
     let http_task = tokio::spawn(server::serve_http(http_listener, shutdown.clone()));
 
     let driver_result = driver_task.await;

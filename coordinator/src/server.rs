@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 
 use crate::driver::DriverHandle;
 use crate::grpc::{Admin, Gateway, admin_only};
+use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -88,6 +89,7 @@ fn log_refused(peer: SocketAddr, reason: &str) {
 pub async fn serve_grpc(
     incoming: ReceiverStream<io::Result<TlsStream<TcpStream>>>,
     driver: DriverHandle,
+    store: Arc<dyn Store>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -100,7 +102,7 @@ pub async fn serve_grpc(
         .add_service(reflection().build_v1alpha()?)
         .add_service(AgentGatewayServer::new(Gateway::new(driver.clone())))
         .add_service(AdminServer::with_interceptor(
-            Admin::new(driver),
+            Admin::new(driver, store),
             admin_only,
         ))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

@@ -11,15 +11,24 @@
 //! system clock. An illegal or stale input is dropped with a `warn!`, never an
 //! `Err`: the core cannot fail.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::ids::AgentId;
+use common::ids::{AgentId, Attempt, TaskId};
 use common::time::UnixMillis;
-use common::types::AgentAdvert;
+use common::types::{AgentAdvert, FinishedReport, OutputKind, Phase, TaskSpec};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+pub mod schedule;
+pub mod task;
+
+pub use task::{AttemptRecord, NewTask, OutputPosition, Task, TaskError, TaskSource, TaskState};
+use task::{LiveAttempt, OutputBudget};
+
+#[cfg(test)]
+mod task_tests;
 #[cfg(test)]
 mod tests;
 
@@ -36,8 +45,21 @@ pub struct CoreConfig {
     pub heartbeat_timeout: Duration,
     /// A stream must send `Hello` within this time.
     pub hello_timeout: Duration,
-    /// Announced in `Welcome`; enforced with the task lifecycle.
+    /// A live attempt whose agent is silent this long is requeued.
     pub lease_timeout: Duration,
+    /// An assignment not accepted within this time is requeued.
+    pub accept_timeout: Duration,
+    /// How long an agent may work on one attempt (sent as its deadline).
+    pub task_deadline: Duration,
+    /// Attempts a task may spend before it fails for good.
+    pub max_attempts: u32,
+    /// Delay before the second attempt; doubles per failure up to the max.
+    pub retry_backoff_initial: Duration,
+    pub retry_backoff_max: Duration,
+    /// After this long in the queue, `general` agents may take any task.
+    pub general_fallback_after: Duration,
+    /// Output stored per task, all attempts; past it a marker is stored.
+    pub output_cap_bytes: u64,
 }
 
 /// The persisted state of an agent, as listed by `ccc agents`.
@@ -68,11 +90,11 @@ pub struct AgentRecord {
     pub revoked_reason: Option<String>,
 }
 
-/// A running task as an agent reports it (filled in by the task lifecycle).
+/// A task an agent says it holds (running, or finished but unacknowledged).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReportedTask {
-    pub task_id: String,
-    pub attempt: u32,
+    pub task: TaskId,
+    pub attempt: Attempt,
     pub last_output_seq: u64,
 }
 
@@ -90,6 +112,32 @@ pub enum FromAgent {
     Draining {
         reason: String,
     },
+    Accepted {
+        task: TaskId,
+        attempt: Attempt,
+    },
+    Rejected {
+        task: TaskId,
+        attempt: Attempt,
+        reason: String,
+    },
+    Output {
+        task: TaskId,
+        attempt: Attempt,
+        seq: u64,
+        kind: OutputKind,
+        data: Arc<[u8]>,
+    },
+    Progress {
+        task: TaskId,
+        attempt: Attempt,
+        phase: Phase,
+    },
+    Finished {
+        task: TaskId,
+        attempt: Attempt,
+        report: FinishedReport,
+    },
 }
 
 /// A message for an agent; the gRPC layer turns it into protobuf.
@@ -100,6 +148,10 @@ pub enum ToAgent {
         heartbeat_interval: Duration,
         heartbeat_timeout: Duration,
         lease_timeout: Duration,
+        /// For each task the agent still holds: the highest output seq
+        /// persisted (`u64::MAX`: the attempt is over, only its result is
+        /// missing).
+        held: Vec<(TaskId, Attempt, u64)>,
     },
     Heartbeat {
         now: UnixMillis,
@@ -107,6 +159,48 @@ pub enum ToAgent {
     Drain {
         reason: String,
     },
+    Assign {
+        task: TaskId,
+        attempt: Attempt,
+        spec: Box<TaskSpec>,
+        deadline: UnixMillis,
+    },
+    Cancel {
+        task: TaskId,
+        attempt: Attempt,
+        reason: String,
+    },
+    OutputAck {
+        task: TaskId,
+        attempt: Attempt,
+        seq: u64,
+    },
+    FinishedAck {
+        task: TaskId,
+        attempt: Attempt,
+    },
+}
+
+/// What watchers of a task (`WatchTask`, `ccc logs -f`) are told.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskEvent {
+    Output {
+        task: TaskId,
+        attempt: Attempt,
+        seq: u64,
+        kind: OutputKind,
+        data: Arc<[u8]>,
+    },
+    Changed(Box<Task>),
+}
+
+impl TaskEvent {
+    pub fn task(&self) -> TaskId {
+        match self {
+            Self::Output { task, .. } => *task,
+            Self::Changed(t) => t.id,
+        }
+    }
 }
 
 /// Why the coordinator closes a stream; the gRPC layer maps it to a status.
@@ -120,16 +214,32 @@ pub enum CloseReason {
     Protocol(String),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    Send { conn: ConnId, msg: ToAgent },
-    Close { conn: ConnId, reason: CloseReason },
+    Send {
+        conn: ConnId,
+        msg: ToAgent,
+    },
+    Close {
+        conn: ConnId,
+        reason: CloseReason,
+    },
+    /// For watchers; dropped when nobody watches.
+    Publish(TaskEvent),
 }
 
 /// A state change to persist atomically before any action of the same step.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Write {
-    Agent(AgentRecord),
+    Agent(Box<AgentRecord>),
+    Task(Box<Task>),
+    Output {
+        task: TaskId,
+        attempt: Attempt,
+        seq: u64,
+        kind: OutputKind,
+        data: Arc<[u8]>,
+    },
 }
 
 /// Why a new stream is refused.
@@ -150,8 +260,12 @@ pub enum AdminError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentView {
     pub record: AgentRecord,
+    /// Slots the scheduler may still fill.
     pub free_slots: u32,
+    /// What the agent last reported holding.
     pub running: Vec<ReportedTask>,
+    /// Tasks whose live attempt is on this agent, in the coordinator's view.
+    pub assigned: Vec<TaskId>,
 }
 
 #[derive(Debug)]
@@ -159,8 +273,9 @@ struct Live {
     conn: ConnId,
     last_heard: Instant,
     next_heartbeat: Instant,
-    free_slots: u32,
     running: Vec<ReportedTask>,
+    /// No new work before then (the API's usage limit).
+    cooldown_until: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -174,6 +289,12 @@ struct Pending {
 struct AgentEntry {
     record: AgentRecord,
     live: Option<Live>,
+    /// Tasks whose live attempt is on this agent: its taken slots.
+    load: BTreeSet<TaskId>,
+    /// When its last task ended (or it connected): ties go to the longest idle.
+    idle_since: Instant,
+    /// Repositories it has worked on: its mirror cache is warm for them.
+    repos: BTreeSet<String>,
 }
 
 pub struct Core {
@@ -183,31 +304,107 @@ pub struct Core {
     pending: BTreeMap<ConnId, Pending>,
     /// Which agent a live stream belongs to.
     conn_agent: BTreeMap<ConnId, AgentId>,
+    tasks: BTreeMap<TaskId, Task>,
+    /// The live attempts (tasks `Assigned` or `Running`).
+    live: BTreeMap<TaskId, LiveAttempt>,
+    output: BTreeMap<TaskId, OutputBudget>,
+    /// When each queued task entered the queue (for the general fallback).
+    queued_since: BTreeMap<TaskId, Instant>,
+    next_task_id: u64,
+    /// Output acknowledgements, coalesced per attempt until actions are polled.
+    pending_acks: BTreeMap<(ConnId, TaskId, Attempt), u64>,
+    /// The latest time given to the core.
+    last_now: Instant,
+    last_wall: UnixMillis,
     actions: VecDeque<Action>,
     writes: Vec<Write>,
 }
 
+/// Everything the core is rebuilt from after a restart.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub agents: Vec<AgentRecord>,
+    pub tasks: Vec<Task>,
+    /// Output already stored, for tasks that are not terminal.
+    pub output: BTreeMap<TaskId, OutputPosition>,
+}
+
 impl Core {
-    /// Rebuilds the core from the store. Nobody is connected to a coordinator
-    /// that just started, so agents recorded as connected become
-    /// disconnected (and that is written back).
-    pub fn new(config: CoreConfig, records: Vec<AgentRecord>) -> Self {
+    /// Rebuilds the core from the store at `now`. Nobody is connected to a
+    /// coordinator that just started: agents recorded as connected become
+    /// disconnected (written back). Queued tasks are scheduled as agents
+    /// come; live attempts wait for their agents for a whole lease.
+    pub fn new(config: CoreConfig, restored: Restored, now: Instant, wall: UnixMillis) -> Self {
         let mut core = Self {
             config,
             agents: BTreeMap::new(),
             pending: BTreeMap::new(),
             conn_agent: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+            live: BTreeMap::new(),
+            output: BTreeMap::new(),
+            queued_since: BTreeMap::new(),
+            next_task_id: 0,
+            pending_acks: BTreeMap::new(),
+            last_now: now,
+            last_wall: wall,
             actions: VecDeque::new(),
             writes: Vec::new(),
         };
-        for mut record in records {
+        for mut record in restored.agents {
             if matches!(record.state, AgentState::Connected | AgentState::Draining) {
                 record.state = AgentState::Disconnected;
                 record.last_disconnect_reason = Some("coordinator restarted".into());
-                core.writes.push(Write::Agent(record.clone()));
+                core.writes.push(Write::Agent(Box::new(record.clone())));
             }
-            core.agents
-                .insert(record.id.clone(), AgentEntry { record, live: None });
+            core.agents.insert(
+                record.id.clone(),
+                AgentEntry {
+                    record,
+                    live: None,
+                    load: BTreeSet::new(),
+                    idle_since: now,
+                    repos: BTreeSet::new(),
+                },
+            );
+        }
+        for task in restored.tasks {
+            core.next_task_id = core.next_task_id.max(task.id.0);
+            for attempt in &task.attempts {
+                if let Some(entry) = core.agents.get_mut(&attempt.agent) {
+                    entry.repos.insert(task.spec.repo_url.clone());
+                }
+            }
+            if let Some(position) = restored.output.get(&task.id) {
+                core.output.insert(
+                    task.id,
+                    OutputBudget {
+                        stored_bytes: position.stored_bytes,
+                        truncated: position.truncated,
+                    },
+                );
+            }
+            if task.state == TaskState::Queued {
+                let since = core.instant_of(task.queued_at);
+                core.queued_since.insert(task.id, since);
+            }
+            if task.state.is_live()
+                && let Some(current) = task.current()
+            {
+                let acked = restored.output.get(&task.id).map_or(0, |p| p.last_seq);
+                core.live.insert(
+                    task.id,
+                    LiveAttempt {
+                        lease_deadline: now + core.config.lease_timeout,
+                        accept_deadline: None,
+                        acked,
+                    },
+                );
+                if let Some(entry) = core.agents.get_mut(&current.agent) {
+                    entry.load.insert(task.id);
+                }
+            }
+            core.tasks.insert(task.id, task);
         }
         core
     }
@@ -215,11 +412,39 @@ impl Core {
     // ---- getters ----
 
     pub fn agents(&self) -> Vec<AgentView> {
-        self.agents.values().map(view).collect()
+        self.agents.values().map(|e| self.view(e)).collect()
     }
 
     pub fn agent(&self, id: &AgentId) -> Option<AgentView> {
-        self.agents.get(id).map(view)
+        self.agents.get(id).map(|e| self.view(e))
+    }
+
+    fn view(&self, entry: &AgentEntry) -> AgentView {
+        AgentView {
+            record: entry.record.clone(),
+            free_slots: self.free_slots(entry),
+            running: entry
+                .live
+                .as_ref()
+                .map(|l| l.running.clone())
+                .unwrap_or_default(),
+            assigned: entry.load.iter().copied().collect(),
+        }
+    }
+
+    /// The live stream of a connected agent.
+    fn agent_conn(&self, agent: &AgentId) -> Option<ConnId> {
+        self.agents.get(agent)?.live.as_ref().map(|l| l.conn)
+    }
+
+    fn send(&mut self, conn: ConnId, msg: ToAgent) {
+        self.actions.push_back(Action::Send { conn, msg });
+    }
+
+    /// Records the time of an input.
+    fn tick(&mut self, now: Instant, wall: UnixMillis) {
+        self.last_now = self.last_now.max(now);
+        self.last_wall = self.last_wall.max(wall);
     }
 
     /// The agent a live stream belongs to, if the stream is still current.
@@ -240,6 +465,7 @@ impl Core {
         peer: String,
         now: Instant,
     ) -> Result<(), OpenRejected> {
+        self.last_now = self.last_now.max(now);
         if let Some(entry) = self.agents.get(&agent)
             && entry.record.state == AgentState::Revoked
         {
@@ -270,6 +496,7 @@ impl Core {
     }
 
     pub fn handle_message(&mut self, conn: ConnId, msg: FromAgent, now: Instant, wall: UnixMillis) {
+        self.tick(now, wall);
         if let FromAgent::Hello { advert, running } = msg {
             self.handle_hello(conn, advert, running, now, wall);
             return;
@@ -290,20 +517,50 @@ impl Core {
         live.last_heard = now;
         match msg {
             FromAgent::Hello { .. } => {}
-            FromAgent::Heartbeat {
-                free_slots,
-                running,
-            } => {
-                live.free_slots = free_slots;
-                live.running = running;
+            FromAgent::Heartbeat { running, .. } => {
+                live.running = running.clone();
                 entry.record.last_seen = wall;
-                self.writes.push(Write::Agent(entry.record.clone()));
+                self.writes
+                    .push(Write::Agent(Box::new(entry.record.clone())));
+                self.renew_leases(&agent, &running, now);
             }
             FromAgent::Draining { reason } => {
                 info!(agent_id = %agent, %reason, "agent is draining");
                 entry.record.state = AgentState::Draining;
                 entry.record.last_seen = wall;
-                self.writes.push(Write::Agent(entry.record.clone()));
+                self.writes
+                    .push(Write::Agent(Box::new(entry.record.clone())));
+            }
+            FromAgent::Accepted { task, attempt } => {
+                self.handle_accepted(conn, &agent, task, attempt, wall);
+            }
+            FromAgent::Rejected {
+                task,
+                attempt,
+                reason,
+            } => {
+                self.handle_rejected(conn, &agent, task, attempt, reason, now, wall);
+                self.schedule(now, wall);
+            }
+            FromAgent::Output {
+                task,
+                attempt,
+                seq,
+                kind,
+                data,
+            } => self.handle_output(conn, &agent, task, attempt, seq, kind, data),
+            FromAgent::Progress {
+                task,
+                attempt,
+                phase,
+            } => self.handle_progress(conn, &agent, task, attempt, phase, wall),
+            FromAgent::Finished {
+                task,
+                attempt,
+                report,
+            } => {
+                self.handle_finished(conn, &agent, task, attempt, report, now, wall);
+                self.schedule(now, wall);
             }
         }
     }
@@ -339,6 +596,9 @@ impl Core {
                     revoked_reason: None,
                 },
                 live: None,
+                load: BTreeSet::new(),
+                idle_since: now,
+                repos: BTreeSet::new(),
             });
         if entry.record.state == AgentState::Revoked {
             // Revoked between open and Hello.
@@ -347,7 +607,6 @@ impl Core {
             return;
         }
         let replaced = entry.live.take().map(|old| old.conn);
-        let free_slots = advert.capacity.saturating_sub(len_u32(&running));
         entry.record.state = AgentState::Connected;
         entry.record.advert = Some(advert);
         entry.record.last_seen = wall;
@@ -357,8 +616,8 @@ impl Core {
             conn,
             last_heard: now,
             next_heartbeat: now + self.config.heartbeat_interval,
-            free_slots,
-            running,
+            running: running.clone(),
+            cooldown_until: None,
         });
         let record = entry.record.clone();
         info!(
@@ -367,21 +626,29 @@ impl Core {
             connections = record.connections,
             "agent connected"
         );
-        self.writes.push(Write::Agent(record));
+        self.writes.push(Write::Agent(Box::new(record)));
         if let Some(old) = replaced {
             self.conn_agent.remove(&old);
             self.close(old, CloseReason::Replaced);
         }
         self.conn_agent.insert(conn, agent.clone());
-        self.actions.push_back(Action::Send {
-            conn,
-            msg: ToAgent::Welcome {
-                agent_id: agent,
-                heartbeat_interval: self.config.heartbeat_interval,
-                heartbeat_timeout: self.config.heartbeat_timeout,
-                lease_timeout: self.config.lease_timeout,
+        // Welcome goes first; reconciling may queue Cancels behind it.
+        let welcome_at = self.actions.len();
+        let held = self.reconcile_hello(&agent, conn, &running, now, wall);
+        self.actions.insert(
+            welcome_at,
+            Action::Send {
+                conn,
+                msg: ToAgent::Welcome {
+                    agent_id: agent,
+                    heartbeat_interval: self.config.heartbeat_interval,
+                    heartbeat_timeout: self.config.heartbeat_timeout,
+                    lease_timeout: self.config.lease_timeout,
+                    held,
+                },
             },
-        });
+        );
+        self.schedule(now, wall);
     }
 
     /// A message that did not validate; the stream is closed.
@@ -392,8 +659,10 @@ impl Core {
     }
 
     /// The stream ended (agent gone, network, or closed by us).
-    pub fn handle_closed(&mut self, conn: ConnId, reason: String, _now: Instant, wall: UnixMillis) {
+    pub fn handle_closed(&mut self, conn: ConnId, reason: String, now: Instant, wall: UnixMillis) {
+        self.tick(now, wall);
         self.pending.remove(&conn);
+        self.pending_acks.retain(|(c, _, _), _| *c != conn);
         let Some(agent) = self.conn_agent.remove(&conn) else {
             return;
         };
@@ -410,11 +679,13 @@ impl Core {
         entry.record.last_seen = wall;
         entry.record.last_disconnect_reason = Some(reason.clone());
         info!(agent_id = %agent, %reason, "agent disconnected");
-        self.writes.push(Write::Agent(entry.record.clone()));
+        self.writes
+            .push(Write::Agent(Box::new(entry.record.clone())));
     }
 
     /// Time passed: close silent streams, send due heartbeats.
     pub fn handle_timeout(&mut self, now: Instant, wall: UnixMillis) {
+        self.tick(now, wall);
         let late: Vec<ConnId> = self
             .pending
             .iter()
@@ -445,6 +716,8 @@ impl Core {
             self.close(conn, CloseReason::HeartbeatTimeout);
             self.handle_closed(conn, "heartbeat timeout".into(), now, wall);
         }
+        self.expire_tasks(now, wall);
+        self.schedule(now, wall);
     }
 
     // ---- admin mutators ----
@@ -455,8 +728,10 @@ impl Core {
         &mut self,
         agent: &AgentId,
         reason: String,
+        now: Instant,
         wall: UnixMillis,
     ) -> Result<AgentView, AdminError> {
+        self.tick(now, wall);
         let entry = self
             .agents
             .get_mut(agent)
@@ -468,8 +743,8 @@ impl Core {
         if live_conn.is_some() {
             entry.record.last_disconnect_reason = Some(format!("revoked: {reason}"));
         }
-        self.writes.push(Write::Agent(entry.record.clone()));
-        let result = view(entry);
+        self.writes
+            .push(Write::Agent(Box::new(entry.record.clone())));
         warn!(agent_id = %agent, %reason, "agent revoked");
         let pending: Vec<ConnId> = self
             .pending
@@ -482,7 +757,24 @@ impl Core {
             self.conn_agent.remove(&conn);
             self.close(conn, CloseReason::Revoked(reason.clone()));
         }
-        Ok(result)
+        // Its reports will never be accepted again: its work goes elsewhere now.
+        let held: Vec<TaskId> = self
+            .agents
+            .get(agent)
+            .map(|e| e.load.iter().copied().collect())
+            .unwrap_or_default();
+        for task in held {
+            self.end_attempt(
+                task,
+                common::types::Outcome::LostByAgent,
+                format!("agent {agent} was revoked"),
+                None,
+                now,
+                wall,
+            );
+        }
+        self.schedule(now, wall);
+        Ok(self.agent(agent).expect("invariant: revoked agent exists"))
     }
 
     /// Asks a connected agent to take no new work for the rest of its session.
@@ -505,19 +797,21 @@ impl Core {
         let conn = live.conn;
         entry.record.state = AgentState::Draining;
         entry.record.last_seen = entry.record.last_seen.max(wall);
-        self.writes.push(Write::Agent(entry.record.clone()));
-        let result = view(entry);
+        self.writes
+            .push(Write::Agent(Box::new(entry.record.clone())));
         info!(agent_id = %agent, %reason, "agent asked to drain");
-        self.actions.push_back(Action::Send {
-            conn,
-            msg: ToAgent::Drain { reason },
-        });
-        Ok(result)
+        self.send(conn, ToAgent::Drain { reason });
+        Ok(self.agent(agent).expect("invariant: drained agent exists"))
     }
 
     // ---- outputs ----
 
     pub fn poll_action(&mut self) -> Option<Action> {
+        if self.actions.is_empty() && !self.pending_acks.is_empty() {
+            for ((conn, task, attempt), seq) in std::mem::take(&mut self.pending_acks) {
+                self.send(conn, ToAgent::OutputAck { task, attempt, seq });
+            }
+        }
         self.actions.pop_front()
     }
 
@@ -536,26 +830,10 @@ impl Core {
                 l.next_heartbeat
                     .min(l.last_heard + self.config.heartbeat_timeout)
             });
-        hellos.chain(lives).min()
+        hellos.chain(lives).chain(self.task_timeout()).min()
     }
 
     fn close(&mut self, conn: ConnId, reason: CloseReason) {
         self.actions.push_back(Action::Close { conn, reason });
     }
-}
-
-fn view(entry: &AgentEntry) -> AgentView {
-    AgentView {
-        record: entry.record.clone(),
-        free_slots: entry.live.as_ref().map_or(0, |l| l.free_slots),
-        running: entry
-            .live
-            .as_ref()
-            .map(|l| l.running.clone())
-            .unwrap_or_default(),
-    }
-}
-
-fn len_u32<T>(v: &[T]) -> u32 {
-    u32::try_from(v.len()).unwrap_or(u32::MAX)
 }

@@ -12,12 +12,19 @@ use proptest::prelude::*;
 
 use super::*;
 
-fn config() -> CoreConfig {
+pub(super) fn config() -> CoreConfig {
     CoreConfig {
         heartbeat_interval: Duration::from_secs(5),
         heartbeat_timeout: Duration::from_secs(15),
         hello_timeout: Duration::from_secs(10),
         lease_timeout: Duration::from_secs(600),
+        accept_timeout: Duration::from_secs(30),
+        task_deadline: Duration::from_secs(3600),
+        max_attempts: 3,
+        retry_backoff_initial: Duration::from_secs(10),
+        retry_backoff_max: Duration::from_secs(300),
+        general_fallback_after: Duration::from_secs(120),
+        output_cap_bytes: 1000,
     }
 }
 
@@ -50,9 +57,10 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        let t0 = Instant::now();
         Self {
-            core: Core::new(config(), vec![]),
-            t0: Instant::now(),
+            core: Core::new(config(), Restored::default(), t0, UnixMillis(1_000_000)),
+            t0,
         }
     }
 
@@ -97,6 +105,7 @@ fn hello_is_welcomed_and_persisted() {
                 heartbeat_interval: Duration::from_secs(5),
                 heartbeat_timeout: Duration::from_secs(15),
                 lease_timeout: Duration::from_secs(600),
+                held: vec![],
             }
         }]
     );
@@ -209,7 +218,7 @@ fn heartbeats_keep_the_stream_alive() {
         h.core.handle_timeout(now, wall);
     }
     assert_eq!(h.state("a"), AgentState::Connected);
-    assert_eq!(h.core.agent(&id("a")).map(|v| v.free_slots), Some(1));
+    assert_eq!(h.core.agent(&id("a")).map(|v| v.free_slots), Some(2));
 }
 
 #[test]
@@ -239,7 +248,7 @@ fn revoked_agents_are_cut_off_and_refused() {
     let (now, wall) = h.at(1);
     let view = h
         .core
-        .revoke(&id("a"), "stolen".into(), wall)
+        .revoke(&id("a"), "stolen".into(), now, wall)
         .expect("known");
     assert_eq!(view.record.state, AgentState::Revoked);
     assert_eq!(
@@ -261,7 +270,7 @@ fn revoked_agents_are_cut_off_and_refused() {
     );
     assert_eq!(
         h.core
-            .revoke(&id("nobody"), String::new(), wall)
+            .revoke(&id("nobody"), String::new(), now, wall)
             .map(|_| ()),
         Err(AdminError::UnknownAgent(id("nobody")))
     );
@@ -301,10 +310,16 @@ fn a_restarted_core_remembers_agents_as_disconnected() {
     let mut h = Harness::new();
     h.connect(1, "a", 0);
     h.connect(2, "b", 0);
-    let (_, wall) = h.at(1);
-    h.core.revoke(&id("b"), "gone".into(), wall).expect("b");
+    let (now, wall) = h.at(1);
+    h.core
+        .revoke(&id("b"), "gone".into(), now, wall)
+        .expect("b");
     let records: Vec<AgentRecord> = h.core.agents().into_iter().map(|v| v.record).collect();
-    let mut restarted = Core::new(config(), records);
+    let restored = Restored {
+        agents: records,
+        ..Restored::default()
+    };
+    let mut restarted = Core::new(config(), restored, now, wall);
     let states: Vec<(String, AgentState)> = restarted
         .agents()
         .into_iter()
@@ -384,7 +399,7 @@ proptest! {
                 }
                 Step::Revoke(a) => {
                     let name = format!("a{a}");
-                    if h.core.revoke(&id(&name), "r".into(), wall).is_ok() {
+                    if h.core.revoke(&id(&name), "r".into(), now, wall).is_ok() {
                         revoked.insert(name);
                     }
                 }
@@ -394,6 +409,7 @@ proptest! {
                 match action {
                     Action::Send { conn, .. } => prop_assert!(!closed.contains(&conn.0), "send to closed {conn:?}"),
                     Action::Close { conn, .. } => { closed.insert(conn.0); }
+                    Action::Publish(_) => {}
                 }
             }
             for view in h.core.agents() {

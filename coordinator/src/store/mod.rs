@@ -5,16 +5,22 @@
 //! `commit` a batch of writes atomically and durably (flushed before it
 //! returns), so whoever is acknowledged afterwards can rely on it.
 //!
-//! Layout: tree `agents` (key: agent id, value: versioned record), tree
-//! `meta` (key `schema_version`). Values are one version byte followed by
+//! Layout: tree `agents` (key: agent id), tree `tasks` (key: task number,
+//! big-endian so byte order is numeric order), tree `output` (key: task,
+//! attempt, seq, all big-endian; value: kind byte + raw bytes), tree `meta`
+//! (key `schema_version`). Record values are one version byte followed by
 //! JSON, so a later schema can read older rows.
 
 use std::path::Path;
+use std::sync::Arc;
 
+use common::ids::{Attempt, TaskId};
+use common::types::OutputKind;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use crate::core::{AgentRecord, Write};
+use crate::core::task::TRUNCATION_MARKER;
+use crate::core::{AgentRecord, OutputPosition, Task, Write};
 
 mod codec;
 
@@ -39,9 +45,29 @@ pub enum Error {
     },
 }
 
+/// One stored chunk of a task's output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredChunk {
+    pub attempt: Attempt,
+    pub seq: u64,
+    pub kind: OutputKind,
+    pub data: Arc<[u8]>,
+}
+
 /// What the coordinator needs from durable storage.
 pub trait Store: Send + Sync + 'static {
     fn load_agents(&self) -> Result<Vec<AgentRecord>, Error>;
+    fn load_tasks(&self) -> Result<Vec<Task>, Error>;
+    /// How far the output of `task` goes: the last seq of `attempt`, the
+    /// bytes of all attempts, and whether it was truncated.
+    fn output_position(&self, task: TaskId, attempt: Attempt) -> Result<OutputPosition, Error>;
+    /// Up to `limit` chunks of `task` at or after `(attempt, seq)`, in order.
+    fn read_output(
+        &self,
+        task: TaskId,
+        from: (Attempt, u64),
+        limit: usize,
+    ) -> Result<Vec<StoredChunk>, Error>;
     /// Applies every write in one transaction and flushes it to disk.
     fn commit(&self, writes: &[Write]) -> Result<(), Error>;
 }
@@ -49,7 +75,41 @@ pub trait Store: Send + Sync + 'static {
 pub struct SledStore {
     db: sled::Db,
     agents: sled::Tree,
-    meta: sled::Tree,
+    tasks: sled::Tree,
+    output: sled::Tree,
+}
+
+fn output_key(task: TaskId, attempt: Attempt, seq: u64) -> [u8; 20] {
+    let mut key = [0u8; 20];
+    key[..8].copy_from_slice(&task.0.to_be_bytes());
+    key[8..12].copy_from_slice(&attempt.0.to_be_bytes());
+    key[12..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn decode_chunk(key: &[u8], value: &[u8]) -> Result<StoredChunk, Error> {
+    let corrupt = |why: &str| Error::Corrupt {
+        tree: "output",
+        key: format!("{key:?}"),
+        why: why.to_owned(),
+    };
+    let attempt = key
+        .get(8..12)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| corrupt("short key"))?;
+    let seq = key
+        .get(12..20)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt("short key"))?;
+    let (&kind, data) = value.split_first().ok_or_else(|| corrupt("empty value"))?;
+    Ok(StoredChunk {
+        attempt: Attempt(attempt),
+        seq,
+        kind: OutputKind::from_byte(kind).ok_or_else(|| corrupt("unknown output kind"))?,
+        data: Arc::from(data),
+    })
 }
 
 impl SledStore {
@@ -64,6 +124,8 @@ impl SledStore {
                 source,
             })?;
         let agents = db.open_tree("agents")?;
+        let tasks = db.open_tree("tasks")?;
+        let output = db.open_tree("output")?;
         let meta = db.open_tree("meta")?;
         match meta.get(b"schema_version")? {
             None => {
@@ -83,7 +145,12 @@ impl SledStore {
                 }
             }
         }
-        Ok(Self { db, agents, meta })
+        Ok(Self {
+            db,
+            agents,
+            tasks,
+            output,
+        })
     }
 }
 
@@ -102,33 +169,99 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn load_tasks(&self) -> Result<Vec<Task>, Error> {
+        self.tasks
+            .iter()
+            .map(|row| {
+                let (key, value) = row?;
+                codec::decode(&value).map_err(|why| Error::Corrupt {
+                    tree: "tasks",
+                    key: format!("{key:?}"),
+                    why,
+                })
+            })
+            .collect()
+    }
+
+    fn output_position(&self, task: TaskId, attempt: Attempt) -> Result<OutputPosition, Error> {
+        let mut position = OutputPosition::default();
+        for row in self.output.scan_prefix(task.0.to_be_bytes()) {
+            let (key, value) = row?;
+            let chunk = decode_chunk(&key, &value)?;
+            position.stored_bytes += u64::try_from(chunk.data.len()).unwrap_or(u64::MAX);
+            position.truncated |=
+                chunk.kind == OutputKind::System && chunk.data.starts_with(TRUNCATION_MARKER);
+            if chunk.attempt == attempt {
+                position.last_seq = position.last_seq.max(chunk.seq);
+            }
+        }
+        Ok(position)
+    }
+
+    fn read_output(
+        &self,
+        task: TaskId,
+        from: (Attempt, u64),
+        limit: usize,
+    ) -> Result<Vec<StoredChunk>, Error> {
+        let start = output_key(task, from.0, from.1);
+        let end = output_key(task, Attempt(u32::MAX), u64::MAX);
+        self.output
+            .range(start..=end)
+            .take(limit)
+            .map(|row| {
+                let (key, value) = row?;
+                decode_chunk(&key, &value)
+            })
+            .collect()
+    }
+
     fn commit(&self, writes: &[Write]) -> Result<(), Error> {
         if writes.is_empty() {
             return Ok(());
         }
         // Encode outside the transaction: the closure below must be pure
         // because sled may run it more than once.
-        let rows: Vec<(Vec<u8>, Vec<u8>)> = writes
-            .iter()
-            .map(|w| match w {
-                Write::Agent(record) => (
+        let mut agent_rows: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut task_rows: Vec<([u8; 8], Vec<u8>)> = Vec::new();
+        let mut output_rows: Vec<([u8; 20], Vec<u8>)> = Vec::new();
+        for write in writes {
+            match write {
+                Write::Agent(record) => agent_rows.push((
                     record.id.as_str().as_bytes().to_vec(),
                     codec::encode(record),
-                ),
-            })
-            .collect();
-        (&self.agents, &self.meta)
-            .transaction(|(agents, _meta)| {
-                for (key, value) in &rows {
+                )),
+                Write::Task(task) => task_rows.push((task.id.0.to_be_bytes(), codec::encode(task))),
+                Write::Output {
+                    task,
+                    attempt,
+                    seq,
+                    kind,
+                    data,
+                } => {
+                    let mut value = Vec::with_capacity(data.len() + 1);
+                    value.push(kind.to_byte());
+                    value.extend_from_slice(data);
+                    output_rows.push((output_key(*task, *attempt, *seq), value));
+                }
+            }
+        }
+        (&self.agents, &self.tasks, &self.output)
+            .transaction(|(agents, tasks, output)| {
+                for (key, value) in &agent_rows {
                     agents.insert(key.as_slice(), value.as_slice())?;
+                }
+                for (key, value) in &task_rows {
+                    tasks.insert(key.as_slice(), value.as_slice())?;
+                }
+                for (key, value) in &output_rows {
+                    output.insert(key.as_slice(), value.as_slice())?;
                 }
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
             .map_err(|e| match e {
                 TransactionError::Storage(e) => Error::Io(e),
-                TransactionError::Abort(()) => Error::Io(sled::Error::ReportableBug(
-                    "transaction aborted without a reason".into(),
-                )),
+                TransactionError::Abort(()) => Error::Task("transaction aborted".into()),
             })?;
         self.db.flush()?;
         Ok(())

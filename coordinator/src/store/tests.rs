@@ -30,10 +30,13 @@ fn committed_records_survive_reopening() {
     {
         let store = SledStore::open(&dir).expect("open");
         store
-            .commit(&[Write::Agent(record("a", 1)), Write::Agent(record("b", 1))])
+            .commit(&[
+                Write::Agent(Box::new(record("a", 1))),
+                Write::Agent(Box::new(record("b", 1))),
+            ])
             .expect("commit");
         store
-            .commit(&[Write::Agent(record("a", 2))])
+            .commit(&[Write::Agent(Box::new(record("a", 2)))])
             .expect("commit");
     }
     let store = SledStore::open(&dir).expect("reopen");
@@ -48,7 +51,9 @@ fn a_newer_schema_is_refused_and_corrupt_rows_are_named() {
     {
         let store = SledStore::open(&dir).expect("open");
         store
-            .meta
+            .db
+            .open_tree("meta")
+            .expect("meta")
             .insert(b"schema_version", &99u32.to_be_bytes())
             .expect("insert");
         store.db.flush().expect("flush");

@@ -87,8 +87,7 @@ impl ConnArgs {
             .with_context(|| format!("invalid coordinator URL {url:?}"))?
             .tls_config(tls.client_config())
             .context("TLS configuration")?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30));
+            .connect_timeout(Duration::from_secs(5));
         let channel = endpoint
             .connect()
             .await

@@ -5,6 +5,7 @@
 
 mod admin;
 mod table;
+mod tasks;
 
 use std::path::PathBuf;
 
@@ -56,6 +57,75 @@ enum Cmd {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Submit a task by hand; prints its id once it is durably queued.
+    Submit {
+        /// The repository: clone URL, local path or file:// URL.
+        #[arg(long)]
+        repo: String,
+        /// What to do, in one line.
+        #[arg(long)]
+        title: String,
+        /// The details (like an issue's body).
+        #[arg(long, default_value = "", conflicts_with = "body_file")]
+        body: String,
+        /// Read the body from a file ("-" for stdin).
+        #[arg(long)]
+        body_file: Option<PathBuf>,
+        /// Base branch [default: the remote's HEAD].
+        #[arg(long, default_value = "")]
+        base: String,
+        /// backend, frontend, testing, devops or general [default: general].
+        #[arg(long)]
+        specialty: Option<common::types::Specialty>,
+        /// Higher runs first.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        /// Technologies involved, comma-separated (prefers agents with the toolchains).
+        #[arg(long, value_delimiter = ',')]
+        tech: Vec<String>,
+        /// The issue number, for the branch name.
+        #[arg(long, default_value_t = 0)]
+        issue: u64,
+        /// The test command [default: the agent's default for the specialty].
+        #[arg(long, default_value = "")]
+        test_command: String,
+    },
+    /// List tasks, newest last.
+    Tasks {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        specialty: Option<common::types::Specialty>,
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        repo: Option<String>,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a task: state, attempts, and why each agent was chosen.
+    Task {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a task's output; -f follows it live until the task ends.
+    Logs {
+        id: String,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Cancel a task; a running one is stopped on its agent.
+    Cancel {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Queue a failed or cancelled task again.
+    Retry { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -198,6 +268,120 @@ async fn admin_command(conn: admin::ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
                 .context("DrainAgent")?
                 .into_inner();
             println!("draining {}", agent.agent_id);
+        }
+        Cmd::Submit {
+            repo,
+            title,
+            body,
+            body_file,
+            base,
+            specialty,
+            priority,
+            tech,
+            issue,
+            test_command,
+        } => {
+            let body = match body_file {
+                Some(path) if path.as_os_str() == "-" => std::io::read_to_string(std::io::stdin())?,
+                Some(path) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+                None => body,
+            };
+            let task = client
+                .submit_task(common::proto::SubmitTaskRequest {
+                    repo,
+                    base_branch: base,
+                    title,
+                    body,
+                    specialty: specialty.map_or(0, |s| common::wire::specialty_to_proto(s) as i32),
+                    priority,
+                    technologies: tech,
+                    issue_number: issue,
+                    test_command,
+                })
+                .await
+                .map_err(|s| diagnosis.explain(s))
+                .context("SubmitTask")?
+                .into_inner();
+            println!("{} {}", task.task_id, tasks::state_name(task.state));
+        }
+        Cmd::Tasks {
+            state,
+            specialty,
+            agent,
+            repo,
+            limit,
+            json,
+        } => {
+            let state = state.map(|s| tasks::parse_state(&s)).transpose()?;
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_tasks(common::proto::ListTasksRequest {
+                        state: state.map_or(0, |s| s as i32),
+                        specialty: specialty
+                            .map_or(0, |s| common::wire::specialty_to_proto(s) as i32),
+                        agent_id: agent.clone().unwrap_or_default(),
+                        repo: repo.clone().unwrap_or_default(),
+                        page_size: 1000,
+                        page_token,
+                    })
+                    .await
+                    .map_err(|s| diagnosis.explain(s))
+                    .context("ListTasks")?
+                    .into_inner();
+                all.extend(page.tasks);
+                page_token = page.next_page_token;
+                if page_token.is_empty() || all.len() >= limit {
+                    break;
+                }
+            }
+            all.truncate(limit);
+            if json {
+                let all: Vec<_> = all.iter().map(tasks::task_json).collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                print!("{}", tasks::tasks_table(&all));
+            }
+        }
+        Cmd::Task { id, json } => {
+            let task = client
+                .get_task(common::proto::GetTaskRequest { task_id: id })
+                .await
+                .map_err(|s| diagnosis.explain(s))
+                .context("GetTask")?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&tasks::task_json(&task))?
+                );
+            } else {
+                print!("{}", tasks::task_detail(&task));
+            }
+        }
+        Cmd::Logs { id, follow } => tasks::logs(&mut client, &diagnosis, id, follow).await?,
+        Cmd::Cancel { id, reason } => {
+            let task = client
+                .cancel_task(common::proto::CancelTaskRequest {
+                    task_id: id,
+                    reason,
+                })
+                .await
+                .map_err(|s| diagnosis.explain(s))
+                .context("CancelTask")?
+                .into_inner();
+            println!("{} {}", task.task_id, tasks::state_name(task.state));
+        }
+        Cmd::Retry { id } => {
+            let task = client
+                .retry_task(common::proto::RetryTaskRequest { task_id: id })
+                .await
+                .map_err(|s| diagnosis.explain(s))
+                .context("RetryTask")?
+                .into_inner();
+            println!("{} {}", task.task_id, tasks::state_name(task.state));
         }
     }
     Ok(())

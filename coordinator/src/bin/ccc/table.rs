@@ -14,17 +14,21 @@ fn state_name(info: &AgentInfo) -> &'static str {
     }
 }
 
+pub fn specialty_name(value: i32) -> &'static str {
+    match Specialty::try_from(value) {
+        Ok(Specialty::Backend) => "backend",
+        Ok(Specialty::Frontend) => "frontend",
+        Ok(Specialty::Testing) => "testing",
+        Ok(Specialty::Devops) => "devops",
+        Ok(Specialty::General) => "general",
+        _ => "unknown",
+    }
+}
+
 fn specialties(info: &AgentInfo) -> Vec<&'static str> {
     info.specialties
         .iter()
-        .map(|&s| match Specialty::try_from(s) {
-            Ok(Specialty::Backend) => "backend",
-            Ok(Specialty::Frontend) => "frontend",
-            Ok(Specialty::Testing) => "testing",
-            Ok(Specialty::Devops) => "devops",
-            Ok(Specialty::General) => "general",
-            _ => "unknown",
-        })
+        .map(|&s| specialty_name(s))
         .collect()
 }
 
@@ -42,7 +46,7 @@ fn time(ts: Option<&prost_types::Timestamp>) -> String {
 }
 
 /// Rows padded to the widest cell of each column; the last column is free.
-fn render(rows: &[Vec<String>]) -> String {
+pub fn render(rows: &[Vec<String>]) -> String {
     let n_cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..n_cols)
         .map(|c| {

@@ -1,0 +1,224 @@
+//! Task commands: submit, list, show, logs (with follow), cancel, retry.
+
+use std::io::Write;
+
+use anyhow::Context;
+use common::proto::{self, TaskInfo, TaskState, admin_client::AdminClient, task_event};
+use common::time::UnixMillis;
+use tonic::transport::Channel;
+
+use crate::admin::Diagnosis;
+use crate::table::{render, specialty_name};
+
+pub fn state_name(value: i32) -> &'static str {
+    match TaskState::try_from(value) {
+        Ok(TaskState::Queued) => "queued",
+        Ok(TaskState::Assigned) => "assigned",
+        Ok(TaskState::Running) => "running",
+        Ok(TaskState::Finishing) => "finishing",
+        Ok(TaskState::Succeeded) => "succeeded",
+        Ok(TaskState::Failed) => "failed",
+        Ok(TaskState::Cancelled) => "cancelled",
+        _ => "unknown",
+    }
+}
+
+pub fn parse_state(s: &str) -> anyhow::Result<TaskState> {
+    Ok(match s {
+        "queued" => TaskState::Queued,
+        "assigned" => TaskState::Assigned,
+        "running" => TaskState::Running,
+        "finishing" => TaskState::Finishing,
+        "succeeded" => TaskState::Succeeded,
+        "failed" => TaskState::Failed,
+        "cancelled" => TaskState::Cancelled,
+        other => anyhow::bail!(
+            "unknown state {other:?} (queued, assigned, running, finishing, succeeded, failed, cancelled)"
+        ),
+    })
+}
+
+fn outcome_name(value: i32) -> String {
+    proto::Outcome::try_from(value)
+        .map(|o| {
+            o.as_str_name()
+                .trim_start_matches("OUTCOME_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+fn time(ts: Option<&prost_types::Timestamp>) -> String {
+    ts.map(|t| UnixMillis::from_timestamp(t).to_rfc3339())
+        .unwrap_or_default()
+}
+
+pub fn tasks_table(tasks: &[TaskInfo]) -> String {
+    if tasks.is_empty() {
+        return "no tasks\n".into();
+    }
+    let mut rows = vec![
+        [
+            "TASK",
+            "STATE",
+            "SPECIALTY",
+            "PRIO",
+            "TRY",
+            "AGENT",
+            "REPO",
+            "TITLE",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for t in tasks {
+        let last = t.attempts.last();
+        rows.push(vec![
+            t.task_id.clone(),
+            state_name(t.state).into(),
+            specialty_name(t.specialty).into(),
+            t.priority.to_string(),
+            format!("{}/{}", t.attempts.len(), t.max_attempts),
+            last.map(|a| a.agent_id.clone()).unwrap_or_default(),
+            t.repo.clone(),
+            t.title.chars().take(60).collect(),
+        ]);
+    }
+    render(&rows)
+}
+
+pub fn task_detail(t: &TaskInfo) -> String {
+    let mut rows: Vec<Vec<String>> = [
+        ("task", t.task_id.clone()),
+        ("title", t.title.clone()),
+        (
+            "state",
+            format!("{} ({})", state_name(t.state), t.state_reason),
+        ),
+        ("repo", t.repo.clone()),
+        ("base", t.base_branch.clone()),
+        ("branch", t.branch.clone()),
+        ("specialty", specialty_name(t.specialty).into()),
+        ("technologies", t.technologies.join(", ")),
+        ("priority", t.priority.to_string()),
+        ("source", t.source.clone()),
+        (
+            "attempts",
+            format!("{} of at most {}", t.attempts.len(), t.max_attempts),
+        ),
+        ("created", time(t.created_at.as_ref())),
+        ("updated", time(t.updated_at.as_ref())),
+    ]
+    .into_iter()
+    .map(|(k, v)| vec![format!("{k}:"), v])
+    .collect();
+    if !t.cancel_requested.is_empty() {
+        rows.push(vec!["cancel:".into(), t.cancel_requested.clone()]);
+    }
+    let mut out = render(&rows);
+    for a in &t.attempts {
+        out.push_str(&format!(
+            "\nattempt {} on {}\n  placed:   {}\n  assigned: {}\n",
+            a.attempt,
+            a.agent_id,
+            a.placement,
+            time(a.assigned_at.as_ref())
+        ));
+        if a.finished_at.is_some() {
+            out.push_str(&format!(
+                "  finished: {} {} {}\n",
+                time(a.finished_at.as_ref()),
+                outcome_name(a.outcome),
+                a.message
+            ));
+        }
+        if let Some(cli) = &a.cli {
+            out.push_str(&format!(
+                "  claude:   {} turns, ${:.4}, {} ms\n",
+                cli.turns, cli.cost_usd, cli.duration_ms
+            ));
+        }
+    }
+    out
+}
+
+pub fn task_json(t: &TaskInfo) -> serde_json::Value {
+    serde_json::json!({
+        "task_id": t.task_id,
+        "state": state_name(t.state),
+        "state_reason": t.state_reason,
+        "title": t.title,
+        "repo": t.repo,
+        "branch": t.branch,
+        "specialty": specialty_name(t.specialty),
+        "priority": t.priority,
+        "max_attempts": t.max_attempts,
+        "attempts": t.attempts.iter().map(|a| serde_json::json!({
+            "attempt": a.attempt,
+            "agent_id": a.agent_id,
+            "placement": a.placement,
+            "outcome": outcome_name(a.outcome),
+            "message": a.message,
+            "finished": a.finished_at.is_some(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Prints a task's output; with `follow`, live until the task ends.
+pub async fn logs(
+    client: &mut AdminClient<Channel>,
+    diagnosis: &Diagnosis,
+    task_id: String,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let mut stream = client
+        .watch_task(proto::WatchTaskRequest {
+            task_id,
+            from_attempt: 0,
+            from_seq: 0,
+            follow,
+        })
+        .await
+        .map_err(|s| diagnosis.explain(s))
+        .context("WatchTask")?
+        .into_inner();
+    let mut stdout = std::io::stdout().lock();
+    let mut attempt = 0;
+    while let Some(event) = stream
+        .message()
+        .await
+        .map_err(|s| diagnosis.explain(s))
+        .context("WatchTask")?
+    {
+        match event.event {
+            Some(task_event::Event::Output(out)) => {
+                if out.attempt != attempt {
+                    attempt = out.attempt;
+                    writeln!(stdout, "--- attempt {attempt} ---")?;
+                }
+                stdout.write_all(&out.data)?;
+                if !out.data.ends_with(b"\n") {
+                    writeln!(stdout)?;
+                }
+                stdout.flush()?;
+            }
+            Some(task_event::Event::Task(task)) if follow => {
+                let state = TaskState::try_from(task.state).unwrap_or(TaskState::Unspecified);
+                if matches!(
+                    state,
+                    TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+                ) {
+                    writeln!(
+                        stdout,
+                        "--- {} {}: {}",
+                        task.task_id,
+                        state_name(task.state),
+                        task.state_reason
+                    )?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

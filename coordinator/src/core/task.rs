@@ -1,0 +1,880 @@
+//! The task lifecycle: submission, assignment, acceptance, output, leases,
+//! the end of an attempt and what follows it (retry with backoff, or a
+//! terminal state), cancellation and manual retry.
+//!
+//! `Queued → Assigned → Running → (Finishing) → Succeeded | Failed | Cancelled`,
+//! with `Failed → Queued` while attempts remain. Every report names its
+//! `(task, attempt)`; a report of anything but the task's live attempt, from
+//! anyone but that attempt's agent, is dropped and its sender told to cancel
+//! (fencing).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::ids::{AgentId, Attempt, TaskId};
+use common::time::UnixMillis;
+use common::types::{FinishedReport, Outcome, OutputKind, Phase, TaskSpec};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use super::{Action, Core, TaskEvent, ToAgent, Write};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    Queued,
+    Assigned,
+    Running,
+    /// The agent is done; the coordinator's follow-up effects are pending.
+    Finishing,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    /// An attempt is live: an agent holds it and its slot is taken.
+    pub fn is_live(self) -> bool {
+        matches!(self, Self::Assigned | Self::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Assigned => "assigned",
+            Self::Running => "running",
+            Self::Finishing => "finishing",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Where a task came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum TaskSource {
+    Manual { submitted_by: String },
+    Github { repo: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub attempt: Attempt,
+    pub agent: AgentId,
+    pub assigned_at: UnixMillis,
+    pub accepted_at: Option<UnixMillis>,
+    pub finished_at: Option<UnixMillis>,
+    pub outcome: Option<Outcome>,
+    /// A sentence a person understands: why it ended like this.
+    pub message: String,
+    /// Why the scheduler chose this agent.
+    pub placement: String,
+    pub phase: Option<Phase>,
+    pub report: Option<FinishedReport>,
+}
+
+/// A task as persisted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: TaskId,
+    pub source: TaskSource,
+    pub spec: TaskSpec,
+    /// Higher runs first.
+    pub priority: i32,
+    pub state: TaskState,
+    /// Why the task is in its state, for people.
+    pub state_reason: String,
+    pub attempts: Vec<AttemptRecord>,
+    /// Attempts that may count against the task before it fails for good.
+    pub max_attempts: u32,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+    /// When the task entered the queue last.
+    pub queued_at: UnixMillis,
+    /// A queued task waits until then (retry backoff, rate limit).
+    pub not_before: Option<UnixMillis>,
+    pub cancel_requested: Option<String>,
+}
+
+impl Task {
+    pub fn current(&self) -> Option<&AttemptRecord> {
+        self.attempts.last()
+    }
+
+    fn current_mut(&mut self) -> Option<&mut AttemptRecord> {
+        self.attempts.last_mut()
+    }
+
+    pub fn next_attempt(&self) -> Attempt {
+        Attempt(self.current().map_or(1, |a| a.attempt.0 + 1))
+    }
+
+    /// Attempts that count against `max_attempts`: a rate limit or a
+    /// cancelled attempt that nobody asked to cancel (agent shutting down)
+    /// is not the task's fault.
+    pub fn counted_attempts(&self) -> u32 {
+        let n = self
+            .attempts
+            .iter()
+            .filter(|a| !matches!(a.outcome, Some(Outcome::RateLimited | Outcome::Cancelled)))
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// The live attempt on `agent`, if `(attempt, agent)` names it.
+    fn is_live_attempt(&self, attempt: Attempt, agent: &AgentId) -> bool {
+        self.state.is_live()
+            && self
+                .current()
+                .is_some_and(|a| a.attempt == attempt && &a.agent == agent)
+    }
+}
+
+/// What an admin (or, later, a webhook) submits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewTask {
+    pub source: TaskSource,
+    pub spec: TaskSpec,
+    pub priority: i32,
+}
+
+/// What the coordinator tracks of a live attempt, in memory only.
+#[derive(Clone, Debug)]
+pub(super) struct LiveAttempt {
+    pub(super) lease_deadline: Instant,
+    /// Set while `Assigned`: the agent must accept before then.
+    pub(super) accept_deadline: Option<Instant>,
+    /// Highest contiguous output seq persisted.
+    pub(super) acked: u64,
+}
+
+/// How much output a task has stored, all attempts together.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct OutputBudget {
+    pub(super) stored_bytes: u64,
+    pub(super) truncated: bool,
+}
+
+/// Where the store says a live attempt's output stands (for restarts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutputPosition {
+    pub last_seq: u64,
+    pub stored_bytes: u64,
+    pub truncated: bool,
+}
+
+/// Why an admin request on a task could not be done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskError {
+    Unknown(TaskId),
+    AlreadyFinished(TaskId, TaskState),
+    NotFinished(TaskId, TaskState),
+}
+
+/// What a finished attempt means for its task.
+enum Disposition {
+    Terminal(TaskState),
+    /// Queue again; the attempt counts against the task.
+    Retry,
+    /// Queue again after `not_before`, without counting the attempt.
+    RequeueFree(Option<UnixMillis>),
+}
+
+fn disposition(outcome: Outcome, report: Option<&FinishedReport>) -> Disposition {
+    match outcome {
+        Outcome::Succeeded | Outcome::TestsFailed => Disposition::Terminal(TaskState::Succeeded),
+        Outcome::NoChanges
+        | Outcome::TurnLimit
+        | Outcome::BudgetExceeded
+        | Outcome::PushRejected => Disposition::Terminal(TaskState::Failed),
+        Outcome::RateLimited => Disposition::RequeueFree(
+            report
+                .map(|r| r.rate_limit_reset_unix_ms)
+                .filter(|&ms| ms > 0)
+                .map(UnixMillis),
+        ),
+        // The agent stopped it on its own (shutdown): not the task's fault.
+        Outcome::Cancelled => Disposition::RequeueFree(None),
+        Outcome::CliFailed
+        | Outcome::TimedOut
+        | Outcome::WorkspaceError
+        | Outcome::LeaseExpired
+        | Outcome::NotAccepted
+        | Outcome::Rejected
+        | Outcome::LostByAgent => Disposition::Retry,
+    }
+}
+
+/// How every truncation marker starts; the store recognises it on restart.
+pub const TRUNCATION_MARKER: &[u8] = b"[ccc] output truncated";
+
+impl Core {
+    // ---- getters ----
+
+    pub fn task(&self, id: TaskId) -> Option<&Task> {
+        self.tasks.get(&id)
+    }
+
+    pub fn tasks(&self) -> impl Iterator<Item = &Task> {
+        self.tasks.values()
+    }
+
+    /// Output position of a live attempt, for `WatchTask`.
+    pub fn acked_seq(&self, id: TaskId) -> Option<u64> {
+        self.live.get(&id).map(|l| l.acked)
+    }
+
+    // ---- admin mutators ----
+
+    pub fn submit(&mut self, new: NewTask, now: Instant, wall: UnixMillis) -> TaskId {
+        self.next_task_id += 1;
+        let id = TaskId(self.next_task_id);
+        let mut spec = new.spec;
+        if spec.branch.is_empty() {
+            spec.branch = common::types::branch_name(spec.issue_number, id, &spec.title);
+        }
+        let task = Task {
+            id,
+            source: new.source,
+            spec,
+            priority: new.priority,
+            state: TaskState::Queued,
+            state_reason: "submitted".into(),
+            attempts: Vec::new(),
+            max_attempts: self.config.max_attempts,
+            created_at: wall,
+            updated_at: wall,
+            queued_at: wall,
+            not_before: None,
+            cancel_requested: None,
+        };
+        info!(task_id = %id, repo = %task.spec.repo_url, specialty = %task.spec.specialty, "task submitted");
+        self.queued_since.insert(id, now);
+        self.tasks.insert(id, task);
+        self.persist_task(id);
+        self.schedule(now, wall);
+        id
+    }
+
+    pub fn cancel(
+        &mut self,
+        id: TaskId,
+        reason: String,
+        now: Instant,
+        wall: UnixMillis,
+    ) -> Result<(), TaskError> {
+        let task = self.tasks.get_mut(&id).ok_or(TaskError::Unknown(id))?;
+        if task.state.is_terminal() {
+            return Err(TaskError::AlreadyFinished(id, task.state));
+        }
+        info!(task_id = %id, %reason, "cancel requested");
+        if !task.state.is_live() {
+            task.state = TaskState::Cancelled;
+            task.state_reason = format!("cancelled: {reason}");
+            task.updated_at = wall;
+            self.queued_since.remove(&id);
+            self.persist_task(id);
+            self.publish_state(id);
+            return Ok(());
+        }
+        task.cancel_requested = Some(reason.clone());
+        let Some(current) = task.current() else {
+            return Ok(());
+        };
+        let (attempt, agent) = (current.attempt, current.agent.clone());
+        let conn = self.agent_conn(&agent);
+        match conn {
+            Some(conn) => {
+                self.persist_task(id);
+                self.publish_state(id);
+                self.send(
+                    conn,
+                    ToAgent::Cancel {
+                        task: id,
+                        attempt,
+                        reason,
+                    },
+                );
+            }
+            // Nobody to tell now: end it here; if the agent comes back with
+            // this attempt, fencing tells it to cancel.
+            None => self.end_attempt(
+                id,
+                Outcome::Cancelled,
+                "cancelled while its agent was disconnected".into(),
+                None,
+                now,
+                wall,
+            ),
+        }
+        Ok(())
+    }
+
+    /// Queues a failed or cancelled task again with a fresh attempt budget.
+    pub fn retry(&mut self, id: TaskId, now: Instant, wall: UnixMillis) -> Result<(), TaskError> {
+        let task = self.tasks.get_mut(&id).ok_or(TaskError::Unknown(id))?;
+        if !matches!(task.state, TaskState::Failed | TaskState::Cancelled) {
+            return Err(TaskError::NotFinished(id, task.state));
+        }
+        task.max_attempts = task.counted_attempts() + self.config.max_attempts;
+        task.cancel_requested = None;
+        task.not_before = None;
+        self.requeue(id, "retried by an admin".into(), None, now, wall);
+        self.schedule(now, wall);
+        Ok(())
+    }
+
+    // ---- agent reports ----
+
+    /// Reconciles what a (re)connecting agent says it holds with what the
+    /// coordinator thinks it holds. Returns the output positions for
+    /// `Welcome.held`.
+    pub(super) fn reconcile_hello(
+        &mut self,
+        agent: &AgentId,
+        conn: super::ConnId,
+        running: &[super::ReportedTask],
+        now: Instant,
+        wall: UnixMillis,
+    ) -> Vec<(TaskId, Attempt, u64)> {
+        let mut held = Vec::new();
+        for reported in running {
+            let (id, attempt) = (reported.task, reported.attempt);
+            let live = self
+                .tasks
+                .get(&id)
+                .is_some_and(|t| t.is_live_attempt(attempt, agent));
+            if live {
+                if let Some(l) = self.live.get_mut(&id) {
+                    l.lease_deadline = now + self.config.lease_timeout;
+                    held.push((id, attempt, l.acked));
+                }
+            } else if self.is_reported_attempt(id, attempt) {
+                // We hold its result but our acknowledgement was lost: the
+                // agent resends TaskFinished, which is acknowledged then.
+                held.push((id, attempt, u64::MAX));
+            } else {
+                debug!(task_id = %id, attempt = attempt.0, agent_id = %agent, "agent holds a stale attempt");
+                self.send(
+                    conn,
+                    ToAgent::Cancel {
+                        task: id,
+                        attempt,
+                        reason: "this attempt is no longer current".into(),
+                    },
+                );
+            }
+        }
+        // Live attempts the agent no longer knows about: lost (an agent
+        // restart, or an Assign that never arrived).
+        let lost: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| t.state.is_live())
+            .filter(|t| t.current().is_some_and(|a| &a.agent == agent))
+            .filter(|t| !running.iter().any(|r| r.task == t.id))
+            .map(|t| t.id)
+            .collect();
+        for id in lost {
+            self.end_attempt(
+                id,
+                Outcome::LostByAgent,
+                format!("agent {agent} reconnected without this task"),
+                None,
+                now,
+                wall,
+            );
+        }
+        held
+    }
+
+    /// The attempt ended with a result its agent reported.
+    fn is_reported_attempt(&self, id: TaskId, attempt: Attempt) -> bool {
+        self.tasks.get(&id).is_some_and(|t| {
+            t.attempts
+                .iter()
+                .any(|a| a.attempt == attempt && a.report.is_some())
+        })
+    }
+
+    fn is_finished_attempt(&self, id: TaskId, attempt: Attempt) -> bool {
+        self.tasks.get(&id).is_some_and(|t| {
+            t.attempts
+                .iter()
+                .any(|a| a.attempt == attempt && a.finished_at.is_some())
+        })
+    }
+
+    /// Renews the leases of the attempts an agent says it is running.
+    pub(super) fn renew_leases(
+        &mut self,
+        agent: &AgentId,
+        running: &[super::ReportedTask],
+        now: Instant,
+    ) {
+        for r in running {
+            if self
+                .tasks
+                .get(&r.task)
+                .is_some_and(|t| t.is_live_attempt(r.attempt, agent))
+                && let Some(l) = self.live.get_mut(&r.task)
+            {
+                l.lease_deadline = now + self.config.lease_timeout;
+            }
+        }
+    }
+
+    /// Drops a report that is not about the sender's live attempt and tells
+    /// the sender to cancel it. Returns whether the report may be applied.
+    fn fence(
+        &mut self,
+        conn: super::ConnId,
+        agent: &AgentId,
+        id: TaskId,
+        attempt: Attempt,
+        what: &str,
+    ) -> bool {
+        if self
+            .tasks
+            .get(&id)
+            .is_some_and(|t| t.is_live_attempt(attempt, agent))
+        {
+            if let Some(l) = self.live.get_mut(&id) {
+                l.lease_deadline = l
+                    .lease_deadline
+                    .max(self.last_now + self.config.lease_timeout);
+            }
+            return true;
+        }
+        warn!(task_id = %id, attempt = attempt.0, agent_id = %agent, "dropped {what} of a stale attempt");
+        self.send(
+            conn,
+            ToAgent::Cancel {
+                task: id,
+                attempt,
+                reason: "this attempt is no longer current".into(),
+            },
+        );
+        false
+    }
+
+    pub(super) fn handle_accepted(
+        &mut self,
+        conn: super::ConnId,
+        agent: &AgentId,
+        id: TaskId,
+        attempt: Attempt,
+        wall: UnixMillis,
+    ) {
+        if !self.fence(conn, agent, id, attempt, "acceptance") {
+            return;
+        }
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        if task.state != TaskState::Assigned {
+            return; // A duplicate.
+        }
+        task.state = TaskState::Running;
+        task.state_reason = format!("running on {agent}");
+        task.updated_at = wall;
+        if let Some(a) = task.current_mut() {
+            a.accepted_at = Some(wall);
+        }
+        if let Some(l) = self.live.get_mut(&id) {
+            l.accept_deadline = None;
+        }
+        info!(task_id = %id, attempt = attempt.0, agent_id = %agent, "task running");
+        self.persist_task(id);
+        self.publish_state(id);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn handle_rejected(
+        &mut self,
+        conn: super::ConnId,
+        agent: &AgentId,
+        id: TaskId,
+        attempt: Attempt,
+        reason: String,
+        now: Instant,
+        wall: UnixMillis,
+    ) {
+        if !self.fence(conn, agent, id, attempt, "rejection") {
+            return;
+        }
+        self.end_attempt(
+            id,
+            Outcome::Rejected,
+            format!("agent {agent} refused it: {reason}"),
+            None,
+            now,
+            wall,
+        );
+    }
+
+    pub(super) fn handle_progress(
+        &mut self,
+        conn: super::ConnId,
+        agent: &AgentId,
+        id: TaskId,
+        attempt: Attempt,
+        phase: Phase,
+        wall: UnixMillis,
+    ) {
+        if !self.fence(conn, agent, id, attempt, "progress") {
+            return;
+        }
+        if let Some(task) = self.tasks.get_mut(&id)
+            && let Some(a) = task.current_mut()
+            && a.phase != Some(phase)
+        {
+            a.phase = Some(phase);
+            task.updated_at = wall;
+            self.persist_task(id);
+            self.publish_state(id);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn handle_output(
+        &mut self,
+        conn: super::ConnId,
+        agent: &AgentId,
+        id: TaskId,
+        attempt: Attempt,
+        seq: u64,
+        kind: OutputKind,
+        data: Arc<[u8]>,
+    ) {
+        if !self.fence(conn, agent, id, attempt, "output") {
+            return;
+        }
+        let cap = self.config.output_cap_bytes;
+        let Some(live) = self.live.get_mut(&id) else {
+            return;
+        };
+        let budget = self.output.entry(id).or_default();
+        let next = live.acked + 1;
+        if seq < next {
+            // A duplicate (resent after a reconnect): acknowledge again.
+        } else if budget.truncated {
+            // Past the cap nothing is stored; acknowledge so the agent frees it.
+            live.acked = seq;
+        } else if seq > next {
+            // A gap: the agent resends in order from our ack after reconnecting.
+            debug!(task_id = %id, seq, expected = next, "output gap; waiting for the missing chunks");
+        } else {
+            let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+            let (kind, data) = if budget.stored_bytes.saturating_add(len) > cap {
+                budget.truncated = true;
+                let marker = format!(
+                    "{} at the task's cap of {cap} bytes; later output is not stored\n",
+                    String::from_utf8_lossy(TRUNCATION_MARKER)
+                );
+                (OutputKind::System, Arc::<[u8]>::from(marker.into_bytes()))
+            } else {
+                (kind, data)
+            };
+            budget.stored_bytes += u64::try_from(data.len()).unwrap_or(u64::MAX);
+            live.acked = seq;
+            self.writes.push(Write::Output {
+                task: id,
+                attempt,
+                seq,
+                kind,
+                data: Arc::clone(&data),
+            });
+            self.actions.push_back(Action::Publish(TaskEvent::Output {
+                task: id,
+                attempt,
+                seq,
+                kind,
+                data,
+            }));
+        }
+        let acked = self.live.get(&id).map_or(0, |l| l.acked);
+        self.pending_acks.insert((conn, id, attempt), acked);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn handle_finished(
+        &mut self,
+        conn: super::ConnId,
+        agent: &AgentId,
+        id: TaskId,
+        attempt: Attempt,
+        report: FinishedReport,
+        now: Instant,
+        wall: UnixMillis,
+    ) {
+        if self.is_finished_attempt(id, attempt) {
+            // A duplicate, e.g. resent after a reconnect: harmless.
+            self.send(conn, ToAgent::FinishedAck { task: id, attempt });
+            return;
+        }
+        if !self.fence(conn, agent, id, attempt, "result") {
+            return;
+        }
+        info!(task_id = %id, attempt = attempt.0, agent_id = %agent, outcome = %report.outcome, "attempt finished");
+        let outcome = report.outcome;
+        let message = report.message.clone();
+        self.end_attempt(id, outcome, message, Some(report), now, wall);
+        self.send(conn, ToAgent::FinishedAck { task: id, attempt });
+    }
+
+    // ---- time ----
+
+    pub(super) fn expire_tasks(&mut self, now: Instant, wall: UnixMillis) {
+        let mut expired = Vec::new();
+        for (id, live) in &self.live {
+            if live.accept_deadline.is_some_and(|d| now >= d) {
+                expired.push((
+                    *id,
+                    Outcome::NotAccepted,
+                    "the agent did not accept it in time",
+                ));
+            } else if now >= live.lease_deadline {
+                expired.push((
+                    *id,
+                    Outcome::LeaseExpired,
+                    "its agent was silent for the whole lease",
+                ));
+            }
+        }
+        for (id, outcome, why) in expired {
+            if let Some((attempt, agent)) = self
+                .tasks
+                .get(&id)
+                .and_then(|t| t.current())
+                .map(|a| (a.attempt, a.agent.clone()))
+                && let Some(conn) = self.agent_conn(&agent)
+            {
+                self.send(
+                    conn,
+                    ToAgent::Cancel {
+                        task: id,
+                        attempt,
+                        reason: why.into(),
+                    },
+                );
+            }
+            warn!(task_id = %id, outcome = %outcome, "{why}");
+            self.end_attempt(id, outcome, why.into(), None, now, wall);
+        }
+    }
+
+    pub(super) fn task_timeout(&self) -> Option<Instant> {
+        let live = self.live.values().map(|l| {
+            l.accept_deadline
+                .map_or(l.lease_deadline, |a| a.min(l.lease_deadline))
+        });
+        let backoff = self.tasks.values().filter_map(|t| {
+            (t.state == TaskState::Queued)
+                .then_some(t.not_before)
+                .flatten()
+                .map(|nb| self.instant_of(nb))
+        });
+        let fallback = self.fallback_deadlines();
+        live.chain(backoff).chain(fallback).min()
+    }
+
+    // ---- transitions ----
+
+    /// Ends the live attempt of `id` with `outcome` and moves the task on:
+    /// to a terminal state, or back to the queue.
+    pub(super) fn end_attempt(
+        &mut self,
+        id: TaskId,
+        outcome: Outcome,
+        message: String,
+        report: Option<FinishedReport>,
+        now: Instant,
+        wall: UnixMillis,
+    ) {
+        self.live.remove(&id);
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        let disposition = disposition(outcome, report.as_ref());
+        let Some(current) = task.current_mut() else {
+            return;
+        };
+        current.finished_at = Some(wall);
+        current.outcome = Some(outcome);
+        current.message = message.clone();
+        current.report = report;
+        let agent = current.agent.clone();
+        self.release_slot(&agent, id, now);
+        let task = self.tasks.get_mut(&id).expect("invariant: task exists");
+        task.updated_at = wall;
+        if let Some(reason) = task.cancel_requested.clone() {
+            let finished_anyway =
+                matches!(disposition, Disposition::Terminal(TaskState::Succeeded));
+            if !finished_anyway {
+                task.state = TaskState::Cancelled;
+                task.state_reason = format!("cancelled: {reason}");
+                self.persist_task(id);
+                self.publish_state(id);
+                return;
+            }
+        }
+        match disposition {
+            Disposition::Terminal(state) => {
+                task.state = state;
+                task.state_reason = format!("{outcome}: {message}");
+                info!(task_id = %id, state = state.as_str(), "task finished");
+                self.persist_task(id);
+                self.publish_state(id);
+            }
+            Disposition::Retry if task.counted_attempts() >= task.max_attempts => {
+                task.state = TaskState::Failed;
+                task.state_reason = format!(
+                    "{outcome}: {message} (no attempts left of {})",
+                    task.max_attempts
+                );
+                warn!(task_id = %id, "task failed: no attempts left");
+                self.persist_task(id);
+                self.publish_state(id);
+            }
+            Disposition::Retry => {
+                let failures = task.counted_attempts();
+                let delay = self.retry_delay(failures);
+                let not_before = wall.saturating_add(delay);
+                self.requeue(
+                    id,
+                    format!("{outcome}: {message}; retry after {}s", delay.as_secs()),
+                    Some(not_before),
+                    now,
+                    wall,
+                );
+            }
+            Disposition::RequeueFree(not_before) => {
+                self.requeue(
+                    id,
+                    format!("{outcome}: {message}; queued again"),
+                    not_before,
+                    now,
+                    wall,
+                );
+            }
+        }
+    }
+
+    fn retry_delay(&self, failures: u32) -> Duration {
+        let shift = failures.saturating_sub(1).min(16);
+        self.config
+            .retry_backoff_initial
+            .saturating_mul(1 << shift)
+            .min(self.config.retry_backoff_max)
+    }
+
+    fn requeue(
+        &mut self,
+        id: TaskId,
+        reason: String,
+        not_before: Option<UnixMillis>,
+        now: Instant,
+        wall: UnixMillis,
+    ) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        task.state = TaskState::Queued;
+        task.state_reason = reason;
+        task.not_before = not_before;
+        task.queued_at = wall;
+        task.updated_at = wall;
+        self.queued_since.insert(id, now);
+        self.persist_task(id);
+        self.publish_state(id);
+    }
+
+    /// Puts `id` on `agent` as a new attempt.
+    pub(super) fn assign(
+        &mut self,
+        id: TaskId,
+        agent: AgentId,
+        placement: String,
+        now: Instant,
+        wall: UnixMillis,
+    ) {
+        let Some(conn) = self.agent_conn(&agent) else {
+            return;
+        };
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        let attempt = task.next_attempt();
+        task.attempts.push(AttemptRecord {
+            attempt,
+            agent: agent.clone(),
+            assigned_at: wall,
+            accepted_at: None,
+            finished_at: None,
+            outcome: None,
+            message: String::new(),
+            placement: placement.clone(),
+            phase: None,
+            report: None,
+        });
+        task.state = TaskState::Assigned;
+        task.state_reason = format!("assigned to {agent}");
+        task.not_before = None;
+        task.updated_at = wall;
+        let spec = task.spec.clone();
+        self.queued_since.remove(&id);
+        self.live.insert(
+            id,
+            LiveAttempt {
+                lease_deadline: now + self.config.lease_timeout,
+                accept_deadline: Some(now + self.config.accept_timeout),
+                acked: 0,
+            },
+        );
+        self.take_slot(&agent, id, &spec.repo_url);
+        info!(task_id = %id, attempt = attempt.0, agent_id = %agent, %placement, "task assigned");
+        self.persist_task(id);
+        self.publish_state(id);
+        self.send(
+            conn,
+            ToAgent::Assign {
+                task: id,
+                attempt,
+                spec: Box::new(spec),
+                deadline: wall.saturating_add(self.config.task_deadline),
+            },
+        );
+    }
+
+    pub(super) fn persist_task(&mut self, id: TaskId) {
+        if let Some(task) = self.tasks.get(&id) {
+            self.writes.push(Write::Task(Box::new(task.clone())));
+        }
+    }
+
+    pub(super) fn publish_state(&mut self, id: TaskId) {
+        if let Some(task) = self.tasks.get(&id) {
+            self.actions
+                .push_back(Action::Publish(TaskEvent::Changed(Box::new(task.clone()))));
+        }
+    }
+
+    /// The monotonic instant of a wall-clock stamp, relative to the last
+    /// time the core was given.
+    pub(super) fn instant_of(&self, at: UnixMillis) -> Instant {
+        if at.0 >= self.last_wall.0 {
+            self.last_now + Duration::from_millis(at.0 - self.last_wall.0)
+        } else {
+            self.last_now
+                .checked_sub(Duration::from_millis(self.last_wall.0 - at.0))
+                .unwrap_or(self.last_now)
+        }
+    }
+}
