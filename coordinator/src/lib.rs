@@ -47,7 +47,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 /// Reads everything the core is rebuilt from.
-fn restore(store: &SledStore) -> Result<Restored, store::Error> {
+pub fn restore(store: &dyn Store) -> Result<Restored, store::Error> {
     let agents = store.load_agents()?;
     let tasks = store.load_tasks()?;
     let mut output = std::collections::BTreeMap::new();

@@ -123,6 +123,23 @@ impl SledStore {
                 path: dir.display().to_string(),
                 source,
             })?;
+        Self::from_db(db)
+    }
+
+    /// A real store in a temporary place (on Linux, shared memory), removed
+    /// when dropped: for simulations and benchmarks.
+    pub fn temporary() -> Result<Self, Error> {
+        let db = sled::Config::new()
+            .temporary(true)
+            .open()
+            .map_err(|source| Error::Open {
+                path: "(temporary)".into(),
+                source,
+            })?;
+        Self::from_db(db)
+    }
+
+    fn from_db(db: sled::Db) -> Result<Self, Error> {
         let agents = db.open_tree("agents")?;
         let tasks = db.open_tree("tasks")?;
         let output = db.open_tree("output")?;
