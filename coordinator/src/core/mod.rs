@@ -28,6 +28,8 @@ pub use task::{AttemptRecord, NewTask, OutputPosition, Task, TaskError, TaskSour
 use task::{LiveAttempt, OutputBudget};
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod task_tests;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,1 @@
+//! Property tests of the task lifecycle over random event sequences.
