@@ -57,6 +57,21 @@ pub struct Args {
     /// Log format: pretty or json [default: pretty].
     #[arg(long, env = "CCC_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// The Claude Code CLI to run [default: claude, found on PATH].
+    #[arg(long, env = "CCC_CLAUDE")]
+    pub claude: Option<String>,
+    /// --max-turns given to the CLI [default: 40].
+    #[arg(long, env = "CCC_MAX_TURNS")]
+    pub max_turns: Option<u32>,
+    /// --model given to the CLI [default: the CLI's own].
+    #[arg(long, env = "CCC_MODEL")]
+    pub model: Option<String>,
+    /// How long one CLI run may take at most [default: 60m; the coordinator's deadline may be shorter].
+    #[arg(long, env = "CCC_CLAUDE_TIMEOUT", value_parser = parse_duration)]
+    pub claude_timeout: Option<Duration>,
+    /// On shutdown, how long running tasks get to stop and report [default: 10s].
+    #[arg(long, env = "CCC_STOP_GRACE", value_parser = parse_duration)]
+    pub stop_grace: Option<Duration>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -89,6 +104,89 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     #[serde(default)]
     pub toolchains: ToolchainsConfig,
+    #[serde(default)]
+    pub claude: ClaudeFileConfig,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub stop_grace: Option<Duration>,
+}
+
+/// `[claude]`: how the CLI is run.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaudeFileConfig {
+    pub path: Option<String>,
+    /// Arguments added after the agent's own.
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+    /// Environment for the CLI (e.g. ANTHROPIC_BASE_URL); added to the agent's.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// acceptEdits (default; works as root), or another --permission-mode.
+    pub permission_mode: Option<String>,
+    pub max_turns: Option<u32>,
+    pub max_budget_usd: Option<f64>,
+    pub model: Option<String>,
+    #[serde(default)]
+    pub allowed_tools: Vec<String>,
+    #[serde(default)]
+    pub disallowed_tools: Vec<String>,
+    pub append_system_prompt: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub kill_grace: Option<Duration>,
+}
+
+/// The CLI invocation, resolved.
+#[derive(Clone, Debug)]
+pub struct ClaudeConfig {
+    pub program: String,
+    pub permission_mode: String,
+    pub max_turns: u32,
+    pub max_budget_usd: Option<f64>,
+    pub model: Option<String>,
+    pub allowed_tools: Vec<String>,
+    pub disallowed_tools: Vec<String>,
+    pub append_system_prompt: Option<String>,
+    pub extra_args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub kill_grace: Duration,
+}
+
+impl ClaudeConfig {
+    /// The argument vector for one run: headless, stream-json events (which
+    /// require --verbose), edits allowed without prompting.
+    pub fn args(&self, prompt: &str) -> Vec<String> {
+        let mut args = vec![
+            "-p".to_owned(),
+            prompt.to_owned(),
+            "--output-format".into(),
+            "stream-json".into(),
+            "--verbose".into(),
+            "--permission-mode".into(),
+            self.permission_mode.clone(),
+            "--max-turns".into(),
+            self.max_turns.to_string(),
+        ];
+        if let Some(budget) = self.max_budget_usd {
+            args.extend(["--max-budget-usd".into(), budget.to_string()]);
+        }
+        if let Some(model) = &self.model {
+            args.extend(["--model".into(), model.clone()]);
+        }
+        if !self.allowed_tools.is_empty() {
+            args.extend(["--allowedTools".into(), self.allowed_tools.join(",")]);
+        }
+        if !self.disallowed_tools.is_empty() {
+            args.extend(["--disallowedTools".into(), self.disallowed_tools.join(",")]);
+        }
+        if let Some(extra) = &self.append_system_prompt {
+            args.extend(["--append-system-prompt".into(), extra.clone()]);
+        }
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
 }
 
 /// `[toolchains]`: which tools to look for at start.
@@ -150,6 +248,9 @@ pub struct Config {
     pub toolchains: ToolchainsConfig,
     /// How long to wait for `Welcome` after opening the stream.
     pub welcome_timeout: Duration,
+    pub claude: ClaudeConfig,
+    /// On shutdown, how long running tasks get to stop and report.
+    pub stop_grace: Duration,
 }
 
 impl Config {
@@ -234,6 +335,42 @@ impl Config {
             log_format,
             toolchains: file.toolchains,
             welcome_timeout: Duration::from_secs(10),
+            claude: ClaudeConfig {
+                program: args
+                    .claude
+                    .or(file.claude.path)
+                    .unwrap_or_else(|| "claude".into()),
+                permission_mode: file
+                    .claude
+                    .permission_mode
+                    .unwrap_or_else(|| "acceptEdits".into()),
+                max_turns: args.max_turns.or(file.claude.max_turns).unwrap_or(40),
+                max_budget_usd: file.claude.max_budget_usd,
+                model: args.model.or(file.claude.model),
+                allowed_tools: file.claude.allowed_tools,
+                disallowed_tools: file.claude.disallowed_tools,
+                append_system_prompt: file.claude.append_system_prompt,
+                extra_args: file.claude.extra_args,
+                env: {
+                    // Without it the CLI also calls Anthropic's own hosts
+                    // (telemetry, bootstrap) whatever the base URL.
+                    let mut env = BTreeMap::from([(
+                        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".to_owned(),
+                        "1".to_owned(),
+                    )]);
+                    env.extend(file.claude.env);
+                    env.into_iter().collect()
+                },
+                timeout: args
+                    .claude_timeout
+                    .or(file.claude.timeout)
+                    .unwrap_or(Duration::from_secs(3600)),
+                kill_grace: file.claude.kill_grace.unwrap_or(Duration::from_secs(5)),
+            },
+            stop_grace: args
+                .stop_grace
+                .or(file.stop_grace)
+                .unwrap_or(Duration::from_secs(10)),
         })
     }
 }

@@ -2,64 +2,101 @@
 //! reopened with exponential backoff and jitter after any failure
 //! (coordinator down or restarting, network, TLS), until shutdown.
 //!
-//! Each session: `Hello` first, `Welcome` back within a timeout, then
-//! heartbeats at the interval the coordinator asked for; a coordinator
-//! silent for its heartbeat timeout counts as lost. A refusal that retrying
-//! cannot fix (`PERMISSION_DENIED`: revoked, or not an agent certificate)
-//! stops the agent with that message.
+//! The link only moves messages: it reports `Up` with a sender for the new
+//! stream, every message that arrives, and `Down` when the stream ends; the
+//! driver decides what to send (Hello first). A refusal that retrying cannot
+//! fix (`PERMISSION_DENIED`: revoked, or not an agent certificate) is
+//! reported as `Refused`. This module and `common::wire` are the only agent
+//! code that sees protobuf: the conversions to the session's types are here.
 
 use std::time::Duration;
 
 use common::backoff::Backoff;
+use common::ids::{Attempt, TaskId};
 use common::proto::{
     self, AgentMessage, CoordinatorMessage, agent_gateway_client::AgentGatewayClient,
     agent_message, coordinator_message,
 };
 use common::telemetry::error_chain;
-use common::types::AgentAdvert;
+use common::time::UnixMillis;
+use common::types::{AgentAdvert, Outcome, OutputKind, Phase, Specialty, TaskSpec};
 use common::wire;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status, Streaming};
+use tonic::transport::Endpoint;
+use tonic::{Code, Status};
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::session::{Held, ToCoordinator};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid coordinator URL {url:?}: {why}")]
     Url { url: String, why: String },
-    #[error("the coordinator refused this agent: {0}")]
+}
+
+/// What the link tells the driver.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// A stream is open; send Hello on `tx` first. Cancelling `close` drops it.
+    Up {
+        tx: mpsc::Sender<AgentMessage>,
+        close: CancellationToken,
+    },
+    Message(FromCoordinator),
+    Down {
+        reason: String,
+    },
+    /// The coordinator refuses this agent for good.
     Refused(String),
 }
 
-/// How one session ended.
-#[derive(Debug)]
-enum Ended {
-    Shutdown,
-    /// Retrying is pointless.
-    Refused(String),
-    Lost {
-        welcomed: bool,
-        why: String,
+/// A message from the coordinator, converted and validated.
+#[derive(Debug, PartialEq)]
+pub enum FromCoordinator {
+    Welcome {
+        agent_id: String,
+        heartbeat_interval: Duration,
+        heartbeat_timeout: Duration,
+        held: Vec<(TaskId, Attempt, u64)>,
+    },
+    Heartbeat,
+    Drain {
+        reason: String,
+    },
+    Assign {
+        task: TaskId,
+        attempt: Attempt,
+        spec: Box<TaskSpec>,
+        deadline: UnixMillis,
+    },
+    Cancel {
+        task: TaskId,
+        attempt: Attempt,
+        reason: String,
+    },
+    OutputAck {
+        task: TaskId,
+        attempt: Attempt,
+        seq: u64,
+    },
+    FinishedAck {
+        task: TaskId,
+        attempt: Attempt,
     },
 }
 
 pub struct Link {
     endpoint: Endpoint,
     tls: common::tls::TlsMaterial,
-    advert: AgentAdvert,
-    name: String,
     backoff: Backoff,
-    welcome_timeout: Duration,
 }
 
 impl Link {
-    pub fn new(config: &Config, advert: AgentAdvert) -> Result<Self, Error> {
+    pub fn new(config: &Config) -> Result<Self, Error> {
         let url_err = |why: String| Error::Url {
             url: config.coordinator.clone(),
             why,
@@ -74,175 +111,358 @@ impl Link {
         Ok(Self {
             endpoint,
             tls: config.tls.clone(),
-            advert,
-            name: config.name.clone(),
             backoff: Backoff::new(config.reconnect_initial, config.reconnect_max),
-            welcome_timeout: config.welcome_timeout,
         })
     }
 
-    /// Keeps a session open until `shutdown`; returns an error only when the
-    /// coordinator refuses this agent for good.
-    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+    /// Keeps a stream open until `shutdown`, reporting to `events`.
+    pub async fn run(mut self, events: mpsc::Sender<LinkEvent>, shutdown: CancellationToken) {
         let mut rng = rand::rngs::SmallRng::from_os_rng();
         loop {
-            match self.session(&shutdown).await {
-                Ended::Shutdown => return Ok(()),
-                Ended::Refused(why) => return Err(Error::Refused(why)),
-                Ended::Lost { welcomed, mut why } => {
-                    if welcomed {
-                        self.backoff.reset();
-                    } else if let Some(cause) = self.tls.diagnose(now_unix_secs()) {
-                        // TLS 1.3 reports a refused certificate as a closed
-                        // connection: say what is wrong with ours.
-                        why = format!("{why}; likely cause: {cause}");
-                    }
-                    let delay = self.backoff.next_delay(rng.random());
-                    warn!(
-                        reason = %why,
-                        retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                        failures = self.backoff.failures(),
-                        "no connection to the coordinator"
-                    );
-                    tokio::select! {
-                        () = shutdown.cancelled() => return Ok(()),
-                        () = tokio::time::sleep(delay) => {}
-                    }
+            let (welcomed, why) = match self.session(&events, &shutdown).await {
+                Ended::Shutdown => return,
+                Ended::Refused(why) => {
+                    let _ = events.send(LinkEvent::Refused(why)).await;
+                    return;
                 }
+                Ended::Lost { welcomed, why } => (welcomed, why),
+            };
+            let why = if welcomed {
+                self.backoff.reset();
+                why
+            } else {
+                match self.tls.diagnose(now_unix_secs()) {
+                    // TLS 1.3 reports a refused certificate as a closed
+                    // connection: say what is wrong with ours.
+                    Some(cause) => format!("{why}; likely cause: {cause}"),
+                    None => why,
+                }
+            };
+            let delay = self.backoff.next_delay(rng.random());
+            warn!(
+                reason = %why,
+                retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                failures = self.backoff.failures(),
+                "no connection to the coordinator"
+            );
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
             }
         }
     }
 
-    async fn session(&mut self, shutdown: &CancellationToken) -> Ended {
-        let lost = |why: String| Ended::Lost {
-            welcomed: false,
-            why,
-        };
-        let channel: Channel = tokio::select! {
+    async fn session(
+        &mut self,
+        events: &mpsc::Sender<LinkEvent>,
+        shutdown: &CancellationToken,
+    ) -> Ended {
+        let lost = |welcomed, why| Ended::Lost { welcomed, why };
+        let channel = tokio::select! {
             () = shutdown.cancelled() => return Ended::Shutdown,
             connected = self.endpoint.connect() => match connected {
                 Ok(channel) => channel,
-                Err(e) => return lost(error_chain(&e)),
+                Err(e) => return lost(false, error_chain(&e)),
             },
         };
-        let (tx, rx) = mpsc::channel::<AgentMessage>(64);
-        let hello = wire::hello_from_advert(&self.advert, &self.name);
-        if tx
-            .send(message(agent_message::Msg::Hello(hello)))
+        let (tx, rx) = mpsc::channel::<AgentMessage>(256);
+        let mut client = AgentGatewayClient::new(channel);
+        let close = CancellationToken::new();
+        let call = client.connect(ReceiverStream::new(rx));
+        // Announce the stream before its response arrives: the coordinator
+        // answers only after Hello, which the driver sends on `tx`.
+        if events
+            .send(LinkEvent::Up {
+                tx,
+                close: close.clone(),
+            })
             .await
             .is_err()
         {
-            return lost("stream closed before Hello".into());
+            return Ended::Shutdown;
         }
-        let mut client = AgentGatewayClient::new(channel);
-        let mut inbound: Streaming<CoordinatorMessage> = tokio::select! {
+        let mut inbound = tokio::select! {
             () = shutdown.cancelled() => return Ended::Shutdown,
-            response = client.connect(ReceiverStream::new(rx)) => match response {
+            () = close.cancelled() => return self.down(events, false, "closed by the agent".into()).await,
+            response = call => match response {
                 Ok(response) => response.into_inner(),
-                Err(status) => return classify(&status, false),
+                Err(status) => return self.down_status(events, &status, false).await,
             },
         };
-        let welcome = tokio::select! {
-            () = shutdown.cancelled() => return Ended::Shutdown,
-            first = tokio::time::timeout(self.welcome_timeout, inbound.message()) => match first {
-                Err(_) => return lost("no Welcome from the coordinator".into()),
-                Ok(Err(status)) => return classify(&status, false),
-                Ok(Ok(None)) => return lost("the coordinator closed the stream".into()),
-                Ok(Ok(Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Welcome(w)) }))) => w,
-                Ok(Ok(Some(_))) => return lost("the coordinator did not start with Welcome".into()),
-            },
-        };
-        let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(100));
-        let silence = Duration::from_millis(welcome.heartbeat_timeout_ms.max(200));
-        info!(
-            agent_id = %welcome.agent_id,
-            heartbeat_ms = welcome.heartbeat_interval_ms,
-            "connected to the coordinator"
-        );
-        if welcome.agent_id != self.name {
-            warn!(
-                agent_id = %welcome.agent_id,
-                cert_name = %self.name,
-                "the coordinator knows this agent under another name"
-            );
-        }
-        self.backoff.reset();
-        let lost = |why: String| Ended::Lost {
-            welcomed: true,
-            why,
-        };
-        let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
-        let mut silent_after = Instant::now() + silence;
+        let mut welcomed = false;
         loop {
-            tokio::select! {
-                () = shutdown.cancelled() => {
-                    let draining = proto::Draining { reason: "agent shutting down".into() };
-                    let _ = tx.send(message(agent_message::Msg::Draining(draining))).await;
-                    // Give the coordinator a moment to read it before the stream closes.
-                    drop(tx);
-                    let _ = tokio::time::timeout(Duration::from_secs(1), inbound.message()).await;
-                    return Ended::Shutdown;
-                }
-                _ = heartbeat.tick() => {
-                    let hb = proto::Heartbeat { running: Vec::new(), free_slots: self.advert.capacity };
-                    if tx.send(message(agent_message::Msg::Heartbeat(hb))).await.is_err() {
-                        return lost("stream closed".into());
+            let next = tokio::select! {
+                () = shutdown.cancelled() => return Ended::Shutdown,
+                () = close.cancelled() => return self.down(events, welcomed, "closed by the agent".into()).await,
+                next = inbound.message() => next,
+            };
+            match next {
+                Ok(Some(msg)) => match from_proto(msg) {
+                    Ok(Some(msg)) => {
+                        welcomed |= matches!(msg, FromCoordinator::Welcome { .. });
+                        if events.send(LinkEvent::Message(msg)).await.is_err() {
+                            return Ended::Shutdown;
+                        }
                     }
+                    Ok(None) => {}
+                    Err(why) => warn!(%why, "ignoring a malformed message from the coordinator"),
+                },
+                Ok(None) => {
+                    return self
+                        .down(events, welcomed, "the coordinator closed the stream".into())
+                        .await;
                 }
-                () = tokio::time::sleep_until(silent_after) => {
-                    return lost(format!("the coordinator was silent for {silence:?}"));
-                }
-                next = inbound.message() => {
-                    silent_after = Instant::now() + silence;
-                    match next {
-                        Ok(Some(msg)) => self.handle(msg, &tx).await,
-                        Ok(None) => return lost("the coordinator closed the stream".into()),
-                        Err(status) => return classify(&status, true),
-                    }
-                }
+                Err(status) => return self.down_status(events, &status, welcomed).await,
             }
         }
     }
 
-    async fn handle(&mut self, msg: CoordinatorMessage, tx: &mpsc::Sender<AgentMessage>) {
-        use coordinator_message::Msg;
-        match msg.msg {
-            Some(Msg::Heartbeat(_)) | Some(Msg::Welcome(_)) | None => {}
-            Some(Msg::Drain(drain)) => {
-                info!(reason = %drain.reason, "the coordinator asked this agent to drain");
-            }
-            Some(Msg::Assign(assign)) => {
-                let task_id = assign.task.map(|t| t.task_id).unwrap_or_default();
-                warn!(%task_id, "refusing a task: this agent version does not run tasks");
-                let rejected = proto::TaskRejected {
-                    task_id,
-                    attempt: assign.attempt,
-                    reason: "this agent version does not run tasks".into(),
-                };
-                let _ = tx
-                    .send(message(agent_message::Msg::TaskRejected(rejected)))
-                    .await;
-            }
-            Some(Msg::Cancel(_)) | Some(Msg::OutputAck(_)) | Some(Msg::FinishedAck(_)) => {}
-        }
+    async fn down(&self, events: &mpsc::Sender<LinkEvent>, welcomed: bool, why: String) -> Ended {
+        let _ = events
+            .send(LinkEvent::Down {
+                reason: why.clone(),
+            })
+            .await;
+        Ended::Lost { welcomed, why }
     }
+
+    async fn down_status(
+        &self,
+        events: &mpsc::Sender<LinkEvent>,
+        status: &Status,
+        welcomed: bool,
+    ) -> Ended {
+        if status.code() == Code::PermissionDenied {
+            let _ = events
+                .send(LinkEvent::Down {
+                    reason: status.message().to_owned(),
+                })
+                .await;
+            return Ended::Refused(status.message().to_owned());
+        }
+        let mut why = format!("{:?}: {}", status.code(), status.message());
+        if let Some(source) = std::error::Error::source(status) {
+            why = format!("{why}: {}", error_chain(source));
+        }
+        self.down(events, welcomed, why).await
+    }
+}
+
+/// How one stream ended.
+#[derive(Debug)]
+enum Ended {
+    Shutdown,
+    Refused(String),
+    Lost { welcomed: bool, why: String },
 }
 
 fn now_unix_secs() -> i64 {
-    i64::try_from(common::time::UnixMillis::now().0 / 1000).unwrap_or(i64::MAX)
+    i64::try_from(UnixMillis::now().0 / 1000).unwrap_or(i64::MAX)
 }
 
-fn message(msg: agent_message::Msg) -> AgentMessage {
+fn task_id(raw: &str) -> Result<TaskId, String> {
+    raw.parse::<TaskId>().map_err(|e| e.to_string())
+}
+
+fn from_proto(msg: CoordinatorMessage) -> Result<Option<FromCoordinator>, String> {
+    use coordinator_message::Msg;
+    Ok(Some(match msg.msg {
+        None => return Ok(None),
+        Some(Msg::Welcome(w)) => FromCoordinator::Welcome {
+            agent_id: w.agent_id,
+            heartbeat_interval: Duration::from_millis(w.heartbeat_interval_ms.max(100)),
+            heartbeat_timeout: Duration::from_millis(w.heartbeat_timeout_ms.max(200)),
+            held: w
+                .held
+                .iter()
+                .map(|h| Ok((task_id(&h.task_id)?, Attempt(h.attempt), h.acked_seq)))
+                .collect::<Result<_, String>>()?,
+        },
+        Some(Msg::Heartbeat(_)) => FromCoordinator::Heartbeat,
+        Some(Msg::Drain(d)) => FromCoordinator::Drain { reason: d.reason },
+        Some(Msg::Assign(a)) => {
+            let spec = a.task.ok_or("Assign without a task")?;
+            let specialty = spec
+                .triage
+                .as_ref()
+                .map(|t| wire::specialty_from_proto(t.specialty))
+                .transpose()
+                .map_err(|e| e.to_string())?
+                .unwrap_or(Specialty::General);
+            FromCoordinator::Assign {
+                task: task_id(&spec.task_id)?,
+                attempt: Attempt(a.attempt),
+                deadline: UnixMillis(a.deadline_unix_ms),
+                spec: Box::new(TaskSpec {
+                    repo_url: spec.repo_url,
+                    base_branch: spec.base_branch,
+                    issue_number: spec.issue_number,
+                    title: spec.title,
+                    body: spec.body,
+                    issue_url: spec.issue_url,
+                    author: spec.author,
+                    labels: spec.labels,
+                    specialty,
+                    technologies: spec.triage.map(|t| t.technologies).unwrap_or_default(),
+                    branch: spec.branch,
+                    follow_up: spec.follow_up,
+                    test_command: spec.test_command,
+                }),
+            }
+        }
+        Some(Msg::Cancel(c)) => FromCoordinator::Cancel {
+            task: task_id(&c.task_id)?,
+            attempt: Attempt(c.attempt),
+            reason: c.reason,
+        },
+        Some(Msg::OutputAck(a)) => FromCoordinator::OutputAck {
+            task: task_id(&a.task_id)?,
+            attempt: Attempt(a.attempt),
+            seq: a.seq,
+        },
+        Some(Msg::FinishedAck(a)) => FromCoordinator::FinishedAck {
+            task: task_id(&a.task_id)?,
+            attempt: Attempt(a.attempt),
+        },
+    }))
+}
+
+fn running(held: &[Held]) -> Vec<proto::RunningTask> {
+    held.iter()
+        .map(|h| proto::RunningTask {
+            task_id: h.task.to_string(),
+            attempt: h.attempt.0,
+            last_output_seq: h.last_output_seq,
+        })
+        .collect()
+}
+
+fn outcome_to_proto(o: Outcome) -> proto::Outcome {
+    use proto::Outcome as P;
+    match o {
+        Outcome::Succeeded => P::Succeeded,
+        Outcome::NoChanges => P::NoChanges,
+        Outcome::CliFailed => P::CliFailed,
+        Outcome::TurnLimit => P::TurnLimit,
+        Outcome::BudgetExceeded => P::BudgetExceeded,
+        Outcome::TimedOut => P::TimedOut,
+        Outcome::RateLimited => P::RateLimited,
+        Outcome::TestsFailed => P::TestsFailed,
+        Outcome::PushRejected => P::PushRejected,
+        Outcome::Cancelled => P::Cancelled,
+        // The coordinator's own outcomes never come from an agent; the
+        // closest agent-side meaning is a workspace problem.
+        Outcome::WorkspaceError
+        | Outcome::LeaseExpired
+        | Outcome::NotAccepted
+        | Outcome::Rejected
+        | Outcome::LostByAgent => P::WorkspaceError,
+    }
+}
+
+/// The protobuf message for a session message; Hello carries the advert.
+pub fn to_proto(msg: ToCoordinator, advert: &AgentAdvert, name: &str) -> AgentMessage {
+    use agent_message::Msg;
+    let msg = match msg {
+        ToCoordinator::Hello { running: held } => {
+            let mut hello = wire::hello_from_advert(advert, name);
+            hello.running = running(&held);
+            Msg::Hello(hello)
+        }
+        ToCoordinator::Heartbeat {
+            running: held,
+            free_slots,
+        } => Msg::Heartbeat(proto::Heartbeat {
+            running: running(&held),
+            free_slots,
+        }),
+        ToCoordinator::Accepted { task, attempt } => Msg::TaskAccepted(proto::TaskAccepted {
+            task_id: task.to_string(),
+            attempt: attempt.0,
+        }),
+        ToCoordinator::Rejected {
+            task,
+            attempt,
+            reason,
+        } => Msg::TaskRejected(proto::TaskRejected {
+            task_id: task.to_string(),
+            attempt: attempt.0,
+            reason,
+        }),
+        ToCoordinator::Output(chunk) => Msg::TaskOutput(proto::TaskOutput {
+            task_id: chunk.task.to_string(),
+            attempt: chunk.attempt.0,
+            seq: chunk.seq,
+            kind: match chunk.kind {
+                OutputKind::Stdout => proto::OutputKind::Stdout,
+                OutputKind::Stderr => proto::OutputKind::Stderr,
+                OutputKind::Event => proto::OutputKind::Event,
+                OutputKind::System => proto::OutputKind::System,
+            } as i32,
+            data: chunk.data.to_vec(),
+        }),
+        ToCoordinator::Progress {
+            task,
+            attempt,
+            phase,
+        } => Msg::TaskProgress(proto::TaskProgress {
+            task_id: task.to_string(),
+            attempt: attempt.0,
+            phase: match phase {
+                Phase::Preparing => proto::Phase::Preparing,
+                Phase::RunningClaude => proto::Phase::RunningClaude,
+                Phase::Testing => proto::Phase::Testing,
+                Phase::Committing => proto::Phase::Committing,
+                Phase::Pushing => proto::Phase::Pushing,
+            } as i32,
+            detail: String::new(),
+        }),
+        ToCoordinator::Finished {
+            task,
+            attempt,
+            report,
+        } => Msg::TaskFinished(proto::TaskFinished {
+            task_id: task.to_string(),
+            attempt: attempt.0,
+            outcome: outcome_to_proto(report.outcome) as i32,
+            message: report.message.clone(),
+            branch: report.branch.clone(),
+            commit: report.commit.clone(),
+            tests: report.tests.clone().map(|t| proto::TestSummary {
+                ran: t.ran,
+                passed: t.passed,
+                command: t.command,
+                exit_code: t.exit_code,
+                tail: t.tail,
+            }),
+            cli: report.cli.clone().map(|c| proto::CliResult {
+                cost_usd: c.cost_usd,
+                turns: c.turns,
+                duration_ms: c.duration_ms,
+                session_id: c.session_id,
+                is_error: c.is_error,
+                subtype: c.subtype,
+                result: c.result,
+            }),
+            rate_limit_reset_unix_ms: report.rate_limit_reset_unix_ms,
+            last_output_seq: report.last_output_seq,
+        }),
+        ToCoordinator::Draining { reason } => Msg::Draining(proto::Draining { reason }),
+    };
     AgentMessage { msg: Some(msg) }
 }
 
-fn classify(status: &Status, welcomed: bool) -> Ended {
-    if status.code() == Code::PermissionDenied {
-        return Ended::Refused(status.message().to_owned());
+/// Logs the coordinator's view of our name once per stream.
+pub fn log_welcome(agent_id: &str, cert_name: &str, heartbeat: Duration) {
+    info!(
+        agent_id,
+        heartbeat_ms = u64::try_from(heartbeat.as_millis()).unwrap_or(0),
+        "connected to the coordinator"
+    );
+    if agent_id != cert_name {
+        warn!(
+            agent_id,
+            cert_name, "the coordinator knows this agent under another name"
+        );
     }
-    let mut why = format!("{:?}: {}", status.code(), status.message());
-    if let Some(source) = std::error::Error::source(status) {
-        why = format!("{why}: {}", error_chain(source));
-    }
-    Ended::Lost { welcomed, why }
 }

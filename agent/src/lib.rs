@@ -7,7 +7,10 @@
 
 pub mod config;
 pub mod conn;
+pub mod driver;
+pub mod prompt;
 pub mod runner;
+pub mod session;
 pub mod toolchains;
 
 use std::time::Duration;
@@ -26,7 +29,7 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Conn(#[from] conn::Error),
+    Driver(#[from] driver::Error),
 }
 
 /// This PC's hostname, for display only (the id is the certificate's CN).
@@ -65,7 +68,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         toolchains,
         hostname: hostname(),
     };
-    conn::Link::new(&config, advert)?.run(shutdown).await?;
+    driver::Driver::run(config, advert, shutdown).await?;
     info!("agent stopped");
     Ok(())
 }

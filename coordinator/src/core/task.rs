@@ -355,6 +355,8 @@ impl Core {
                     l.lease_deadline = now + self.config.lease_timeout;
                     held.push((id, attempt, l.acked));
                 }
+                // Holding it means it was accepted, even if that message was lost.
+                self.handle_accepted(conn, agent, id, attempt, wall);
             } else if self.is_reported_attempt(id, attempt) {
                 // We hold its result but our acknowledgement was lost: the
                 // agent resends TaskFinished, which is acknowledged then.

@@ -1,0 +1,319 @@
+//! The agent's one event loop: it owns the [`Session`], reacts to the link
+//! (stream up, messages, down), to the children (output, exit) and to time
+//! (heartbeats, a silent coordinator), then performs what the session asks:
+//! messages to send, processes to start or stop.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::ids::TaskId;
+use common::proto::AgentMessage;
+use common::time::UnixMillis;
+use common::types::{AgentAdvert, FinishedReport, Outcome};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::conn::{self, FromCoordinator, Link, LinkEvent};
+use crate::runner::{self, ChildEvent, Invocation};
+use crate::session::{Command, Session};
+
+/// Output held for the coordinator before the agent stops reading its
+/// children's output (they then block on their pipes: nothing is dropped).
+const MAX_UNACKED_BYTES: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Link(#[from] conn::Error),
+    #[error("the coordinator refused this agent: {0}")]
+    Refused(String),
+}
+
+struct Stream {
+    tx: mpsc::Sender<AgentMessage>,
+    close: CancellationToken,
+    welcomed: bool,
+    /// The stream counts as dead after this much silence.
+    silence: Duration,
+    silent_after: Instant,
+    heartbeat_every: Duration,
+    next_heartbeat: Instant,
+}
+
+pub struct Driver {
+    config: Config,
+    advert: AgentAdvert,
+    session: Session,
+    stream: Option<Stream>,
+    children: HashMap<TaskId, CancellationToken>,
+    child_tx: mpsc::Sender<ChildEvent>,
+}
+
+impl Driver {
+    pub async fn run(
+        config: Config,
+        advert: AgentAdvert,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let link = Link::new(&config)?;
+        let (link_tx, mut link_rx) = mpsc::channel(1024);
+        let link_stop = CancellationToken::new();
+        tokio::spawn(link.run(link_tx, link_stop.clone()));
+        let (child_tx, mut child_rx) = mpsc::channel(1024);
+        let mut driver = Self {
+            session: Session::new(config.capacity),
+            config,
+            advert,
+            stream: None,
+            children: HashMap::new(),
+            child_tx,
+        };
+        let mut stopping: Option<Instant> = None;
+        let result = loop {
+            let wake = driver.next_wake();
+            tokio::select! {
+                () = shutdown.cancelled(), if stopping.is_none() => {
+                    info!("stopping: draining and handing back running tasks");
+                    stopping = Some(Instant::now() + driver.config.stop_grace);
+                    driver.session.begin_shutdown("agent shutting down");
+                    for stop in driver.children.values() {
+                        stop.cancel();
+                    }
+                }
+                event = link_rx.recv() => match event {
+                    Some(LinkEvent::Refused(why)) => break Err(Error::Refused(why)),
+                    Some(event) => driver.on_link(event),
+                    None => break Ok(()),
+                },
+                event = child_rx.recv(), if driver.session.unacked_bytes() < MAX_UNACKED_BYTES => {
+                    if let Some(event) = event {
+                        driver.on_child(event);
+                    }
+                }
+                () = tokio::time::sleep_until(wake) => driver.on_time(),
+            }
+            driver.perform().await;
+            if let Some(deadline) = stopping {
+                // Stop once every child has ended and its result is out (or
+                // the grace period is over).
+                let flushed = driver.children.is_empty()
+                    && (driver.session.is_idle() || driver.stream.is_none());
+                if flushed || Instant::now() >= deadline {
+                    break Ok(());
+                }
+            }
+        };
+        link_stop.cancel();
+        for stop in driver.children.values() {
+            stop.cancel();
+        }
+        result
+    }
+
+    fn next_wake(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(3600);
+        match &self.stream {
+            Some(s) if s.welcomed => s.silent_after.min(s.next_heartbeat),
+            Some(s) => s.silent_after,
+            None => far,
+        }
+    }
+
+    fn on_link(&mut self, event: LinkEvent) {
+        match event {
+            LinkEvent::Up { tx, close } => {
+                self.stream = Some(Stream {
+                    tx,
+                    close,
+                    welcomed: false,
+                    silence: self.config.welcome_timeout,
+                    silent_after: Instant::now() + self.config.welcome_timeout,
+                    heartbeat_every: Duration::from_secs(5),
+                    next_heartbeat: Instant::now(),
+                });
+                self.session.handle_connected();
+            }
+            LinkEvent::Down { reason } => {
+                if self.stream.take().is_some() {
+                    info!(%reason, "stream to the coordinator closed");
+                }
+                self.session.handle_disconnected();
+            }
+            LinkEvent::Refused(_) => {}
+            LinkEvent::Message(msg) => {
+                if let Some(stream) = self.stream.as_mut() {
+                    // Any message shows the coordinator is alive.
+                    stream.silent_after = Instant::now() + stream.silence;
+                }
+                self.on_message(msg);
+            }
+        }
+    }
+
+    fn on_message(&mut self, msg: FromCoordinator) {
+        match msg {
+            FromCoordinator::Welcome {
+                agent_id,
+                heartbeat_interval,
+                heartbeat_timeout,
+                held,
+            } => {
+                conn::log_welcome(&agent_id, &self.config.name, heartbeat_interval);
+                if let Some(stream) = self.stream.as_mut() {
+                    stream.welcomed = true;
+                    stream.heartbeat_every = heartbeat_interval;
+                    stream.next_heartbeat = Instant::now() + heartbeat_interval;
+                    stream.silence = heartbeat_timeout;
+                    stream.silent_after = Instant::now() + heartbeat_timeout;
+                }
+                self.session.handle_welcome(&held);
+            }
+            FromCoordinator::Heartbeat => {}
+            FromCoordinator::Drain { reason } => {
+                info!(%reason, "the coordinator asked this agent to drain");
+                self.session.handle_drain();
+            }
+            FromCoordinator::Assign {
+                task,
+                attempt,
+                spec,
+                deadline,
+            } => self.session.handle_assign(task, attempt, *spec, deadline),
+            FromCoordinator::Cancel {
+                task,
+                attempt,
+                reason,
+            } => self.session.handle_cancel(task, attempt, &reason),
+            FromCoordinator::OutputAck { task, attempt, seq } => {
+                self.session.handle_output_ack(task, attempt, seq);
+            }
+            FromCoordinator::FinishedAck { task, attempt } => {
+                self.session.handle_finished_ack(task, attempt);
+            }
+        }
+    }
+
+    fn on_child(&mut self, event: ChildEvent) {
+        match event {
+            ChildEvent::Output {
+                task,
+                attempt,
+                kind,
+                data,
+            } => self.session.handle_child_output(task, attempt, kind, data),
+            ChildEvent::Exited {
+                task,
+                attempt,
+                report,
+            } => {
+                self.children.remove(&task);
+                self.session.handle_child_exit(task, attempt, *report);
+            }
+        }
+    }
+
+    fn on_time(&mut self) {
+        let now = Instant::now();
+        let Some(stream) = self.stream.as_mut() else {
+            return;
+        };
+        if now >= stream.silent_after {
+            warn!("the coordinator went silent; reconnecting");
+            stream.close.cancel();
+            self.stream = None;
+            self.session.handle_disconnected();
+            return;
+        }
+        if stream.welcomed && now >= stream.next_heartbeat {
+            stream.next_heartbeat = now + stream.heartbeat_every;
+            self.session.heartbeat();
+        }
+    }
+
+    /// Does what the session asked: processes first (so a Stop is not
+    /// delayed by a slow stream), then messages.
+    async fn perform(&mut self) {
+        while let Some(command) = self.session.poll_command() {
+            match command {
+                Command::Start {
+                    task,
+                    attempt,
+                    spec,
+                    deadline,
+                } => {
+                    let stop = CancellationToken::new();
+                    match self.start(task, attempt, &spec, deadline, stop.clone()) {
+                        Ok(()) => {
+                            self.children.insert(task, stop);
+                        }
+                        Err(message) => {
+                            warn!(task_id = %task, %message, "cannot start the attempt");
+                            self.session
+                                .handle_child_exit(task, attempt, failed(message));
+                        }
+                    }
+                }
+                Command::Stop { task, .. } => {
+                    if let Some(stop) = self.children.get(&task) {
+                        stop.cancel();
+                    }
+                }
+            }
+        }
+        while let Some(msg) = self.session.poll_outbound() {
+            let Some(stream) = self.stream.as_ref() else {
+                break;
+            };
+            let msg = conn::to_proto(msg, &self.advert, &self.config.name);
+            if stream.tx.send(msg).await.is_err() {
+                self.stream = None;
+                self.session.handle_disconnected();
+                break;
+            }
+        }
+    }
+
+    fn start(
+        &self,
+        task: TaskId,
+        attempt: common::ids::Attempt,
+        spec: &common::types::TaskSpec,
+        deadline: UnixMillis,
+        stop: CancellationToken,
+    ) -> Result<(), String> {
+        let cwd = self
+            .config
+            .data_dir
+            .join("work")
+            .join(format!("{task}-a{}", attempt.0));
+        std::fs::create_dir_all(&cwd)
+            .map_err(|e| format!("cannot create workspace {}: {e}", cwd.display()))?;
+        let remaining = Duration::from_millis(deadline.0.saturating_sub(UnixMillis::now().0));
+        let inv = Invocation {
+            program: self.config.claude.program.clone(),
+            args: self.config.claude.args(&crate::prompt::build(task, spec)),
+            env: self.config.claude.env.clone(),
+            cwd,
+            deadline: remaining.min(self.config.claude.timeout),
+            grace: self.config.claude.kill_grace,
+        };
+        runner::spawn_attempt(task, attempt, inv, self.child_tx.clone(), stop)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn failed(message: String) -> FinishedReport {
+    FinishedReport {
+        outcome: Outcome::WorkspaceError,
+        message,
+        branch: String::new(),
+        commit: String::new(),
+        tests: None,
+        cli: None,
+        rate_limit_reset_unix_ms: 0,
+        last_output_seq: 0,
+    }
+}

@@ -1,0 +1,402 @@
+//! The agent's pure core: which tasks it holds, what it owes the coordinator
+//! (output not yet acknowledged, results not yet acknowledged) and what it
+//! must do (start or stop a child process). No I/O, no clock, no async: the
+//! driver feeds it events and sends what `poll_outbound` returns.
+//!
+//! Invariants: output of an attempt carries seq 1, 2, 3... with no gap;
+//! a chunk stays buffered until the coordinator acknowledges it, so a
+//! reconnect resends exactly what the coordinator lacks, in order, before
+//! the attempt's result; an attempt is forgotten only when the coordinator
+//! acknowledges its result or tells the agent to cancel it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use common::ids::{Attempt, TaskId};
+use common::time::UnixMillis;
+use common::types::{FinishedReport, Outcome, OutputKind, Phase, TaskSpec};
+use tracing::{debug, info, warn};
+
+#[cfg(test)]
+mod tests;
+
+/// A message for the coordinator.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ToCoordinator {
+    Hello {
+        running: Vec<Held>,
+    },
+    Heartbeat {
+        running: Vec<Held>,
+        free_slots: u32,
+    },
+    Accepted {
+        task: TaskId,
+        attempt: Attempt,
+    },
+    Rejected {
+        task: TaskId,
+        attempt: Attempt,
+        reason: String,
+    },
+    Output(Chunk),
+    Progress {
+        task: TaskId,
+        attempt: Attempt,
+        phase: Phase,
+    },
+    Finished {
+        task: TaskId,
+        attempt: Attempt,
+        report: Box<FinishedReport>,
+    },
+    Draining {
+        reason: String,
+    },
+}
+
+/// A task the agent holds, as listed in Hello and Heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub task: TaskId,
+    pub attempt: Attempt,
+    pub last_output_seq: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chunk {
+    pub task: TaskId,
+    pub attempt: Attempt,
+    pub seq: u64,
+    pub kind: OutputKind,
+    pub data: Arc<[u8]>,
+}
+
+/// Work for the driver.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    Start {
+        task: TaskId,
+        attempt: Attempt,
+        spec: Box<TaskSpec>,
+        deadline: UnixMillis,
+    },
+    Stop {
+        task: TaskId,
+        attempt: Attempt,
+    },
+}
+
+#[derive(Debug)]
+struct Work {
+    attempt: Attempt,
+    /// The last seq given to a chunk.
+    last_seq: u64,
+    unacked: VecDeque<Chunk>,
+    unacked_bytes: usize,
+    /// Set once the child process has ended.
+    result: Option<FinishedReport>,
+    stop_requested: bool,
+}
+
+pub struct Session {
+    capacity: u32,
+    work: BTreeMap<TaskId, Work>,
+    connected: bool,
+    draining: bool,
+    outbound: VecDeque<ToCoordinator>,
+    commands: VecDeque<Command>,
+}
+
+impl Session {
+    pub fn new(capacity: u32) -> Self {
+        Self {
+            capacity,
+            work: BTreeMap::new(),
+            connected: false,
+            draining: false,
+            outbound: VecDeque::new(),
+            commands: VecDeque::new(),
+        }
+    }
+
+    // ---- getters ----
+
+    pub fn held(&self) -> Vec<Held> {
+        self.work
+            .iter()
+            .map(|(task, w)| Held {
+                task: *task,
+                attempt: w.attempt,
+                last_output_seq: w.last_seq,
+            })
+            .collect()
+    }
+
+    pub fn free_slots(&self) -> u32 {
+        self.capacity
+            .saturating_sub(u32::try_from(self.work.len()).unwrap_or(u32::MAX))
+    }
+
+    /// Output bytes waiting for acknowledgement, all tasks.
+    pub fn unacked_bytes(&self) -> usize {
+        self.work.values().map(|w| w.unacked_bytes).sum()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.work.is_empty()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    // ---- the link ----
+
+    /// A new stream is open: Hello goes first.
+    pub fn handle_connected(&mut self) {
+        self.connected = true;
+        self.outbound.clear();
+        self.outbound.push_back(ToCoordinator::Hello {
+            running: self.held(),
+        });
+    }
+
+    /// The coordinator answered Hello: `held` lists the tasks it still
+    /// considers ours with the highest seq it persisted. Everything after is
+    /// resent, then any result; tasks it does not list are dropped (it sends
+    /// a Cancel for them too).
+    pub fn handle_welcome(&mut self, held: &[(TaskId, Attempt, u64)]) {
+        let mine: Vec<TaskId> = self.work.keys().copied().collect();
+        for task in mine {
+            let Some(&(_, attempt, acked)) = held.iter().find(|(t, _, _)| *t == task) else {
+                continue; // The Cancel that follows drops it.
+            };
+            let Some(work) = self.work.get_mut(&task) else {
+                continue;
+            };
+            if work.attempt != attempt {
+                continue;
+            }
+            trim(work, acked);
+            for chunk in &work.unacked {
+                self.outbound
+                    .push_back(ToCoordinator::Output(chunk.clone()));
+            }
+            if let Some(report) = &work.result {
+                self.outbound.push_back(ToCoordinator::Finished {
+                    task,
+                    attempt,
+                    report: Box::new(report.clone()),
+                });
+            }
+        }
+    }
+
+    pub fn handle_disconnected(&mut self) {
+        self.connected = false;
+        self.outbound.clear();
+    }
+
+    pub fn heartbeat(&mut self) {
+        if self.connected {
+            self.outbound.push_back(ToCoordinator::Heartbeat {
+                running: self.held(),
+                free_slots: self.free_slots(),
+            });
+        }
+    }
+
+    // ---- the coordinator ----
+
+    pub fn handle_assign(
+        &mut self,
+        task: TaskId,
+        attempt: Attempt,
+        spec: TaskSpec,
+        deadline: UnixMillis,
+    ) {
+        let refuse = if self.draining {
+            Some("the agent is draining".to_owned())
+        } else if let Some(work) = self.work.get(&task) {
+            Some(format!(
+                "already holds attempt {} of this task",
+                work.attempt
+            ))
+        } else if self.free_slots() == 0 {
+            Some(format!("all {} slots are busy", self.capacity))
+        } else {
+            None
+        };
+        if let Some(reason) = refuse {
+            warn!(task_id = %task, attempt = attempt.0, %reason, "refusing assignment");
+            self.send(ToCoordinator::Rejected {
+                task,
+                attempt,
+                reason,
+            });
+            return;
+        }
+        info!(task_id = %task, attempt = attempt.0, "task accepted");
+        self.work.insert(
+            task,
+            Work {
+                attempt,
+                last_seq: 0,
+                unacked: VecDeque::new(),
+                unacked_bytes: 0,
+                result: None,
+                stop_requested: false,
+            },
+        );
+        self.send(ToCoordinator::Accepted { task, attempt });
+        self.commands.push_back(Command::Start {
+            task,
+            attempt,
+            spec: Box::new(spec),
+            deadline,
+        });
+    }
+
+    pub fn handle_cancel(&mut self, task: TaskId, attempt: Attempt, reason: &str) {
+        let Some(work) = self.work.get_mut(&task) else {
+            return;
+        };
+        if work.attempt != attempt {
+            return;
+        }
+        info!(task_id = %task, attempt = attempt.0, %reason, "cancel received");
+        if work.result.is_some() {
+            // Already over: nothing to stop, nothing more to report.
+            self.work.remove(&task);
+        } else if !work.stop_requested {
+            work.stop_requested = true;
+            self.commands.push_back(Command::Stop { task, attempt });
+        }
+    }
+
+    pub fn handle_output_ack(&mut self, task: TaskId, attempt: Attempt, seq: u64) {
+        if let Some(work) = self.work.get_mut(&task)
+            && work.attempt == attempt
+        {
+            trim(work, seq);
+        }
+    }
+
+    pub fn handle_finished_ack(&mut self, task: TaskId, attempt: Attempt) {
+        if self
+            .work
+            .get(&task)
+            .is_some_and(|w| w.attempt == attempt && w.result.is_some())
+        {
+            debug!(task_id = %task, attempt = attempt.0, "result acknowledged; attempt forgotten");
+            self.work.remove(&task);
+        }
+    }
+
+    pub fn handle_drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// The agent is stopping: tell the coordinator and take no more work.
+    pub fn begin_shutdown(&mut self, reason: &str) {
+        self.draining = true;
+        self.send(ToCoordinator::Draining {
+            reason: reason.to_owned(),
+        });
+    }
+
+    // ---- the child processes ----
+
+    /// A chunk of the child's output (a line, or part of a long one).
+    pub fn handle_child_output(
+        &mut self,
+        task: TaskId,
+        attempt: Attempt,
+        kind: OutputKind,
+        data: Arc<[u8]>,
+    ) {
+        let Some(work) = self.work.get_mut(&task) else {
+            return;
+        };
+        if work.attempt != attempt || work.result.is_some() {
+            return;
+        }
+        work.last_seq += 1;
+        let chunk = Chunk {
+            task,
+            attempt,
+            seq: work.last_seq,
+            kind,
+            data,
+        };
+        work.unacked_bytes += chunk.data.len();
+        work.unacked.push_back(chunk.clone());
+        self.send(ToCoordinator::Output(chunk));
+    }
+
+    pub fn handle_progress(&mut self, task: TaskId, attempt: Attempt, phase: Phase) {
+        if self.work.get(&task).is_some_and(|w| w.attempt == attempt) {
+            self.send(ToCoordinator::Progress {
+                task,
+                attempt,
+                phase,
+            });
+        }
+    }
+
+    /// The attempt's work ended with `report`. A stop the coordinator asked
+    /// for is reported as cancelled, whatever the process said.
+    pub fn handle_child_exit(
+        &mut self,
+        task: TaskId,
+        attempt: Attempt,
+        mut report: FinishedReport,
+    ) {
+        let Some(work) = self.work.get_mut(&task) else {
+            return;
+        };
+        if work.attempt != attempt || work.result.is_some() {
+            return;
+        }
+        if work.stop_requested {
+            report.outcome = Outcome::Cancelled;
+            report.message = "cancelled on the coordinator's request".into();
+        }
+        report.last_output_seq = work.last_seq;
+        info!(task_id = %task, attempt = attempt.0, outcome = %report.outcome, "attempt over");
+        work.result = Some(report.clone());
+        self.send(ToCoordinator::Finished {
+            task,
+            attempt,
+            report: Box::new(report),
+        });
+    }
+
+    // ---- outputs ----
+
+    pub fn poll_outbound(&mut self) -> Option<ToCoordinator> {
+        self.outbound.pop_front()
+    }
+
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    fn send(&mut self, msg: ToCoordinator) {
+        // While disconnected everything stays in the per-task buffers and is
+        // resent after Welcome; nothing is queued for a stream that is gone.
+        if self.connected {
+            self.outbound.push_back(msg);
+        }
+    }
+}
+
+/// Drops chunks the coordinator has persisted.
+fn trim(work: &mut Work, acked: u64) {
+    while work.unacked.front().is_some_and(|c| c.seq <= acked) {
+        if let Some(chunk) = work.unacked.pop_front() {
+            work.unacked_bytes -= chunk.data.len();
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The agent session driven through scripted events.
+
+use std::sync::Arc;
+
+use common::ids::{Attempt, TaskId};
+use common::time::UnixMillis;
+use common::types::{FinishedReport, Outcome, OutputKind, Specialty, TaskSpec};
+
+use super::*;
+
+fn spec() -> TaskSpec {
+    TaskSpec {
+        repo_url: "r".into(),
+        base_branch: String::new(),
+        issue_number: 0,
+        title: "t".into(),
+        body: String::new(),
+        issue_url: String::new(),
+        author: String::new(),
+        labels: vec![],
+        specialty: Specialty::Backend,
+        technologies: vec![],
+        branch: "ccc/t-1".into(),
+        follow_up: false,
+        test_command: String::new(),
+    }
+}
+
+fn report(outcome: Outcome) -> FinishedReport {
+    FinishedReport {
+        outcome,
+        message: String::new(),
+        branch: String::new(),
+        commit: String::new(),
+        tests: None,
+        cli: None,
+        rate_limit_reset_unix_ms: 0,
+        last_output_seq: 0,
+    }
+}
+
+fn out(s: &mut Session) -> Vec<ToCoordinator> {
+    std::iter::from_fn(|| s.poll_outbound()).collect()
+}
+
+fn line(s: &mut Session, text: &str) {
+    s.handle_child_output(
+        TaskId(1),
+        Attempt(1),
+        OutputKind::Stdout,
+        Arc::from(text.as_bytes()),
+    );
+}
+
+fn seqs(msgs: &[ToCoordinator]) -> Vec<u64> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            ToCoordinator::Output(c) => Some(c.seq),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn output_survives_a_reconnect_and_is_resent_from_the_ack() {
+    let mut s = Session::new(1);
+    s.handle_connected();
+    out(&mut s);
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0));
+    assert!(matches!(s.poll_command(), Some(Command::Start { .. })));
+    line(&mut s, "a");
+    line(&mut s, "b");
+    s.handle_output_ack(TaskId(1), Attempt(1), 1);
+    s.handle_disconnected();
+    line(&mut s, "c");
+    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::Succeeded));
+    assert!(out(&mut s).is_empty(), "nothing is sent while disconnected");
+
+    s.handle_connected();
+    assert_eq!(
+        out(&mut s),
+        vec![ToCoordinator::Hello {
+            running: vec![Held {
+                task: TaskId(1),
+                attempt: Attempt(1),
+                last_output_seq: 3
+            }]
+        }]
+    );
+    // The coordinator persisted up to 2 before it lost the stream.
+    s.handle_welcome(&[(TaskId(1), Attempt(1), 2)]);
+    let resent = out(&mut s);
+    assert_eq!(seqs(&resent), vec![3]);
+    assert!(matches!(
+        resent.last(),
+        Some(ToCoordinator::Finished { report, .. }) if report.last_output_seq == 3
+    ));
+    s.handle_finished_ack(TaskId(1), Attempt(1));
+    assert!(s.is_idle());
+    assert_eq!(s.unacked_bytes(), 0);
+}
+
+#[test]
+fn assignments_beyond_capacity_or_while_draining_are_refused() {
+    let mut s = Session::new(1);
+    s.handle_connected();
+    out(&mut s);
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0));
+    s.handle_assign(TaskId(2), Attempt(1), spec(), UnixMillis(0));
+    let msgs = out(&mut s);
+    assert!(matches!(msgs[0], ToCoordinator::Accepted { .. }));
+    assert!(matches!(&msgs[1], ToCoordinator::Rejected { reason, .. } if reason.contains("slots")));
+    s.handle_drain();
+    s.handle_finished_ack(TaskId(1), Attempt(1));
+    s.handle_assign(TaskId(3), Attempt(1), spec(), UnixMillis(0));
+    assert!(
+        matches!(&out(&mut s)[0], ToCoordinator::Rejected { reason, .. } if reason.contains("draining"))
+    );
+}
+
+#[test]
+fn cancel_stops_the_child_and_reports_cancelled() {
+    let mut s = Session::new(2);
+    s.handle_connected();
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0));
+    s.poll_command();
+    out(&mut s);
+    s.handle_cancel(TaskId(1), Attempt(2), "stale attempt number");
+    assert_eq!(s.poll_command(), None);
+    s.handle_cancel(TaskId(1), Attempt(1), "admin");
+    assert_eq!(
+        s.poll_command(),
+        Some(Command::Stop {
+            task: TaskId(1),
+            attempt: Attempt(1)
+        })
+    );
+    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::CliFailed));
+    assert!(matches!(
+        &out(&mut s)[..],
+        [ToCoordinator::Finished { report, .. }] if report.outcome == Outcome::Cancelled
+    ));
+}
+
+#[test]
+fn tasks_the_coordinator_no_longer_lists_are_dropped_on_cancel() {
+    let mut s = Session::new(1);
+    s.handle_connected();
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0));
+    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::Succeeded));
+    s.handle_disconnected();
+    s.handle_connected();
+    s.handle_welcome(&[]);
+    assert_eq!(
+        out(&mut s).len(),
+        1,
+        "only Hello: nothing resent for an unlisted task"
+    );
+    s.handle_cancel(TaskId(1), Attempt(1), "no longer current");
+    assert!(s.is_idle());
+}

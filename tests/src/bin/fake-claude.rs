@@ -1,0 +1,118 @@
+//! A scripted stand-in for the `claude` CLI, for tests and the demo: it is
+//! invoked exactly like the real CLI (`-p <prompt> --output-format
+//! stream-json --verbose ...`, the workspace as working directory) and
+//! prints real-format stream-json events.
+//!
+//! What it does is read from a `FAKE:` line in the prompt (the task's body),
+//! e.g. `FAKE: lines=20 interval_ms=50 exit=1 result=error hang=1
+//! write=notes.txt grandchild=1 stderr=2`; unknown keys are ignored.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--version") {
+        println!("2.1.197 (Claude Code)");
+        return;
+    }
+    let prompt = args
+        .iter()
+        .position(|a| a == "-p" || a == "--print")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_default();
+    let stream_json = args
+        .windows(2)
+        .any(|w| w[0] == "--output-format" && w[1] == "stream-json");
+    if stream_json && !args.iter().any(|a| a == "--verbose") {
+        eprintln!("Error: When using --print, --output-format=stream-json requires --verbose");
+        std::process::exit(1);
+    }
+    let script: HashMap<String, String> = prompt
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("FAKE:"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let num = |key: &str, default: u64| {
+        script
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    #[allow(clippy::disallowed_methods)] // a stand-in process timing itself
+    let started = Instant::now();
+    let session = format!("fake-{}", std::process::id());
+    let cwd = std::env::current_dir()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    let mut out = std::io::stdout().lock();
+    let mut emit = |value: serde_json::Value| {
+        let _ = writeln!(out, "{value}");
+        let _ = out.flush();
+    };
+    emit(serde_json::json!({
+        "type": "system", "subtype": "init", "session_id": session, "cwd": cwd,
+        "model": "fake-model", "tools": ["Write", "Edit", "Read", "Bash"],
+        "permissionMode": args.windows(2).find(|w| w[0] == "--permission-mode").map(|w| w[1].clone()),
+        "claude_code_version": "2.1.197",
+    }));
+    if num("grandchild", 0) == 1 {
+        // A process of its own group that outlives nothing: killing the
+        // group must take it down too. Its pid is printed for the test.
+        if let Ok(child) = std::process::Command::new("sleep").arg("1000").spawn() {
+            emit(serde_json::json!({"type": "system", "subtype": "grandchild", "pid": child.id()}));
+        }
+    }
+    if let Some(file) = script.get("write") {
+        let _ = std::fs::write(
+            file,
+            format!(
+                "written by fake-claude for: {}\n",
+                prompt.lines().next().unwrap_or("")
+            ),
+        );
+        emit(serde_json::json!({
+            "type": "assistant", "session_id": session,
+            "message": {"content": [{"type": "tool_use", "name": "Write", "input": {"file_path": file}}]},
+        }));
+    }
+    for _ in 0..num("stderr", 0) {
+        eprintln!("fake-claude: a line on stderr");
+    }
+    let lines = num("lines", 3);
+    for i in 1..=lines {
+        emit(serde_json::json!({
+            "type": "assistant", "session_id": session,
+            "message": {"content": [{"type": "text", "text": format!("working, step {i} of {lines}")}]},
+        }));
+        std::thread::sleep(Duration::from_millis(num("interval_ms", 0)));
+    }
+    if num("hang", 0) == 1 {
+        loop {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+    }
+    let exit = i32::try_from(num("exit", 0)).unwrap_or(1);
+    let subtype = script.get("result").cloned().unwrap_or_else(|| {
+        if exit == 0 {
+            "success".into()
+        } else {
+            "error_during_execution".into()
+        }
+    });
+    if subtype != "none" {
+        emit(serde_json::json!({
+            "type": "result", "subtype": subtype, "is_error": exit != 0,
+            "num_turns": lines, "duration_ms": started.elapsed().as_millis() as u64,
+            "duration_api_ms": 0, "total_cost_usd": 0.0123, "session_id": session,
+            "result": if exit == 0 { "done".to_owned() } else { format!("failed as scripted ({subtype})") },
+            "permission_denials": [],
+        }));
+    }
+    std::process::exit(exit);
+}
