@@ -196,7 +196,7 @@ pub struct ToolchainsConfig {
     /// Set to false to advertise no toolchains at all.
     #[serde(default = "yes")]
     pub probe: bool,
-    /// Each probe's timeout [default: 3s].
+    /// Each probe's timeout [default: 5s].
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub timeout: Option<Duration>,
     /// Tools not to advertise even when present.

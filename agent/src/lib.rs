@@ -48,7 +48,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     })?;
     let toolchains = if config.toolchains.probe {
         let probes = toolchains::plan(&config.toolchains.hide, &config.toolchains.extra);
-        let timeout = config.toolchains.timeout.unwrap_or(Duration::from_secs(3));
+        let timeout = config.toolchains.timeout.unwrap_or(Duration::from_secs(5));
         toolchains::detect(probes, timeout).await
     } else {
         Vec::new()

@@ -72,11 +72,18 @@ pub fn plan(hide: &[String], extra: &[Probe]) -> Vec<Probe> {
     probes
 }
 
-/// Runs every probe concurrently; returns the tools found, sorted by name.
+/// Probes running at once: enough to finish quickly, few enough that PCs
+/// starting several agents at once do not time their probes out.
+const CONCURRENT_PROBES: usize = 4;
+
+/// Runs the probes, a few at a time; returns the tools found, sorted by name.
 pub async fn detect(probes: Vec<Probe>, timeout: Duration) -> Vec<Toolchain> {
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENT_PROBES));
     let mut set = JoinSet::new();
     for probe in probes {
+        let permits = std::sync::Arc::clone(&permits);
         set.spawn(async move {
+            let _permit = permits.acquire_owned().await.ok()?;
             let (program, args) = probe.command.split_first()?;
             match runner::run_captured(program, args, None, timeout).await {
                 Ok(out) => {

@@ -3,3 +3,4 @@
 
 mod foundation;
 mod raw_stream;
+mod tasks;

@@ -72,6 +72,8 @@ pub struct Cluster {
     pub agents: Vec<Process>,
     /// Extra coordinator flags, e.g. shorter heartbeats.
     pub coordinator_args: Vec<String>,
+    /// Where agents dial instead of the coordinator (e.g. a proxy).
+    pub agent_target: Option<SocketAddr>,
 }
 
 impl Cluster {
@@ -93,7 +95,107 @@ impl Cluster {
                 "--heartbeat-timeout".into(),
                 "3s".into(),
             ],
+            agent_target: None,
         }
+    }
+
+    /// Sets coordinator flags (before it starts) as `--flag value` pairs,
+    /// e.g. `["--lease-timeout", "3s"]`; a flag already set is replaced.
+    pub fn with_coordinator_args(mut self, args: &[&str]) -> Self {
+        for pair in args.chunks(2) {
+            if let Some(at) = self.coordinator_args.iter().position(|a| a == pair[0]) {
+                self.coordinator_args.drain(at..at + 2);
+            }
+            self.coordinator_args
+                .extend(pair.iter().map(|a| (*a).to_owned()));
+        }
+        self
+    }
+
+    /// `ccc` with `args`; panics with its output unless it succeeds.
+    pub fn ccc_ok(&self, args: &[&str]) -> String {
+        let out = self.ccc(args);
+        assert!(
+            out.status.success(),
+            "ccc {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Submits a task with `ccc submit`; returns its id.
+    pub fn submit(&self, specialty: &str, title: &str, body: &str) -> String {
+        let out = self.ccc_ok(&[
+            "submit",
+            "--repo",
+            "file:///srv/repo",
+            "--title",
+            title,
+            "--body",
+            body,
+            "--specialty",
+            specialty,
+        ]);
+        out.split_whitespace()
+            .next()
+            .unwrap_or_else(|| panic!("no task id in {out:?}"))
+            .to_owned()
+    }
+
+    /// `ccc task <id> --json`, parsed.
+    pub fn task_json(&self, id: &str) -> Result<serde_json::Value, String> {
+        let out = self.ccc(&["task", id, "--json"]);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
+    /// Waits until task `id` is in `state`; returns its JSON.
+    pub fn wait_task(&self, id: &str, state: &str, timeout: Duration) -> serde_json::Value {
+        crate::process::eventually(timeout, || {
+            let task = self.task_json(id)?;
+            if task["state"] == state {
+                Ok(task)
+            } else {
+                Err(format!(
+                    "{id} is {} ({})",
+                    task["state"], task["state_reason"]
+                ))
+            }
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}
+{}",
+                self.coordinator_log()
+            )
+        })
+    }
+
+    /// An Admin API client over mutual TLS as admin `root`.
+    pub async fn admin_client(
+        &self,
+    ) -> common::proto::admin_client::AdminClient<tonic::transport::Channel> {
+        let tls = common::tls::TlsPaths::for_client(
+            &self.pki.dir,
+            common::pki::Role::Admin,
+            None,
+            None,
+            None,
+        )
+        .expect("admin cert paths")
+        .load()
+        .expect("admin cert");
+        let channel = tonic::transport::Endpoint::from_shared(self.url())
+            .expect("url")
+            .tls_config(tls.client_config())
+            .expect("tls")
+            .connect()
+            .await
+            .expect("connect to the coordinator");
+        common::proto::admin_client::AdminClient::new(channel)
     }
 
     /// Starts the coordinator; on a restart it binds the same gRPC port
@@ -142,13 +244,28 @@ impl Cluster {
     /// Starts agent `name` with its own certificate directory; `extra` are
     /// more flags (e.g. `--specialties backend`).
     pub fn start_agent(&mut self, name: &str, extra: &[&str]) -> usize {
-        let certs = self
-            .pki
-            .agent_certs(name, &self.dir.join(format!("agent-{name}-certs")));
+        self.start_agent_with_env(name, extra, &[])
+    }
+
+    /// Like `start_agent`, with environment variables for the agent (which
+    /// its CLI processes inherit).
+    pub fn start_agent_with_env(
+        &mut self,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> usize {
+        let certs_dir = self.dir.join(format!("agent-{name}-certs"));
+        let certs = if certs_dir.join(format!("agent-{name}.pem")).exists() {
+            certs_dir
+        } else {
+            self.pki.agent_certs(name, &certs_dir)
+        };
         let mut cmd = self.agent_command(&certs);
         cmd.arg("--data-dir")
             .arg(self.dir.join(format!("agent-{name}")))
-            .args(extra);
+            .args(extra)
+            .envs(env.iter().copied());
         let process = Process::spawn(
             &format!("agent {name}"),
             cmd,
@@ -158,11 +275,17 @@ impl Cluster {
         self.agents.len() - 1
     }
 
-    /// A `ccc-agent` command aimed at this cluster with fast reconnects.
+    /// A `ccc-agent` command aimed at this cluster (or at `agent_target`)
+    /// with fast reconnects, running the `fake-claude` stand-in as its CLI.
     pub fn agent_command(&self, certs_dir: &Path) -> Command {
         let mut cmd = Command::new(bin("ccc-agent"));
+        let target = self
+            .agent_target
+            .map_or_else(|| self.url(), |a| format!("https://{a}"));
         cmd.arg("--coordinator")
-            .arg(self.url())
+            .arg(target)
+            .arg("--claude")
+            .arg(bin("fake-claude"))
             .arg("--certs-dir")
             .arg(certs_dir)
             .args(["--reconnect-initial", "100ms", "--reconnect-max", "1s"]);

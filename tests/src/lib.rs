@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod process;
+pub mod proxy;
 
 pub use cluster::{Cluster, Pki};
 pub use process::{Process, TestDir, bin, eventually};

@@ -405,14 +405,6 @@ impl Core {
         })
     }
 
-    fn is_finished_attempt(&self, id: TaskId, attempt: Attempt) -> bool {
-        self.tasks.get(&id).is_some_and(|t| {
-            t.attempts
-                .iter()
-                .any(|a| a.attempt == attempt && a.finished_at.is_some())
-        })
-    }
-
     /// Renews the leases of the attempts an agent says it is running.
     pub(super) fn renew_leases(
         &mut self,
@@ -616,7 +608,7 @@ impl Core {
         now: Instant,
         wall: UnixMillis,
     ) {
-        if self.is_finished_attempt(id, attempt) {
+        if self.is_reported_attempt(id, attempt) {
             // A duplicate, e.g. resent after a reconnect: harmless.
             self.send(conn, ToAgent::FinishedAck { task: id, attempt });
             return;

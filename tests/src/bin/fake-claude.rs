@@ -11,8 +11,27 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+/// Appends `<what> <unix nanos>` to the file named by `FAKE_CLAUDE_LOG`, so a
+/// test can tell how many runs overlapped.
+fn log_run(what: &str) {
+    let Ok(path) = std::env::var("FAKE_CLAUDE_LOG") else {
+        return;
+    };
+    #[allow(clippy::disallowed_methods)] // a stand-in process stamping its runs
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(file, "{what} {now}");
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--version") {
+        log_run("start");
+    }
     if args.iter().any(|a| a == "--version") {
         println!("2.1.197 (Claude Code)");
         return;
@@ -114,5 +133,6 @@ fn main() {
             "permission_denials": [],
         }));
     }
+    log_run("end");
     std::process::exit(exit);
 }

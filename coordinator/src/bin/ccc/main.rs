@@ -117,6 +117,9 @@ enum Cmd {
         id: String,
         #[arg(short, long)]
         follow: bool,
+        /// Print the CLI's stream-json events as they are, not as readable lines.
+        #[arg(long)]
+        raw: bool,
     },
     /// Cancel a task; a running one is stopped on its agent.
     Cancel {
@@ -361,7 +364,9 @@ async fn admin_command(conn: admin::ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
                 print!("{}", tasks::task_detail(&task));
             }
         }
-        Cmd::Logs { id, follow } => tasks::logs(&mut client, &diagnosis, id, follow).await?,
+        Cmd::Logs { id, follow, raw } => {
+            tasks::logs(&mut client, &diagnosis, id, follow, raw).await?;
+        }
         Cmd::Cancel { id, reason } => {
             let task = client
                 .cancel_task(common::proto::CancelTaskRequest {

@@ -164,12 +164,64 @@ pub fn task_json(t: &TaskInfo) -> serde_json::Value {
     })
 }
 
-/// Prints a task's output; with `follow`, live until the task ends.
+/// One line for a stream-json event of the CLI, or `None` for events not
+/// worth a line (raw mode shows everything).
+pub fn render_event(data: &[u8]) -> Option<String> {
+    let event: serde_json::Value = serde_json::from_slice(data).ok()?;
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().trim().to_owned();
+    match (event["type"].as_str()?, event["subtype"].as_str()) {
+        ("system", Some("init")) => Some(format!(
+            "[claude] session {} started (model {})",
+            text(&event["session_id"]),
+            text(&event["model"])
+        )),
+        ("system", Some("api_retry")) => Some(format!(
+            "[claude] API error {}, retry {} of {}",
+            event["error_status"], event["attempt"], event["max_retries"]
+        )),
+        ("assistant", _) => {
+            let parts: Vec<String> = event["message"]["content"]
+                .as_array()?
+                .iter()
+                .filter_map(|block| match block["type"].as_str()? {
+                    "text" => Some(format!("[claude] {}", text(&block["text"]))),
+                    "tool_use" => {
+                        let input = &block["input"];
+                        let target = ["file_path", "command", "pattern", "path"]
+                            .iter()
+                            .find_map(|k| input[*k].as_str())
+                            .unwrap_or_default();
+                        Some(format!("[tool] {} {target}", text(&block["name"])))
+                    }
+                    _ => None,
+                })
+                .collect();
+            (!parts.is_empty()).then(|| parts.join("\n"))
+        }
+        ("result", subtype) => Some(format!(
+            "[claude] {}: {} turns, ${:.4}, {} ms{}",
+            subtype.unwrap_or("result"),
+            event["num_turns"],
+            event["total_cost_usd"].as_f64().unwrap_or(0.0),
+            event["duration_ms"],
+            if event["is_error"].as_bool() == Some(true) {
+                format!(" (error: {})", text(&event["result"]))
+            } else {
+                String::new()
+            }
+        )),
+        _ => None,
+    }
+}
+
+/// Prints a task's output; with `follow`, live until the task ends. The
+/// CLI's stream-json events are shown as readable lines unless `raw`.
 pub async fn logs(
     client: &mut AdminClient<Channel>,
     diagnosis: &Diagnosis,
     task_id: String,
     follow: bool,
+    raw: bool,
 ) -> anyhow::Result<()> {
     let mut stream = client
         .watch_task(proto::WatchTaskRequest {
@@ -196,9 +248,16 @@ pub async fn logs(
                     attempt = out.attempt;
                     writeln!(stdout, "--- attempt {attempt} ---")?;
                 }
-                stdout.write_all(&out.data)?;
-                if !out.data.ends_with(b"\n") {
-                    writeln!(stdout)?;
+                let is_event = out.kind == proto::OutputKind::Event as i32;
+                if is_event && !raw {
+                    if let Some(line) = render_event(&out.data) {
+                        writeln!(stdout, "{line}")?;
+                    }
+                } else {
+                    stdout.write_all(&out.data)?;
+                    if !out.data.ends_with(b"\n") {
+                        writeln!(stdout)?;
+                    }
                 }
                 stdout.flush()?;
             }
