@@ -106,10 +106,22 @@ impl Driver {
                 }
             }
         };
-        link_stop.cancel();
         for stop in driver.children.values() {
             stop.cancel();
         }
+        // Close our side of the stream and give the coordinator a moment to
+        // see a clean end (rather than a reset connection).
+        if driver.stream.take().is_some() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Some(event) = link_rx.recv().await {
+                    if matches!(event, LinkEvent::Down { .. }) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        link_stop.cancel();
         result
     }
 
