@@ -108,6 +108,51 @@ pub struct FileConfig {
     pub claude: ClaudeFileConfig,
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub stop_grace: Option<Duration>,
+    #[serde(default)]
+    pub tests: TestsFileConfig,
+    #[serde(default)]
+    pub git: GitFileConfig,
+}
+
+/// `[tests]`: the test command per specialty, when neither the task nor the
+/// repository (`.ccc/test`) names one; without any, it is guessed from the
+/// repository's files (package.json, Cargo.toml, go.mod, pytest, Makefile).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestsFileConfig {
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub timeout: Option<Duration>,
+    pub backend: Option<String>,
+    pub frontend: Option<String>,
+    pub testing: Option<String>,
+    pub devops: Option<String>,
+    pub general: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TestsConfig {
+    pub timeout: Duration,
+    pub per_specialty: BTreeMap<Specialty, String>,
+}
+
+impl TestsConfig {
+    pub fn for_specialty(&self, specialty: Specialty) -> Option<String> {
+        self.per_specialty.get(&specialty).cloned()
+    }
+}
+
+/// `[git]`: who commits, and what happens to work stopped at a limit.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitFileConfig {
+    pub author_name: Option<String>,
+    pub author_email: Option<String>,
+    /// Push what the CLI changed when it stopped at its turn limit, budget
+    /// or deadline (default true).
+    pub push_incomplete: Option<bool>,
+    /// How long the workspaces of failed attempts are kept (default 24h).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub keep_failed_for: Option<Duration>,
 }
 
 /// `[claude]`: how the CLI is run.
@@ -123,6 +168,9 @@ pub struct ClaudeFileConfig {
     pub env: BTreeMap<String, String>,
     /// acceptEdits (default; works as root), or another --permission-mode.
     pub permission_mode: Option<String>,
+    /// The prompt, with {title} {body} {url} {number} {task} {specialty}
+    /// {technologies} {branch} replaced; default: the built-in prompt.
+    pub prompt_template: Option<String>,
     pub max_turns: Option<u32>,
     pub max_budget_usd: Option<f64>,
     pub model: Option<String>,
@@ -141,6 +189,7 @@ pub struct ClaudeFileConfig {
 #[derive(Clone, Debug)]
 pub struct ClaudeConfig {
     pub program: String,
+    pub prompt_template: Option<String>,
     pub permission_mode: String,
     pub max_turns: u32,
     pub max_budget_usd: Option<f64>,
@@ -155,6 +204,14 @@ pub struct ClaudeConfig {
 }
 
 impl ClaudeConfig {
+    /// The prompt for a task: the configured template or the built-in one.
+    pub fn prompt(&self, task: common::ids::TaskId, spec: &common::types::TaskSpec) -> String {
+        match &self.prompt_template {
+            Some(template) => crate::prompt::render(template, task, spec),
+            None => crate::prompt::build(task, spec),
+        }
+    }
+
     /// The argument vector for one run: headless, stream-json events (which
     /// require --verbose), edits allowed without prompting.
     pub fn args(&self, prompt: &str) -> Vec<String> {
@@ -251,6 +308,10 @@ pub struct Config {
     pub claude: ClaudeConfig,
     /// On shutdown, how long running tasks get to stop and report.
     pub stop_grace: Duration,
+    pub tests: TestsConfig,
+    pub author: crate::workspace::Author,
+    pub push_incomplete: bool,
+    pub keep_failed_for: Duration,
 }
 
 impl Config {
@@ -317,10 +378,15 @@ impl Config {
                 .coordinator
                 .or(file.coordinator)
                 .unwrap_or_else(|| "https://127.0.0.1:7443".into()),
-            data_dir: args
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from(format!("data/agent-{}", identity.name))),
+            // Absolute: git remotes and the CLI's working directory need it.
+            data_dir: {
+                let dir = args
+                    .data_dir
+                    .or(file.data_dir)
+                    .unwrap_or_else(|| PathBuf::from(format!("data/agent-{}", identity.name)));
+                std::path::absolute(&dir)
+                    .map_err(|e| Error::Invalid(format!("data dir {}: {e}", dir.display())))?
+            },
             name: identity.name,
             tls,
             specialties,
@@ -340,6 +406,7 @@ impl Config {
                     .claude
                     .or(file.claude.path)
                     .unwrap_or_else(|| "claude".into()),
+                prompt_template: file.claude.prompt_template,
                 permission_mode: file
                     .claude
                     .permission_mode
@@ -371,6 +438,34 @@ impl Config {
                 .stop_grace
                 .or(file.stop_grace)
                 .unwrap_or(Duration::from_secs(10)),
+            tests: TestsConfig {
+                timeout: file.tests.timeout.unwrap_or(Duration::from_secs(600)),
+                per_specialty: [
+                    (Specialty::Backend, file.tests.backend),
+                    (Specialty::Frontend, file.tests.frontend),
+                    (Specialty::Testing, file.tests.testing),
+                    (Specialty::Devops, file.tests.devops),
+                    (Specialty::General, file.tests.general),
+                ]
+                .into_iter()
+                .filter_map(|(s, cmd)| cmd.map(|c| (s, c)))
+                .collect(),
+            },
+            author: crate::workspace::Author {
+                name: file
+                    .git
+                    .author_name
+                    .unwrap_or_else(|| "Claude Code Cluster".into()),
+                email: file
+                    .git
+                    .author_email
+                    .unwrap_or_else(|| "claude-code-cluster@localhost".into()),
+            },
+            push_incomplete: file.git.push_incomplete.unwrap_or(true),
+            keep_failed_for: file
+                .git
+                .keep_failed_for
+                .unwrap_or(Duration::from_secs(86_400)),
         })
     }
 }

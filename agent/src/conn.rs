@@ -19,7 +19,9 @@ use common::proto::{
 };
 use common::telemetry::error_chain;
 use common::time::UnixMillis;
-use common::types::{AgentAdvert, Outcome, OutputKind, Phase, Specialty, TaskSpec};
+use common::types::{
+    AgentAdvert, Outcome, OutputKind, Phase, PushCredential, Secret, Specialty, TaskSpec,
+};
 use common::wire;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
@@ -72,6 +74,7 @@ pub enum FromCoordinator {
         attempt: Attempt,
         spec: Box<TaskSpec>,
         deadline: UnixMillis,
+        credential: Option<PushCredential>,
     },
     Cancel {
         task: TaskId,
@@ -293,6 +296,13 @@ fn from_proto(msg: CoordinatorMessage) -> Result<Option<FromCoordinator>, String
                 task: task_id(&spec.task_id)?,
                 attempt: Attempt(a.attempt),
                 deadline: UnixMillis(a.deadline_unix_ms),
+                credential: a
+                    .credential
+                    .filter(|c| !c.token.is_empty())
+                    .map(|c| PushCredential {
+                        username: c.username,
+                        token: Secret::new(c.token),
+                    }),
                 spec: Box::new(TaskSpec {
                     repo_url: spec.repo_url,
                     base_branch: spec.base_branch,

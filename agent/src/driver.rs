@@ -6,10 +6,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use common::ids::TaskId;
 use common::proto::AgentMessage;
 use common::time::UnixMillis;
-use common::types::{AgentAdvert, FinishedReport, Outcome};
+use common::types::AgentAdvert;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -17,8 +19,10 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::conn::{self, FromCoordinator, Link, LinkEvent};
-use crate::runner::{self, ChildEvent, Invocation};
+use crate::executor::{Executor, Job};
+use crate::runner::{ChildEvent, Sink};
 use crate::session::{Command, Session};
+use crate::workspace::Workspaces;
 
 /// Output held for the coordinator before the agent stops reading its
 /// children's output (they then block on their pipes: nothing is dropped).
@@ -50,6 +54,7 @@ pub struct Driver {
     stream: Option<Stream>,
     children: HashMap<TaskId, CancellationToken>,
     child_tx: mpsc::Sender<ChildEvent>,
+    executor: Arc<Executor>,
 }
 
 impl Driver {
@@ -63,7 +68,17 @@ impl Driver {
         let link_stop = CancellationToken::new();
         tokio::spawn(link.run(link_tx, link_stop.clone()));
         let (child_tx, mut child_rx) = mpsc::channel(1024);
+        let executor = Arc::new(Executor {
+            workspaces: Workspaces::new(&config.data_dir),
+            claude: config.claude.clone(),
+            tests: config.tests.clone(),
+            author: config.author.clone(),
+            push_incomplete: config.push_incomplete,
+            keep_failed_for: config.keep_failed_for,
+            agent: config.name.clone(),
+        });
         let mut driver = Self {
+            executor,
             session: Session::new(config.capacity),
             config,
             advert,
@@ -193,7 +208,10 @@ impl Driver {
                 attempt,
                 spec,
                 deadline,
-            } => self.session.handle_assign(task, attempt, *spec, deadline),
+                credential,
+            } => self
+                .session
+                .handle_assign(task, attempt, *spec, deadline, credential),
             FromCoordinator::Cancel {
                 task,
                 attempt,
@@ -216,6 +234,11 @@ impl Driver {
                 kind,
                 data,
             } => self.session.handle_child_output(task, attempt, kind, data),
+            ChildEvent::Progress {
+                task,
+                attempt,
+                phase,
+            } => self.session.handle_progress(task, attempt, phase),
             ChildEvent::Exited {
                 task,
                 attempt,
@@ -255,18 +278,36 @@ impl Driver {
                     attempt,
                     spec,
                     deadline,
+                    credential,
                 } => {
                     let stop = CancellationToken::new();
-                    match self.start(task, attempt, &spec, deadline, stop.clone()) {
-                        Ok(()) => {
-                            self.children.insert(task, stop);
-                        }
-                        Err(message) => {
-                            warn!(task_id = %task, %message, "cannot start the attempt");
-                            self.session
-                                .handle_child_exit(task, attempt, failed(message));
-                        }
-                    }
+                    self.children.insert(task, stop.clone());
+                    let job = Job {
+                        task,
+                        attempt,
+                        spec: *spec,
+                        budget: Duration::from_millis(
+                            deadline.0.saturating_sub(UnixMillis::now().0),
+                        ),
+                        credential,
+                    };
+                    let sink = Sink {
+                        task,
+                        attempt,
+                        events: self.child_tx.clone(),
+                    };
+                    let executor = Arc::clone(&self.executor);
+                    tokio::spawn(async move {
+                        let report = executor.run(job, sink.clone(), stop).await;
+                        let _ = sink
+                            .events
+                            .send(ChildEvent::Exited {
+                                task,
+                                attempt,
+                                report: Box::new(report),
+                            })
+                            .await;
+                    });
                 }
                 Command::Stop { task, .. } => {
                     if let Some(stop) = self.children.get(&task) {
@@ -286,46 +327,5 @@ impl Driver {
                 break;
             }
         }
-    }
-
-    fn start(
-        &self,
-        task: TaskId,
-        attempt: common::ids::Attempt,
-        spec: &common::types::TaskSpec,
-        deadline: UnixMillis,
-        stop: CancellationToken,
-    ) -> Result<(), String> {
-        let cwd = self
-            .config
-            .data_dir
-            .join("work")
-            .join(format!("{task}-a{}", attempt.0));
-        std::fs::create_dir_all(&cwd)
-            .map_err(|e| format!("cannot create workspace {}: {e}", cwd.display()))?;
-        let remaining = Duration::from_millis(deadline.0.saturating_sub(UnixMillis::now().0));
-        let inv = Invocation {
-            program: self.config.claude.program.clone(),
-            args: self.config.claude.args(&crate::prompt::build(task, spec)),
-            env: self.config.claude.env.clone(),
-            cwd,
-            deadline: remaining.min(self.config.claude.timeout),
-            grace: self.config.claude.kill_grace,
-        };
-        runner::spawn_attempt(task, attempt, inv, self.child_tx.clone(), stop)
-            .map_err(|e| e.to_string())
-    }
-}
-
-fn failed(message: String) -> FinishedReport {
-    FinishedReport {
-        outcome: Outcome::WorkspaceError,
-        message,
-        branch: String::new(),
-        commit: String::new(),
-        tests: None,
-        cli: None,
-        rate_limit_reset_unix_ms: 0,
-        last_output_seq: 0,
     }
 }

@@ -8,10 +8,12 @@
 pub mod config;
 pub mod conn;
 pub mod driver;
+pub mod executor;
 pub mod prompt;
 pub mod runner;
 pub mod session;
 pub mod toolchains;
+pub mod workspace;
 
 use std::time::Duration;
 

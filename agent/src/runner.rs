@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::ids::{Attempt, TaskId};
-use common::types::{CliResult, FinishedReport, Outcome, OutputKind};
+use common::types::{FinishedReport, OutputKind};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -81,7 +81,7 @@ pub async fn run_captured(
     }
 }
 
-/// How to run one attempt's CLI process.
+/// How to run one streaming process (the CLI, or a test command).
 #[derive(Clone, Debug)]
 pub struct Invocation {
     pub program: String,
@@ -96,7 +96,7 @@ pub struct Invocation {
     pub grace: Duration,
 }
 
-/// What a running attempt's process reports to the driver.
+/// What an attempt reports to the driver while it works.
 #[derive(Debug)]
 pub enum ChildEvent {
     Output {
@@ -105,6 +105,11 @@ pub enum ChildEvent {
         kind: OutputKind,
         data: Arc<[u8]>,
     },
+    Progress {
+        task: TaskId,
+        attempt: Attempt,
+        phase: common::types::Phase,
+    },
     Exited {
         task: TaskId,
         attempt: Attempt,
@@ -112,18 +117,75 @@ pub enum ChildEvent {
     },
 }
 
+/// Where a run's output goes: chunks of the attempt's output stream.
+#[derive(Clone)]
+pub struct Sink {
+    pub task: TaskId,
+    pub attempt: Attempt,
+    pub events: mpsc::Sender<ChildEvent>,
+}
+
+impl Sink {
+    /// A line the agent itself writes into the task's output.
+    pub async fn system(&self, line: impl Into<String>) {
+        let mut line = line.into();
+        line.push('\n');
+        let _ = self
+            .events
+            .send(ChildEvent::Output {
+                task: self.task,
+                attempt: self.attempt,
+                kind: OutputKind::System,
+                data: Arc::from(line.into_bytes()),
+            })
+            .await;
+    }
+
+    pub async fn progress(&self, phase: common::types::Phase) {
+        let _ = self
+            .events
+            .send(ChildEvent::Progress {
+                task: self.task,
+                attempt: self.attempt,
+                phase,
+            })
+            .await;
+    }
+}
+
 /// The largest chunk one output line is cut into.
 pub const MAX_CHUNK: usize = 64 * 1024;
+/// Lines of output kept for a summary (e.g. the tests' tail).
+const TAIL_LINES: usize = 40;
 
-/// Starts the attempt's process in its own process group and reports its
-/// output and end on `events`. Cancelling `stop` stops the whole group.
-pub fn spawn_attempt(
-    task: TaskId,
-    attempt: Attempt,
-    inv: Invocation,
-    events: mpsc::Sender<ChildEvent>,
-    stop: CancellationToken,
-) -> Result<(), Error> {
+/// How a run ended.
+#[derive(Debug)]
+pub enum End {
+    Exited(Option<std::process::ExitStatus>),
+    /// Stopped because `stop` was cancelled.
+    Stopped,
+    /// Stopped at its deadline.
+    TimedOut,
+}
+
+#[derive(Debug)]
+pub struct RunResult {
+    pub end: End,
+    /// The CLI's stream-json `result` event, when the run printed one.
+    pub result_event: Option<serde_json::Value>,
+    /// The last lines of output, lossily decoded.
+    pub tail: String,
+}
+
+/// Runs `inv` in its own process group, streaming its output to `sink`
+/// (stdout lines that are JSON objects with a `type` are stream-json
+/// events), until it exits, `stop` is cancelled or its deadline passes; in
+/// the last two cases the whole group gets TERM, then KILL after the grace.
+pub async fn run_streaming(
+    inv: &Invocation,
+    sink: &Sink,
+    stop: &CancellationToken,
+) -> Result<RunResult, Error> {
     let mut cmd = Command::new(&inv.program);
     cmd.args(&inv.args)
         .envs(inv.env.iter().map(|(k, v)| (k, v)))
@@ -146,82 +208,56 @@ pub fn spawn_attempt(
         }
     })?;
     let pgid = child.id().and_then(|id| i32::try_from(id).ok());
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    tokio::spawn(async move {
-        let result_event = Arc::new(std::sync::Mutex::new(None::<serde_json::Value>));
-        let mut readers = tokio::task::JoinSet::new();
-        if let Some(out) = stdout {
-            readers.spawn(forward(
-                task,
-                attempt,
-                out,
-                true,
-                events.clone(),
-                Arc::clone(&result_event),
-            ));
-        }
-        if let Some(err) = stderr {
-            readers.spawn(forward(
-                task,
-                attempt,
-                err,
-                false,
-                events.clone(),
-                Arc::clone(&result_event),
-            ));
-        }
-        let ended = tokio::select! {
-            status = child.wait() => End::Exited(status),
-            () = stop.cancelled() => End::Stopped,
-            () = tokio::time::sleep(inv.deadline) => End::Deadline,
-        };
-        let status = match &ended {
-            End::Exited(status) => status.as_ref().ok().copied(),
-            End::Stopped | End::Deadline => {
-                terminate_group(pgid, &mut child, inv.grace).await;
-                None
-            }
-        };
-        // The CLI may leave children behind holding the pipes open: stop the
-        // whole group, then give the readers a moment to drain.
-        signal_group(pgid, libc::SIGKILL);
-        let drain = async { while readers.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(5), drain)
-            .await
-            .is_err()
-        {
-            readers.abort_all();
-        }
-        let result = result_event.lock().ok().and_then(|mut r| r.take());
-        let report = report_for(&ended, status, result.as_ref(), inv.deadline);
-        let _ = events
-            .send(ChildEvent::Exited {
-                task,
-                attempt,
-                report: Box::new(report),
-            })
-            .await;
-    });
-    Ok(())
+    let collected = Arc::new(std::sync::Mutex::new(Collected::default()));
+    let mut readers = tokio::task::JoinSet::new();
+    if let Some(out) = child.stdout.take() {
+        readers.spawn(forward(out, true, sink.clone(), Arc::clone(&collected)));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.spawn(forward(err, false, sink.clone(), Arc::clone(&collected)));
+    }
+    let end = tokio::select! {
+        status = child.wait() => End::Exited(status.ok()),
+        () = stop.cancelled() => End::Stopped,
+        () = tokio::time::sleep(inv.deadline) => End::TimedOut,
+    };
+    if !matches!(end, End::Exited(_)) {
+        terminate_group(pgid, &mut child, inv.grace).await;
+    }
+    // Whatever the leader did, its group goes with it: grandchildren would
+    // otherwise hold the pipes open (and keep working) after it ended.
+    signal_group(pgid, libc::SIGKILL);
+    let drain = async { while readers.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        readers.abort_all();
+    }
+    let collected = collected
+        .lock()
+        .map(|mut c| std::mem::take(&mut *c))
+        .unwrap_or_default();
+    Ok(RunResult {
+        end,
+        result_event: collected.result_event,
+        tail: collected.tail.into_iter().collect::<Vec<_>>().join(""),
+    })
 }
 
-enum End {
-    Exited(std::io::Result<std::process::ExitStatus>),
-    Stopped,
-    Deadline,
+#[derive(Default)]
+struct Collected {
+    result_event: Option<serde_json::Value>,
+    tail: std::collections::VecDeque<String>,
 }
 
 /// Reads a pipe in chunks of at most one line (long lines are cut at
-/// `MAX_CHUNK`), as raw bytes: output need not be UTF-8. Stdout lines that
-/// are JSON objects with a `type` are the CLI's stream-json events.
+/// `MAX_CHUNK`), as raw bytes: output need not be UTF-8.
 async fn forward(
-    task: TaskId,
-    attempt: Attempt,
     pipe: impl tokio::io::AsyncRead + Unpin,
     is_stdout: bool,
-    events: mpsc::Sender<ChildEvent>,
-    result_event: Arc<std::sync::Mutex<Option<serde_json::Value>>>,
+    sink: Sink,
+    collected: Arc<std::sync::Mutex<Collected>>,
 ) {
     use tokio::io::AsyncBufReadExt;
     let mut reader = tokio::io::BufReader::with_capacity(MAX_CHUNK, pipe);
@@ -242,130 +278,56 @@ async fn forward(
         reader.consume(take);
         if complete {
             let chunk = std::mem::take(&mut line);
-            if !send_chunk(task, attempt, chunk, is_stdout, &events, &result_event).await {
+            if !send_chunk(chunk, is_stdout, &sink, &collected).await {
                 return;
             }
         }
     }
     if !line.is_empty() {
-        send_chunk(task, attempt, line, is_stdout, &events, &result_event).await;
+        send_chunk(line, is_stdout, &sink, &collected).await;
     }
 }
 
 async fn send_chunk(
-    task: TaskId,
-    attempt: Attempt,
     chunk: Vec<u8>,
     is_stdout: bool,
-    events: &mpsc::Sender<ChildEvent>,
-    result_event: &std::sync::Mutex<Option<serde_json::Value>>,
+    sink: &Sink,
+    collected: &std::sync::Mutex<Collected>,
 ) -> bool {
-    let kind = if !is_stdout {
-        OutputKind::Stderr
+    let event = if is_stdout {
+        serde_json::from_slice::<serde_json::Value>(&chunk)
+            .ok()
+            .filter(|e| e.get("type").is_some_and(serde_json::Value::is_string))
     } else {
-        match serde_json::from_slice::<serde_json::Value>(&chunk) {
-            Ok(event) if event.get("type").is_some_and(serde_json::Value::is_string) => {
-                if event["type"] == "result"
-                    && let Ok(mut slot) = result_event.lock()
-                {
-                    *slot = Some(event);
-                }
-                OutputKind::Event
-            }
-            _ => OutputKind::Stdout,
-        }
+        None
     };
-    events
+    let kind = match (&event, is_stdout) {
+        (Some(_), _) => OutputKind::Event,
+        (None, true) => OutputKind::Stdout,
+        (None, false) => OutputKind::Stderr,
+    };
+    if let Ok(mut c) = collected.lock() {
+        match event {
+            Some(e) if e["type"] == "result" => c.result_event = Some(e),
+            Some(_) => {}
+            None => {
+                c.tail
+                    .push_back(String::from_utf8_lossy(&chunk).into_owned());
+                if c.tail.len() > TAIL_LINES {
+                    c.tail.pop_front();
+                }
+            }
+        }
+    }
+    sink.events
         .send(ChildEvent::Output {
-            task,
-            attempt,
+            task: sink.task,
+            attempt: sink.attempt,
             kind,
             data: Arc::from(chunk),
         })
         .await
         .is_ok()
-}
-
-/// What the CLI's run amounts to: the exit status and the stream-json
-/// `result` event together (a failed API call exits 1 with `is_error`).
-fn report_for(
-    ended: &End,
-    status: Option<std::process::ExitStatus>,
-    result: Option<&serde_json::Value>,
-    deadline: Duration,
-) -> FinishedReport {
-    let cli = result.map(|r| CliResult {
-        cost_usd: r["total_cost_usd"].as_f64().unwrap_or(0.0),
-        turns: u32::try_from(r["num_turns"].as_u64().unwrap_or(0)).unwrap_or(u32::MAX),
-        duration_ms: r["duration_ms"].as_u64().unwrap_or(0),
-        session_id: r["session_id"].as_str().unwrap_or_default().to_owned(),
-        is_error: r["is_error"].as_bool().unwrap_or(false),
-        subtype: r["subtype"].as_str().unwrap_or_default().to_owned(),
-        result: r["result"]
-            .as_str()
-            .unwrap_or_default()
-            .chars()
-            .take(4096)
-            .collect(),
-    });
-    let (outcome, message) = match ended {
-        End::Stopped => (Outcome::Cancelled, "stopped on request".to_owned()),
-        End::Deadline => (
-            Outcome::TimedOut,
-            format!("the CLI did not finish within {}s", deadline.as_secs()),
-        ),
-        End::Exited(_) => match (status, cli.as_ref()) {
-            (Some(s), Some(c)) if s.success() && !c.is_error => {
-                (Outcome::Succeeded, "the CLI finished".to_owned())
-            }
-            (Some(s), None) if s.success() => (
-                Outcome::Succeeded,
-                "the CLI exited 0 without a result event".to_owned(),
-            ),
-            (_, Some(c)) if c.subtype == "error_max_turns" => (
-                Outcome::TurnLimit,
-                format!("the CLI stopped at its turn limit after {} turns", c.turns),
-            ),
-            (s, Some(c)) => (
-                Outcome::CliFailed,
-                format!(
-                    "the CLI failed (exit {}): {}",
-                    exit_text(s),
-                    if c.result.is_empty() {
-                        &c.subtype
-                    } else {
-                        &c.result
-                    }
-                ),
-            ),
-            (s, None) => (
-                Outcome::CliFailed,
-                format!("the CLI crashed (exit {}) without a result", exit_text(s)),
-            ),
-        },
-    };
-    FinishedReport {
-        outcome,
-        message,
-        branch: String::new(),
-        commit: String::new(),
-        tests: None,
-        cli,
-        rate_limit_reset_unix_ms: 0,
-        last_output_seq: 0,
-    }
-}
-
-fn exit_text(status: Option<std::process::ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Some(s) => match (s.code(), s.signal()) {
-            (Some(code), _) => code.to_string(),
-            (None, Some(sig)) => format!("signal {sig}"),
-            _ => "unknown".into(),
-        },
-        None => "unknown".into(),
-    }
 }
 
 /// TERM to the group, then KILL after `grace` if the leader still runs.
@@ -377,7 +339,7 @@ async fn terminate_group(pgid: Option<i32>, child: &mut tokio::process::Child, g
     }
 }
 
-/// Signals every process of the group the CLI leads (its grandchildren too).
+/// Signals every process of the group a child leads (its grandchildren too).
 #[allow(unsafe_code)]
 fn signal_group(pgid: Option<i32>, signal: libc::c_int) {
     if let Some(pgid) = pgid.filter(|&p| p > 1) {
@@ -386,5 +348,18 @@ fn signal_group(pgid: Option<i32>, signal: libc::c_int) {
         unsafe {
             libc::kill(-pgid, signal);
         }
+    }
+}
+
+/// Describes an exit status: `0`, `1`, `signal 9`.
+pub fn exit_text(status: Option<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Some(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => code.to_string(),
+            (None, Some(sig)) => format!("signal {sig}"),
+            _ => "unknown".into(),
+        },
+        None => "unknown".into(),
     }
 }

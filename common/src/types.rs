@@ -279,3 +279,31 @@ mod branch_tests {
         assert!(branch_name(1, TaskId(1), &"word ".repeat(50)).len() <= 60);
     }
 }
+
+/// A secret that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// What an agent pushes with, from the assignment; never persisted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushCredential {
+    /// Empty: `x-access-token`, as GitHub expects for tokens.
+    pub username: String,
+    pub token: Secret,
+}

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use common::ids::{Attempt, TaskId};
 use common::time::UnixMillis;
-use common::types::{FinishedReport, Outcome, OutputKind, Phase, TaskSpec};
+use common::types::{FinishedReport, Outcome, OutputKind, Phase, PushCredential, TaskSpec};
 use tracing::{debug, info, warn};
 
 #[cfg(test)]
@@ -80,6 +80,8 @@ pub enum Command {
         attempt: Attempt,
         spec: Box<TaskSpec>,
         deadline: UnixMillis,
+        /// Held only until the attempt's process has it; never persisted.
+        credential: Option<PushCredential>,
     },
     Stop {
         task: TaskId,
@@ -215,6 +217,7 @@ impl Session {
         attempt: Attempt,
         spec: TaskSpec,
         deadline: UnixMillis,
+        credential: Option<PushCredential>,
     ) {
         let refuse = if self.draining {
             Some("the agent is draining".to_owned())
@@ -255,6 +258,7 @@ impl Session {
             attempt,
             spec: Box::new(spec),
             deadline,
+            credential,
         });
     }
 

@@ -66,7 +66,7 @@ fn output_survives_a_reconnect_and_is_resent_from_the_ack() {
     let mut s = Session::new(1);
     s.handle_connected();
     out(&mut s);
-    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0));
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
     assert!(matches!(s.poll_command(), Some(Command::Start { .. })));
     line(&mut s, "a");
     line(&mut s, "b");
@@ -105,14 +105,14 @@ fn assignments_beyond_capacity_or_while_draining_are_refused() {
     let mut s = Session::new(1);
     s.handle_connected();
     out(&mut s);
-    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0));
-    s.handle_assign(TaskId(2), Attempt(1), spec(), UnixMillis(0));
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
+    s.handle_assign(TaskId(2), Attempt(1), spec(), UnixMillis(0), None);
     let msgs = out(&mut s);
     assert!(matches!(msgs[0], ToCoordinator::Accepted { .. }));
     assert!(matches!(&msgs[1], ToCoordinator::Rejected { reason, .. } if reason.contains("slots")));
     s.handle_drain();
     s.handle_finished_ack(TaskId(1), Attempt(1));
-    s.handle_assign(TaskId(3), Attempt(1), spec(), UnixMillis(0));
+    s.handle_assign(TaskId(3), Attempt(1), spec(), UnixMillis(0), None);
     assert!(
         matches!(&out(&mut s)[0], ToCoordinator::Rejected { reason, .. } if reason.contains("draining"))
     );
@@ -122,7 +122,7 @@ fn assignments_beyond_capacity_or_while_draining_are_refused() {
 fn cancel_stops_the_child_and_reports_cancelled() {
     let mut s = Session::new(2);
     s.handle_connected();
-    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0));
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
     s.poll_command();
     out(&mut s);
     s.handle_cancel(TaskId(1), Attempt(2), "stale attempt number");
@@ -146,7 +146,7 @@ fn cancel_stops_the_child_and_reports_cancelled() {
 fn tasks_the_coordinator_no_longer_lists_are_dropped_on_cancel() {
     let mut s = Session::new(1);
     s.handle_connected();
-    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0));
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
     s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::Succeeded));
     s.handle_disconnected();
     s.handle_connected();

@@ -1,0 +1,560 @@
+//! One attempt, start to end: prepare the workspace, run the CLI on the
+//! issue, run the tests, commit, push, and say how it went.
+//!
+//! Finished work is never thrown away: when the CLI stops at its turn limit,
+//! its budget or the deadline, what it changed is still committed and pushed
+//! (marked incomplete in the commit message and the outcome). A cancelled
+//! attempt pushes nothing.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::ids::{Attempt, TaskId};
+use common::types::{
+    CliResult, FinishedReport, Outcome, Phase, PushCredential, TaskSpec, TestSummary,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span, warn};
+
+use crate::config::{ClaudeConfig, TestsConfig};
+use crate::runner::{self, End, Invocation, RunResult, Sink};
+use crate::workspace::{Author, Workspaces};
+
+/// Everything an attempt needs besides the task.
+pub struct Executor {
+    pub workspaces: Workspaces,
+    pub claude: ClaudeConfig,
+    pub tests: TestsConfig,
+    pub author: Author,
+    /// Push what the CLI changed when it stopped at a limit.
+    pub push_incomplete: bool,
+    pub keep_failed_for: Duration,
+    /// The agent's id, for commit messages.
+    pub agent: String,
+}
+
+/// One assignment.
+pub struct Job {
+    pub task: TaskId,
+    pub attempt: Attempt,
+    pub spec: TaskSpec,
+    /// How long the attempt may take in all.
+    pub budget: Duration,
+    pub credential: Option<PushCredential>,
+}
+
+impl Executor {
+    /// Runs the job to its end; the report is what the coordinator gets.
+    pub async fn run(
+        self: Arc<Self>,
+        job: Job,
+        sink: Sink,
+        stop: CancellationToken,
+    ) -> FinishedReport {
+        let span = info_span!("task", task_id = %job.task, attempt = job.attempt.0);
+        let mut report = self.attempt(&job, &sink, &stop).instrument(span).await;
+        report.branch = if report.commit.is_empty() {
+            String::new()
+        } else {
+            job.spec.branch.clone()
+        };
+        let dir = self.workspaces.dir(job.task, job.attempt);
+        let keep = !matches!(report.outcome, Outcome::Succeeded | Outcome::NoChanges);
+        let ws = &self.workspaces;
+        ws.clean((!keep).then_some(dir.as_path()), self.keep_failed_for);
+        report
+    }
+
+    async fn attempt(&self, job: &Job, sink: &Sink, stop: &CancellationToken) -> FinishedReport {
+        // Preparing: mirror and clone.
+        sink.progress(Phase::Preparing).await;
+        sink.system(format!(
+            "[ccc] preparing a workspace of {}",
+            job.spec.repo_url
+        ))
+        .await;
+        let prepared = {
+            let (task, attempt, spec, cred) = (
+                job.task,
+                job.attempt,
+                job.spec.clone(),
+                job.credential.clone(),
+            );
+            let ws = self.workspaces.clone();
+            tokio::task::spawn_blocking(move || ws.prepare(task, attempt, &spec, cred.as_ref()))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+        };
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                return report(
+                    Outcome::WorkspaceError,
+                    format!("cannot prepare the workspace: {e}"),
+                );
+            }
+        };
+        sink.system(format!(
+            "[ccc] on branch {} from {}{}",
+            prepared.branch,
+            prepared.base_branch,
+            if prepared.mirror_reused {
+                " (mirror reused)"
+            } else {
+                ""
+            }
+        ))
+        .await;
+        if stop.is_cancelled() {
+            return report(
+                Outcome::Cancelled,
+                "cancelled before the CLI started".into(),
+            );
+        }
+
+        // The CLI.
+        sink.progress(Phase::RunningClaude).await;
+        let prompt = self.claude.prompt(job.task, &job.spec);
+        let inv = Invocation {
+            program: self.claude.program.clone(),
+            args: self.claude.args(&prompt),
+            env: self.claude.env.clone(),
+            cwd: prepared.dir.clone(),
+            deadline: job.budget.min(self.claude.timeout),
+            grace: self.claude.kill_grace,
+        };
+        sink.system(format!("[ccc] running {}", self.claude.program))
+            .await;
+        let run = match runner::run_streaming(&inv, sink, stop).await {
+            Ok(run) => run,
+            Err(e) => return report(Outcome::CliFailed, format!("cannot start the CLI: {e}")),
+        };
+        let (cli_outcome, cli_message, cli) = cli_outcome(&run, inv.deadline);
+        let partial = matches!(
+            cli_outcome,
+            Outcome::TurnLimit | Outcome::BudgetExceeded | Outcome::TimedOut
+        );
+        if !(cli_outcome == Outcome::Succeeded || (partial && self.push_incomplete)) {
+            let mut r = report(cli_outcome, cli_message);
+            r.cli = cli;
+            r.rate_limit_reset_unix_ms = rate_limit_reset(run.result_event.as_ref());
+            return r;
+        }
+
+        // Tests, on finished work only.
+        let tests = if partial {
+            None
+        } else {
+            sink.progress(Phase::Testing).await;
+            self.run_tests(job, &prepared.dir, sink, stop).await
+        };
+        if stop.is_cancelled() {
+            return report(Outcome::Cancelled, "cancelled during the tests".into());
+        }
+
+        // Commit.
+        sink.progress(Phase::Committing).await;
+        let message = commit_message(
+            job,
+            &self.agent,
+            cli.as_ref(),
+            partial.then_some(&cli_message),
+        );
+        let commit = {
+            let (dir, author) = (prepared.dir.clone(), self.author.clone());
+            tokio::task::spawn_blocking(move || Workspaces::commit_all(&dir, &message, &author))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+        };
+        let commit = match commit {
+            Ok(Some(id)) => id,
+            Ok(None) => {
+                let mut r = report(
+                    Outcome::NoChanges,
+                    if partial {
+                        format!("{cli_message}; it changed nothing")
+                    } else {
+                        "the CLI finished without changing anything".into()
+                    },
+                );
+                r.cli = cli;
+                r.tests = tests;
+                return r;
+            }
+            Err(e) => return report(Outcome::WorkspaceError, format!("cannot commit: {e}")),
+        };
+        sink.system(format!("[ccc] committed {commit}")).await;
+
+        // Push.
+        sink.progress(Phase::Pushing).await;
+        let pushed = {
+            let (dir, branch, force, cred) = (
+                prepared.dir.clone(),
+                prepared.branch.clone(),
+                !job.spec.follow_up,
+                job.credential.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                Workspaces::push(&dir, &branch, force, cred.as_ref())
+            })
+            .await
+            .map_err(|e| crate::workspace::Error::NoBranch(e.to_string()))
+            .and_then(|r| r)
+        };
+        let mut r = match pushed {
+            Err(e) if e.is_push_rejected() => report(Outcome::PushRejected, e.to_string()),
+            Err(e) => report(Outcome::WorkspaceError, format!("cannot push: {e}")),
+            Ok(()) => {
+                sink.system(format!(
+                    "[ccc] pushed {} to {}",
+                    prepared.branch, job.spec.repo_url
+                ))
+                .await;
+                let tests_failed = tests.as_ref().is_some_and(|t| t.ran && !t.passed);
+                if partial {
+                    report(
+                        cli_outcome,
+                        format!(
+                            "{cli_message}; the partial work is pushed to {} at {commit}",
+                            prepared.branch
+                        ),
+                    )
+                } else if tests_failed {
+                    report(
+                        Outcome::TestsFailed,
+                        format!(
+                            "the tests failed; the work is pushed to {} at {commit}",
+                            prepared.branch
+                        ),
+                    )
+                } else {
+                    report(
+                        Outcome::Succeeded,
+                        format!("pushed {} at {commit}", prepared.branch),
+                    )
+                }
+            }
+        };
+        r.commit = commit;
+        r.cli = cli;
+        r.tests = tests;
+        r
+    }
+
+    /// The test command: the task's, else the repository's (`.ccc/test`),
+    /// else the agent's for the specialty, else one guessed from the
+    /// repository's files. `None` when there is nothing to run.
+    fn test_command(&self, spec: &TaskSpec, dir: &Path) -> Option<String> {
+        if !spec.test_command.trim().is_empty() {
+            return Some(spec.test_command.clone());
+        }
+        if let Ok(cmd) = std::fs::read_to_string(dir.join(".ccc").join("test")) {
+            let cmd = cmd.trim();
+            if !cmd.is_empty() {
+                return Some(cmd.to_owned());
+            }
+        }
+        if let Some(cmd) = self.tests.for_specialty(spec.specialty) {
+            return Some(cmd);
+        }
+        detect_test_command(dir)
+    }
+
+    async fn run_tests(
+        &self,
+        job: &Job,
+        dir: &Path,
+        sink: &Sink,
+        stop: &CancellationToken,
+    ) -> Option<TestSummary> {
+        let command = self.test_command(&job.spec, dir)?;
+        sink.system(format!("[ccc] running the tests: {command}"))
+            .await;
+        // Test commands come from the operator or the repository, never
+        // from issue text; they are shell command lines.
+        let inv = Invocation {
+            program: "sh".into(),
+            args: vec!["-c".into(), command.clone()],
+            env: Vec::new(),
+            cwd: dir.to_owned(),
+            deadline: self.tests.timeout,
+            grace: self.claude.kill_grace,
+        };
+        let summary = match runner::run_streaming(&inv, sink, stop).await {
+            Ok(RunResult { end, tail, .. }) => {
+                let (passed, exit_code) = match end {
+                    End::Exited(Some(status)) => {
+                        let code = status.code().unwrap_or(-1);
+                        // pytest: 5 means no tests were collected.
+                        (
+                            status.success() || (code == 5 && command.contains("pytest")),
+                            code,
+                        )
+                    }
+                    End::Exited(None) => (false, -1),
+                    End::TimedOut => (false, -1),
+                    End::Stopped => (false, -1),
+                };
+                TestSummary {
+                    ran: true,
+                    passed,
+                    command,
+                    exit_code,
+                    tail,
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot run the tests");
+                TestSummary {
+                    ran: false,
+                    passed: false,
+                    command,
+                    exit_code: -1,
+                    tail: e.to_string(),
+                }
+            }
+        };
+        sink.system(format!(
+            "[ccc] tests {} (exit {})",
+            if summary.passed { "passed" } else { "failed" },
+            summary.exit_code
+        ))
+        .await;
+        Some(summary)
+    }
+}
+
+/// Guesses the test command from the repository's files.
+pub fn detect_test_command(dir: &Path) -> Option<String> {
+    let has = |f: &str| dir.join(f).exists();
+    if has("package.json")
+        && std::fs::read_to_string(dir.join("package.json")).is_ok_and(|p| p.contains("\"test\""))
+    {
+        return Some("npm test".into());
+    }
+    if has("Cargo.toml") {
+        return Some("cargo test".into());
+    }
+    if has("go.mod") {
+        return Some("go test ./...".into());
+    }
+    if has("pytest.ini")
+        || has("pyproject.toml")
+        || has("setup.cfg")
+        || has("tests") && has("requirements.txt")
+    {
+        return Some("pytest -q".into());
+    }
+    if has("Makefile")
+        && std::fs::read_to_string(dir.join("Makefile"))
+            .is_ok_and(|m| m.lines().any(|l| l.starts_with("test:")))
+    {
+        return Some("make test".into());
+    }
+    None
+}
+
+fn report(outcome: Outcome, message: String) -> FinishedReport {
+    FinishedReport {
+        outcome,
+        message,
+        branch: String::new(),
+        commit: String::new(),
+        tests: None,
+        cli: None,
+        rate_limit_reset_unix_ms: 0,
+        last_output_seq: 0,
+    }
+}
+
+fn commit_message(
+    job: &Job,
+    agent: &str,
+    cli: Option<&CliResult>,
+    incomplete: Option<&String>,
+) -> String {
+    let reference = if job.spec.issue_number > 0 {
+        format!("#{}", job.spec.issue_number)
+    } else {
+        job.task.to_string()
+    };
+    let mut message = format!(
+        "{} ({reference})\n\n",
+        job.spec.title.lines().next().unwrap_or("change")
+    );
+    if let Some(why) = incomplete {
+        message.push_str(&format!("INCOMPLETE: {why}.\n\n"));
+    }
+    message.push_str(&format!(
+        "Made by Claude Code on agent {agent} (task {}, attempt {}).\n",
+        job.task, job.attempt
+    ));
+    if let Some(c) = cli {
+        message.push_str(&format!(
+            "Claude Code: {} turns, ${:.4}.\n",
+            c.turns, c.cost_usd
+        ));
+        let summary: String = c.result.chars().take(2000).collect();
+        if !summary.trim().is_empty() {
+            message.push_str(&format!("\n{}\n", summary.trim()));
+        }
+    }
+    message
+}
+
+/// How the CLI run went, from its exit and its `result` event together (a
+/// failed API call still says `subtype: success` but `is_error: true`).
+pub fn cli_outcome(run: &RunResult, deadline: Duration) -> (Outcome, String, Option<CliResult>) {
+    let r = run.result_event.as_ref();
+    let cli = r.map(|r| CliResult {
+        cost_usd: r["total_cost_usd"].as_f64().unwrap_or(0.0),
+        turns: u32::try_from(r["num_turns"].as_u64().unwrap_or(0)).unwrap_or(u32::MAX),
+        duration_ms: r["duration_ms"].as_u64().unwrap_or(0),
+        session_id: r["session_id"].as_str().unwrap_or_default().to_owned(),
+        is_error: r["is_error"].as_bool().unwrap_or(false),
+        subtype: r["subtype"].as_str().unwrap_or_default().to_owned(),
+        result: r["result"]
+            .as_str()
+            .unwrap_or_default()
+            .chars()
+            .take(4096)
+            .collect(),
+    });
+    let status = match &run.end {
+        End::Stopped => return (Outcome::Cancelled, "stopped on request".into(), cli),
+        End::TimedOut => {
+            return (
+                Outcome::TimedOut,
+                format!("the CLI did not finish within {}s", deadline.as_secs()),
+                cli,
+            );
+        }
+        End::Exited(status) => *status,
+    };
+    let exit = runner::exit_text(status);
+    let Some(c) = cli.as_ref() else {
+        let outcome = if status.is_some_and(|s| s.success()) {
+            (
+                Outcome::Succeeded,
+                "the CLI exited 0 without a result event".into(),
+            )
+        } else {
+            (
+                Outcome::CliFailed,
+                format!("the CLI crashed (exit {exit}) without a result"),
+            )
+        };
+        return (outcome.0, outcome.1, cli);
+    };
+    let api_status = r.and_then(|r| r["api_error_status"].as_u64());
+    let text = c.result.to_ascii_lowercase();
+    let (outcome, message) = if status.is_some_and(|s| s.success()) && !c.is_error {
+        (
+            Outcome::Succeeded,
+            format!("the CLI finished in {} turns", c.turns),
+        )
+    } else if c.subtype == "error_max_turns" {
+        (
+            Outcome::TurnLimit,
+            format!("the CLI stopped at its turn limit after {} turns", c.turns),
+        )
+    } else if c.subtype.contains("budget") {
+        (
+            Outcome::BudgetExceeded,
+            format!("the CLI stopped at its budget after ${:.4}", c.cost_usd),
+        )
+    } else if api_status == Some(429) || text.contains("usage limit") || text.contains("rate limit")
+    {
+        (
+            Outcome::RateLimited,
+            format!("the API's usage or rate limit was reached: {}", c.result),
+        )
+    } else if text.contains("not logged in") || text.contains("invalid api key") {
+        (
+            Outcome::CliFailed,
+            format!("the CLI is not logged in on this PC: {}", c.result),
+        )
+    } else if let Some(code) = api_status {
+        (
+            Outcome::CliFailed,
+            format!("the API failed with HTTP {code}: {}", c.result),
+        )
+    } else {
+        (
+            Outcome::CliFailed,
+            format!("the CLI failed (exit {exit}): {}", c.result),
+        )
+    };
+    (outcome, message, cli)
+}
+
+/// The reset time of a usage limit, when the CLI gives one: its message
+/// ends with `|<unix seconds>` ("Claude AI usage limit reached|1700000000").
+pub fn rate_limit_reset(result: Option<&serde_json::Value>) -> u64 {
+    result
+        .and_then(|r| r["result"].as_str())
+        .and_then(|text| text.rsplit_once('|'))
+        .and_then(|(_, secs)| secs.trim().parse::<u64>().ok())
+        .map_or(0, |secs| secs.saturating_mul(1000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(end: End, result: Option<serde_json::Value>) -> RunResult {
+        RunResult {
+            end,
+            result_event: result,
+            tail: String::new(),
+        }
+    }
+
+    fn exit(code: i32) -> End {
+        use std::os::unix::process::ExitStatusExt;
+        End::Exited(Some(std::process::ExitStatus::from_raw(code << 8)))
+    }
+
+    #[test]
+    fn outcomes_read_both_the_exit_code_and_the_result_event() {
+        let d = Duration::from_secs(60);
+        let ok = serde_json::json!({"type":"result","subtype":"success","is_error":false,"num_turns":3,"result":"done"});
+        assert_eq!(
+            cli_outcome(&run(exit(0), Some(ok)), d).0,
+            Outcome::Succeeded
+        );
+        let api = serde_json::json!({"type":"result","subtype":"success","is_error":true,"api_error_status":500,"result":"API Error: 500"});
+        let (o, m, _) = cli_outcome(&run(exit(1), Some(api)), d);
+        assert_eq!(o, Outcome::CliFailed);
+        assert!(m.contains("HTTP 500"), "{m}");
+        let turns = serde_json::json!({"type":"result","subtype":"error_max_turns","is_error":true,"num_turns":2});
+        assert_eq!(
+            cli_outcome(&run(exit(1), Some(turns)), d).0,
+            Outcome::TurnLimit
+        );
+        let limited = serde_json::json!({"type":"result","subtype":"success","is_error":true,"result":"Claude AI usage limit reached|1700000000"});
+        assert_eq!(
+            cli_outcome(&run(exit(1), Some(limited.clone())), d).0,
+            Outcome::RateLimited
+        );
+        assert_eq!(rate_limit_reset(Some(&limited)), 1_700_000_000_000);
+        let login = serde_json::json!({"type":"result","is_error":true,"result":"Not logged in · Please run /login"});
+        assert!(
+            cli_outcome(&run(exit(1), Some(login)), d)
+                .1
+                .contains("not logged in")
+        );
+        assert_eq!(cli_outcome(&run(exit(139), None), d).0, Outcome::CliFailed);
+        assert_eq!(
+            cli_outcome(&run(End::TimedOut, None), d).0,
+            Outcome::TimedOut
+        );
+        assert_eq!(
+            cli_outcome(&run(End::Stopped, None), d).0,
+            Outcome::Cancelled
+        );
+    }
+}

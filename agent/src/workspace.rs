@@ -1,0 +1,384 @@
+//! Git work, and the only agent module that calls git2.
+//!
+//! Each repository is fetched into a bare mirror under `mirrors/` (keyed by
+//! its URL), so a second task on the same repository downloads only what is
+//! new; each attempt then gets its own clone of the mirror under `work/`,
+//! never shared, with `origin` pointing at the real remote for the push.
+//! All functions block: the driver calls them on the blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use common::ids::{Attempt, TaskId};
+use common::types::{PushCredential, TaskSpec};
+use git2::{
+    BranchType, Cred, CredentialType, FetchOptions, IndexAddOption, PushOptions, RemoteCallbacks,
+    Repository, Signature, build::RepoBuilder,
+};
+use tracing::{debug, info};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Git { what: String, source: git2::Error },
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("branch {0} does not exist on the remote (a follow-up needs it)")]
+    NoBranch(String),
+    #[error("the remote rejected the push of {branch}: {reason}")]
+    PushRejected { branch: String, reason: String },
+}
+
+impl Error {
+    pub fn is_push_rejected(&self) -> bool {
+        matches!(self, Self::PushRejected { .. })
+    }
+}
+
+fn git(what: impl Into<String>) -> impl FnOnce(git2::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Git { what, source }
+}
+
+/// Who commits.
+#[derive(Clone, Debug)]
+pub struct Author {
+    pub name: String,
+    pub email: String,
+}
+
+/// A prepared attempt directory.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub dir: PathBuf,
+    pub branch: String,
+    pub base_branch: String,
+    /// True when the mirror already existed (no full download).
+    pub mirror_reused: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Workspaces {
+    root: PathBuf,
+}
+
+impl Workspaces {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            root: data_dir.to_owned(),
+        }
+    }
+
+    /// The attempt's own directory.
+    pub fn dir(&self, task: TaskId, attempt: Attempt) -> PathBuf {
+        self.root
+            .join("work")
+            .join(format!("{task}-a{}", attempt.0))
+    }
+
+    fn mirror_path(&self, url: &str) -> PathBuf {
+        let readable: String = url
+            .rsplit(['/', ':'])
+            .find(|s| !s.is_empty())
+            .unwrap_or("repo")
+            .trim_end_matches(".git")
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            .take(40)
+            .collect();
+        // FNV-1a: a stable key per URL without another dependency.
+        let hash = url.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        self.root
+            .join("mirrors")
+            .join(format!("{readable}-{hash:016x}.git"))
+    }
+
+    /// Updates the repository's mirror and makes the attempt's clone on the
+    /// branch to work on: a new `spec.branch` from the base branch (default:
+    /// the remote's HEAD), or for a follow-up the existing `spec.branch`.
+    pub fn prepare(
+        &self,
+        task: TaskId,
+        attempt: Attempt,
+        spec: &TaskSpec,
+        credential: Option<&PushCredential>,
+    ) -> Result<Prepared, Error> {
+        let mirror_path = self.mirror_path(&spec.repo_url);
+        let mirror_reused = mirror_path.exists();
+        let mirror = if mirror_reused {
+            Repository::open_bare(&mirror_path).map_err(git("open mirror"))?
+        } else {
+            std::fs::create_dir_all(&mirror_path).map_err(|source| Error::Io {
+                what: "cannot create mirror",
+                path: mirror_path.clone(),
+                source,
+            })?;
+            let repo = Repository::init_bare(&mirror_path).map_err(git("create mirror"))?;
+            repo.remote("origin", &spec.repo_url)
+                .map_err(git("configure mirror"))?;
+            repo
+        };
+        mirror
+            .remote_set_url("origin", &spec.repo_url)
+            .map_err(git("configure mirror"))?;
+        let head_branch = {
+            let mut remote = mirror.find_remote("origin").map_err(git("mirror remote"))?;
+            let mut options = FetchOptions::new();
+            options.remote_callbacks(callbacks(credential));
+            options.prune(git2::FetchPrune::On);
+            remote
+                .fetch(
+                    &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+                    Some(&mut options),
+                    None,
+                )
+                .map_err(git(format!("fetch {}", spec.repo_url)))?;
+            let stats = remote.stats();
+            info!(
+                task_id = %task,
+                repo = %spec.repo_url,
+                mirror_reused,
+                received_objects = stats.received_objects(),
+                "mirror updated"
+            );
+            remote
+                .default_branch()
+                .ok()
+                .and_then(|b| b.as_str().ok().map(str::to_owned))
+        };
+        let base_branch = if spec.base_branch.is_empty() {
+            head_branch
+                .as_deref()
+                .and_then(|r| r.strip_prefix("refs/heads/"))
+                .map(str::to_owned)
+                .unwrap_or_else(|| "main".into())
+        } else {
+            spec.base_branch.clone()
+        };
+        if let Some(head) = &head_branch {
+            let _ = mirror.set_head(head);
+        }
+
+        let dir = self.dir(task, attempt);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|source| Error::Io {
+                what: "cannot clear workspace",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        std::fs::create_dir_all(dir.parent().unwrap_or(&self.root)).map_err(|source| {
+            Error::Io {
+                what: "cannot create workspace",
+                path: dir.clone(),
+                source,
+            }
+        })?;
+        let checkout_branch = if spec.follow_up {
+            &spec.branch
+        } else {
+            &base_branch
+        };
+        if mirror
+            .find_branch(checkout_branch, BranchType::Local)
+            .is_err()
+        {
+            return Err(if spec.follow_up {
+                Error::NoBranch(spec.branch.clone())
+            } else {
+                Error::NoBranch(base_branch.clone())
+            });
+        }
+        let mirror_url = mirror_path.to_string_lossy().into_owned();
+        let repo = RepoBuilder::new()
+            .branch(checkout_branch)
+            .clone(&mirror_url, &dir)
+            .map_err(git("clone the mirror"))?;
+        repo.remote_set_url("origin", &spec.repo_url)
+            .map_err(git("point origin at the remote"))?;
+        // The CLI's own files never belong in the commit.
+        let exclude = dir.join(".git").join("info").join("exclude");
+        let _ = std::fs::create_dir_all(exclude.parent().unwrap_or(&dir));
+        let _ = std::fs::write(&exclude, ".claude/\n");
+        if !spec.follow_up {
+            let head = repo
+                .head()
+                .and_then(|h| h.peel_to_commit())
+                .map_err(git("read the base commit"))?;
+            repo.branch(&spec.branch, &head, true)
+                .map_err(git(format!("create branch {}", spec.branch)))?;
+            repo.set_head(&format!("refs/heads/{}", spec.branch))
+                .map_err(git("switch to the branch"))?;
+        }
+        debug!(task_id = %task, dir = %dir.display(), branch = %spec.branch, "workspace ready");
+        Ok(Prepared {
+            dir,
+            branch: spec.branch.clone(),
+            base_branch,
+            mirror_reused,
+        })
+    }
+
+    /// Whether anything changed since the branch's last commit.
+    pub fn has_changes(dir: &Path) -> Result<bool, Error> {
+        let repo = Repository::open(dir).map_err(git("open workspace"))?;
+        let mut options = git2::StatusOptions::new();
+        options.include_untracked(true).recurse_untracked_dirs(true);
+        let statuses = repo
+            .statuses(Some(&mut options))
+            .map_err(git("read status"))?;
+        Ok(!statuses.is_empty())
+    }
+
+    /// Commits every change (new, modified, deleted; .gitignore respected).
+    /// `None` when there was nothing to commit.
+    pub fn commit_all(dir: &Path, message: &str, author: &Author) -> Result<Option<String>, Error> {
+        let repo = Repository::open(dir).map_err(git("open workspace"))?;
+        let mut index = repo.index().map_err(git("read index"))?;
+        index
+            .add_all(["*"], IndexAddOption::DEFAULT, None)
+            .map_err(git("stage changes"))?;
+        index
+            .update_all(["*"], None)
+            .map_err(git("stage deletions"))?;
+        index.write().map_err(git("write index"))?;
+        let tree_id = index.write_tree().map_err(git("write tree"))?;
+        let parent = repo
+            .head()
+            .and_then(|h| h.peel_to_commit())
+            .map_err(git("read HEAD"))?;
+        if parent.tree_id() == tree_id {
+            return Ok(None);
+        }
+        let tree = repo.find_tree(tree_id).map_err(git("find tree"))?;
+        let signature =
+            Signature::now(&author.name, &author.email).map_err(git("author signature"))?;
+        let id = repo
+            .commit(
+                Some("HEAD"),
+                &signature,
+                &signature,
+                message,
+                &tree,
+                &[&parent],
+            )
+            .map_err(git("commit"))?;
+        Ok(Some(id.to_string()))
+    }
+
+    /// Pushes `branch` to `origin`. A fresh branch is force-pushed (each
+    /// attempt starts again from the base); a follow-up must fast-forward.
+    pub fn push(
+        dir: &Path,
+        branch: &str,
+        force: bool,
+        credential: Option<&PushCredential>,
+    ) -> Result<(), Error> {
+        let repo = Repository::open(dir).map_err(git("open workspace"))?;
+        let mut remote = repo.find_remote("origin").map_err(git("find origin"))?;
+        let rejected = std::cell::RefCell::new(None::<String>);
+        let mut cbs = callbacks(credential);
+        cbs.push_update_reference(|refname, status| {
+            if let Some(status) = status {
+                *rejected.borrow_mut() = Some(format!("{refname}: {status}"));
+            }
+            Ok(())
+        });
+        let mut options = PushOptions::new();
+        options.remote_callbacks(cbs);
+        let refspec = format!(
+            "{}refs/heads/{branch}:refs/heads/{branch}",
+            if force { "+" } else { "" }
+        );
+        let pushed = remote.push(&[refspec.as_str()], Some(&mut options));
+        drop(options);
+        if let Some(reason) = rejected.into_inner() {
+            return Err(Error::PushRejected {
+                branch: branch.to_owned(),
+                reason,
+            });
+        }
+        pushed.map_err(|source| {
+            if matches!(source.code(), git2::ErrorCode::NotFastForward) {
+                Error::PushRejected {
+                    branch: branch.to_owned(),
+                    reason: source.message().to_owned(),
+                }
+            } else {
+                Error::Git {
+                    what: format!("push {branch}"),
+                    source,
+                }
+            }
+        })
+    }
+
+    /// Removes attempt directories: now for `dir` if `succeeded`, and any
+    /// other older than `keep_failed_for` (failed ones are kept a while to
+    /// look at).
+    pub fn clean(&self, dir: Option<&Path>, keep_failed_for: Duration) {
+        if let Some(dir) = dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let Ok(entries) = std::fs::read_dir(self.root.join("work")) else {
+            return;
+        };
+        #[allow(clippy::disallowed_methods)] // file ages are compared with the wall clock
+        let now = SystemTime::now();
+        for entry in entries.flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age > keep_failed_for);
+            if old {
+                debug!(dir = %entry.path().display(), "removing an old failed workspace");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// Credentials for fetch and push: the assignment's token over HTTPS when
+/// there is one, else the PC's own git credentials (credential helper, SSH
+/// agent). Each kind is tried once, so a wrong credential fails instead of
+/// looping.
+fn callbacks(credential: Option<&PushCredential>) -> RemoteCallbacks<'_> {
+    let mut cbs = RemoteCallbacks::new();
+    let mut tried = Vec::<CredentialType>::new();
+    cbs.credentials(move |url, username, allowed| {
+        if let Some(c) = credential
+            && allowed.contains(CredentialType::USER_PASS_PLAINTEXT)
+            && !tried.contains(&CredentialType::USER_PASS_PLAINTEXT)
+        {
+            tried.push(CredentialType::USER_PASS_PLAINTEXT);
+            let user = if c.username.is_empty() {
+                "x-access-token"
+            } else {
+                &c.username
+            };
+            return Cred::userpass_plaintext(user, c.token.expose());
+        }
+        if allowed.contains(CredentialType::SSH_KEY) && !tried.contains(&CredentialType::SSH_KEY) {
+            tried.push(CredentialType::SSH_KEY);
+            return Cred::ssh_key_from_agent(username.unwrap_or("git"));
+        }
+        if allowed.contains(CredentialType::USER_PASS_PLAINTEXT)
+            && !tried.contains(&CredentialType::DEFAULT)
+        {
+            tried.push(CredentialType::DEFAULT);
+            if let Ok(config) = git2::Config::open_default() {
+                return Cred::credential_helper(&config, url, username);
+            }
+        }
+        Err(git2::Error::from_str("no credential for this remote"))
+    });
+    cbs
+}
