@@ -69,6 +69,9 @@ pub struct Args {
     /// Output stored per task; past it a truncation marker is stored [default: 64MiB].
     #[arg(long, env = "CCC_OUTPUT_CAP", value_parser = parse_size)]
     pub output_cap: Option<u64>,
+    /// An agent that hit the API's usage limit gets no work for this long, or until the reset it reported [default: 5m].
+    #[arg(long, env = "CCC_RATE_LIMIT_COOLDOWN", value_parser = parse_duration)]
+    pub rate_limit_cooldown: Option<Duration>,
     /// Log format: pretty or json [default: pretty].
     #[arg(long, env = "CCC_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -105,6 +108,8 @@ pub struct FileConfig {
     pub general_fallback_after: Option<Duration>,
     #[serde(default, deserialize_with = "de_opt_size")]
     pub output_cap: Option<u64>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub rate_limit_cooldown: Option<Duration>,
     #[serde(default, deserialize_with = "de_opt_log_format")]
     pub log_format: Option<LogFormat>,
 }
@@ -215,6 +220,10 @@ impl Config {
                     .or(file.general_fallback_after)
                     .unwrap_or(Duration::from_secs(120)),
                 output_cap_bytes: args.output_cap.or(file.output_cap).unwrap_or(64 << 20),
+                rate_limit_cooldown: args
+                    .rate_limit_cooldown
+                    .or(file.rate_limit_cooldown)
+                    .unwrap_or(Duration::from_secs(300)),
             },
             log_format: args
                 .log_format

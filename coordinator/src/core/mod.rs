@@ -62,6 +62,9 @@ pub struct CoreConfig {
     pub general_fallback_after: Duration,
     /// Output stored per task, all attempts; past it a marker is stored.
     pub output_cap_bytes: u64,
+    /// An agent that hit the API's usage limit gets no work for this long,
+    /// or until the reset time its CLI gave.
+    pub rate_limit_cooldown: Duration,
 }
 
 /// The persisted state of an agent, as listed by `ccc agents`.
@@ -832,7 +835,16 @@ impl Core {
                 l.next_heartbeat
                     .min(l.last_heard + self.config.heartbeat_timeout)
             });
-        hellos.chain(lives).chain(self.task_timeout()).min()
+        let cooldowns = self
+            .agents
+            .values()
+            .filter_map(|e| e.live.as_ref()?.cooldown_until)
+            .filter(|at| *at > self.last_now);
+        hellos
+            .chain(lives)
+            .chain(cooldowns)
+            .chain(self.task_timeout())
+            .min()
     }
 
     fn close(&mut self, conn: ConnId, reason: CloseReason) {

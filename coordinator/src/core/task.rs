@@ -618,9 +618,23 @@ impl Core {
         }
         info!(task_id = %id, attempt = attempt.0, agent_id = %agent, outcome = %report.outcome, "attempt finished");
         let outcome = report.outcome;
+        if outcome == Outcome::RateLimited {
+            self.cool_down(agent, report.rate_limit_reset_unix_ms, now, wall);
+        }
         let message = report.message.clone();
         self.end_attempt(id, outcome, message, Some(report), now, wall);
         self.send(conn, ToAgent::FinishedAck { task: id, attempt });
+    }
+
+    /// Gives an agent that hit the API's usage limit no work until the
+    /// limit resets (or the configured cool-down, whichever is later).
+    fn cool_down(&mut self, agent: &AgentId, reset_unix_ms: u64, now: Instant, wall: UnixMillis) {
+        let until_reset = Duration::from_millis(reset_unix_ms.saturating_sub(wall.0));
+        let wait = until_reset.max(self.config.rate_limit_cooldown);
+        if let Some(live) = self.agents.get_mut(agent).and_then(|e| e.live.as_mut()) {
+            live.cooldown_until = Some(now + wait);
+            warn!(agent_id = %agent, wait_s = wait.as_secs(), "usage limit reached; no new work for this agent until it resets");
+        }
     }
 
     // ---- time ----

@@ -622,6 +622,36 @@ fn a_rate_limit_requeues_without_spending_an_attempt() {
     assert_eq!(h.state(t), TaskState::Queued);
     h.advance(1);
     assert_eq!(h.state(t), TaskState::Assigned);
+    assert_eq!(
+        h.core.task(t).expect("task").current().map(|a| a.attempt),
+        Some(Attempt(2))
+    );
+}
+
+#[test]
+fn a_rate_limited_agent_gets_no_work_until_its_limit_resets() {
+    let mut h = H::new();
+    let t = h.submit("r", Specialty::Backend, 0);
+    h.connect("a", Specialty::Backend, 2);
+    h.msg("a", accepted(t, 1));
+    let mut limited = report(Outcome::RateLimited);
+    limited.rate_limit_reset_unix_ms = 1_000_000 + 90_000;
+    h.msg(
+        "a",
+        FromAgent::Finished {
+            task: t,
+            attempt: Attempt(1),
+            report: limited,
+        },
+    );
+    h.sent();
+    let other = h.submit("r", Specialty::Backend, 0);
+    assert!(h.assigned().is_empty(), "the agent cools down");
+    h.advance(89);
+    assert!(h.assigned().is_empty());
+    h.advance(1);
+    let placed: Vec<TaskId> = h.assigned().into_iter().map(|(_, t, _)| t).collect();
+    assert_eq!(placed, vec![t, other]);
 }
 
 #[test]

@@ -25,6 +25,7 @@ pub(super) fn config() -> CoreConfig {
         retry_backoff_max: Duration::from_secs(300),
         general_fallback_after: Duration::from_secs(120),
         output_cap_bytes: 1000,
+        rate_limit_cooldown: Duration::from_secs(30),
     }
 }
 
