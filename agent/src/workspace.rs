@@ -6,7 +6,9 @@
 //! never shared, with `origin` pointing at the real remote for the push.
 //! All functions block: the driver calls them on the blocking pool.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use common::ids::{Attempt, TaskId};
@@ -64,13 +66,25 @@ pub struct Prepared {
 #[derive(Clone, Debug)]
 pub struct Workspaces {
     root: PathBuf,
+    /// One lock per mirror: attempts on the same repository take turns to
+    /// fetch and clone it, attempts on different ones do not wait.
+    mirror_locks: Arc<Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>>,
 }
 
 impl Workspaces {
     pub fn new(data_dir: &Path) -> Self {
         Self {
             root: data_dir.to_owned(),
+            mirror_locks: Arc::default(),
         }
+    }
+
+    fn mirror_lock(&self, mirror: &Path) -> Arc<Mutex<()>> {
+        let mut locks = self
+            .mirror_locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(locks.entry(mirror.to_owned()).or_default())
     }
 
     /// The attempt's own directory.
@@ -110,19 +124,32 @@ impl Workspaces {
         credential: Option<&PushCredential>,
     ) -> Result<Prepared, Error> {
         let mirror_path = self.mirror_path(&spec.repo_url);
+        let lock = self.mirror_lock(&mirror_path);
+        let _turn = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mirror_reused = mirror_path.exists();
         let mirror = if mirror_reused {
             Repository::open_bare(&mirror_path).map_err(git("open mirror"))?
         } else {
-            std::fs::create_dir_all(&mirror_path).map_err(|source| Error::Io {
+            // Made aside and renamed into place: a crash never leaves half a mirror.
+            let fresh = mirror_path.with_extension("new");
+            let _ = std::fs::remove_dir_all(&fresh);
+            std::fs::create_dir_all(&fresh).map_err(|source| Error::Io {
+                what: "cannot create mirror",
+                path: fresh.clone(),
+                source,
+            })?;
+            let repo = Repository::init_bare(&fresh).map_err(git("create mirror"))?;
+            repo.remote("origin", &spec.repo_url)
+                .map_err(git("configure mirror"))?;
+            drop(repo);
+            std::fs::rename(&fresh, &mirror_path).map_err(|source| Error::Io {
                 what: "cannot create mirror",
                 path: mirror_path.clone(),
                 source,
             })?;
-            let repo = Repository::init_bare(&mirror_path).map_err(git("create mirror"))?;
-            repo.remote("origin", &spec.repo_url)
-                .map_err(git("configure mirror"))?;
-            repo
+            Repository::open_bare(&mirror_path).map_err(git("open mirror"))?
         };
         mirror
             .remote_set_url("origin", &spec.repo_url)
@@ -283,12 +310,21 @@ impl Workspaces {
         let repo = Repository::open(dir).map_err(git("open workspace"))?;
         let mut remote = repo.find_remote("origin").map_err(git("find origin"))?;
         let rejected = std::cell::RefCell::new(None::<String>);
+        // What the remote prints (hooks, branch protection) explains a refusal.
+        let remote_said = std::cell::RefCell::new(String::new());
         let mut cbs = callbacks(credential);
         cbs.push_update_reference(|refname, status| {
             if let Some(status) = status {
                 *rejected.borrow_mut() = Some(format!("{refname}: {status}"));
             }
             Ok(())
+        });
+        cbs.sideband_progress(|data| {
+            let mut said = remote_said.borrow_mut();
+            if said.len() < 4096 {
+                said.push_str(&String::from_utf8_lossy(data));
+            }
+            true
         });
         let mut options = PushOptions::new();
         options.remote_callbacks(cbs);
@@ -298,7 +334,12 @@ impl Workspaces {
         );
         let pushed = remote.push(&[refspec.as_str()], Some(&mut options));
         drop(options);
-        if let Some(reason) = rejected.into_inner() {
+        let said = remote_said.into_inner();
+        let said = said.trim();
+        if let Some(mut reason) = rejected.into_inner() {
+            if !said.is_empty() {
+                reason = format!("{reason} (remote: {said})");
+            }
             return Err(Error::PushRejected {
                 branch: branch.to_owned(),
                 reason,

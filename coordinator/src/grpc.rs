@@ -668,6 +668,19 @@ fn state_event(task: &Task) -> proto::TaskEvent {
     }
 }
 
+/// A branch name git accepts and that cannot escape `refs/heads/`.
+fn valid_branch(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(['-', '/', '.'])
+        && !name.ends_with(['/', '.'])
+        && !name.contains("..")
+        && !name.contains("//")
+        && !name.ends_with(".lock")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'))
+}
+
 /// Validates a manual submission.
 fn new_task(req: proto::SubmitTaskRequest, admin: &PeerIdentity) -> Result<NewTask, Status> {
     let field = |name: &str, value: &str, max: usize, required: bool| -> Result<(), Status> {
@@ -686,6 +699,14 @@ fn new_task(req: proto::SubmitTaskRequest, admin: &PeerIdentity) -> Result<NewTa
     field("body", &req.body, 256 * 1024, false)?;
     field("base_branch", &req.base_branch, 256, false)?;
     field("test_command", &req.test_command, 4096, false)?;
+    field("follow_up_branch", &req.follow_up_branch, 256, false)?;
+    let follow_up = !req.follow_up_branch.is_empty();
+    if follow_up && !valid_branch(&req.follow_up_branch) {
+        return Err(Status::invalid_argument(format!(
+            "follow_up_branch {:?} is not a valid branch name",
+            req.follow_up_branch
+        )));
+    }
     if req.repo.chars().any(char::is_control) || req.base_branch.chars().any(char::is_control) {
         return Err(Status::invalid_argument(
             "repo and base_branch must not contain control characters",
@@ -719,8 +740,8 @@ fn new_task(req: proto::SubmitTaskRequest, admin: &PeerIdentity) -> Result<NewTa
                 .into_iter()
                 .map(|t| bounded(t, 64))
                 .collect(),
-            branch: String::new(),
-            follow_up: false,
+            branch: req.follow_up_branch,
+            follow_up,
             test_command: req.test_command,
         },
         priority: req.priority.clamp(-1000, 1000),

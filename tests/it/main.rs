@@ -1,6 +1,8 @@
 //! The one integration-test binary: real binaries, real mTLS, real sled
 //! files, over loopback. See `tests/src` for the harness.
 
+mod executor;
 mod foundation;
 mod raw_stream;
+mod real_cli;
 mod tasks;

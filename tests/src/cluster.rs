@@ -126,17 +126,31 @@ impl Cluster {
 
     /// Submits a task with `ccc submit`; returns its id.
     pub fn submit(&self, specialty: &str, title: &str, body: &str) -> String {
-        let out = self.ccc_ok(&[
+        self.submit_to("file:///srv/repo", specialty, title, body, &[])
+    }
+
+    /// Submits a task on repository `repo` with more `ccc submit` flags.
+    pub fn submit_to(
+        &self,
+        repo: &str,
+        specialty: &str,
+        title: &str,
+        body: &str,
+        extra: &[&str],
+    ) -> String {
+        let mut args = vec![
             "submit",
             "--repo",
-            "file:///srv/repo",
+            repo,
             "--title",
             title,
             "--body",
             body,
             "--specialty",
             specialty,
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let out = self.ccc_ok(&args);
         out.split_whitespace()
             .next()
             .unwrap_or_else(|| panic!("no task id in {out:?}"))
@@ -261,7 +275,20 @@ impl Cluster {
         } else {
             self.pki.agent_certs(name, &certs_dir)
         };
-        let mut cmd = self.agent_command(&certs);
+        // The scripted stand-in, unless the test names another CLI.
+        let claude = match extra.iter().position(|a| *a == "--claude") {
+            Some(at) => PathBuf::from(extra.get(at + 1).copied().unwrap_or("claude")),
+            None => bin("fake-claude"),
+        };
+        let extra: Vec<&str> = match extra.iter().position(|a| *a == "--claude") {
+            Some(at) => extra[..at]
+                .iter()
+                .chain(extra.iter().skip(at + 2))
+                .copied()
+                .collect(),
+            None => extra.to_vec(),
+        };
+        let mut cmd = self.agent_command_with(&certs, &claude);
         cmd.arg("--data-dir")
             .arg(self.dir.join(format!("agent-{name}")))
             .args(extra)
@@ -278,6 +305,11 @@ impl Cluster {
     /// A `ccc-agent` command aimed at this cluster (or at `agent_target`)
     /// with fast reconnects, running the `fake-claude` stand-in as its CLI.
     pub fn agent_command(&self, certs_dir: &Path) -> Command {
+        self.agent_command_with(certs_dir, &bin("fake-claude"))
+    }
+
+    /// A `ccc-agent` command aimed at this cluster running `claude` as its CLI.
+    pub fn agent_command_with(&self, certs_dir: &Path, claude: &Path) -> Command {
         let mut cmd = Command::new(bin("ccc-agent"));
         let target = self
             .agent_target
@@ -285,7 +317,7 @@ impl Cluster {
         cmd.arg("--coordinator")
             .arg(target)
             .arg("--claude")
-            .arg(bin("fake-claude"))
+            .arg(claude)
             .arg("--certs-dir")
             .arg(certs_dir)
             .args(["--reconnect-initial", "100ms", "--reconnect-max", "1s"]);

@@ -8,6 +8,8 @@
 //! every process's log.
 
 pub mod cluster;
+pub mod fake_anthropic;
+pub mod git;
 pub mod process;
 pub mod proxy;
 

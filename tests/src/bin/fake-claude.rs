@@ -5,7 +5,9 @@
 //!
 //! What it does is read from a `FAKE:` line in the prompt (the task's body),
 //! e.g. `FAKE: lines=20 interval_ms=50 exit=1 result=error hang=1
-//! write=notes.txt grandchild=1 stderr=2`; unknown keys are ignored.
+//! write=notes.txt grandchild=1 stderr=2 binary=1 bulk_kb=1024`; unknown keys
+//! are ignored. `binary=1` prints bytes that are not UTF-8; `bulk_kb=N`
+//! prints N KiB of plain lines.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -22,9 +24,19 @@ fn log_run(what: &str) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
         let _ = writeln!(file, "{what} {now}");
     }
+}
+
+/// One stream-json event: a JSON object on a line, flushed at once.
+fn emit(out: &mut impl Write, value: serde_json::Value) {
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
 }
 
 fn main() {
@@ -70,21 +82,23 @@ fn main() {
         .map(|d| d.display().to_string())
         .unwrap_or_default();
     let mut out = std::io::stdout().lock();
-    let mut emit = |value: serde_json::Value| {
-        let _ = writeln!(out, "{value}");
-        let _ = out.flush();
-    };
-    emit(serde_json::json!({
-        "type": "system", "subtype": "init", "session_id": session, "cwd": cwd,
-        "model": "fake-model", "tools": ["Write", "Edit", "Read", "Bash"],
-        "permissionMode": args.windows(2).find(|w| w[0] == "--permission-mode").map(|w| w[1].clone()),
-        "claude_code_version": "2.1.197",
-    }));
+    emit(
+        &mut out,
+        serde_json::json!({
+            "type": "system", "subtype": "init", "session_id": session, "cwd": cwd,
+            "model": "fake-model", "tools": ["Write", "Edit", "Read", "Bash"],
+            "permissionMode": args.windows(2).find(|w| w[0] == "--permission-mode").map(|w| w[1].clone()),
+            "claude_code_version": "2.1.197",
+        }),
+    );
     if num("grandchild", 0) == 1 {
         // A process of its own group that outlives nothing: killing the
         // group must take it down too. Its pid is printed for the test.
         if let Ok(child) = std::process::Command::new("sleep").arg("1000").spawn() {
-            emit(serde_json::json!({"type": "system", "subtype": "grandchild", "pid": child.id()}));
+            emit(
+                &mut out,
+                serde_json::json!({"type": "system", "subtype": "grandchild", "pid": child.id()}),
+            );
         }
     }
     if let Some(file) = script.get("write") {
@@ -95,20 +109,39 @@ fn main() {
                 prompt.lines().next().unwrap_or("")
             ),
         );
-        emit(serde_json::json!({
-            "type": "assistant", "session_id": session,
-            "message": {"content": [{"type": "tool_use", "name": "Write", "input": {"file_path": file}}]},
-        }));
+        emit(
+            &mut out,
+            serde_json::json!({
+                "type": "assistant", "session_id": session,
+                "message": {"content": [{"type": "tool_use", "name": "Write", "input": {"file_path": file}}]},
+            }),
+        );
     }
     for _ in 0..num("stderr", 0) {
         eprintln!("fake-claude: a line on stderr");
     }
+    if num("binary", 0) == 1 {
+        let _ = out.write_all(b"binary:\xff\xfe caf\xe9 \x00\x01 end\n");
+        let _ = out.flush();
+    }
+    let bulk_kb = num("bulk_kb", 0);
+    if bulk_kb > 0 {
+        // 1 KiB lines: 1023 characters and a newline.
+        let line = format!("{}\n", "x".repeat(1023));
+        for _ in 0..bulk_kb {
+            let _ = out.write_all(line.as_bytes());
+        }
+        let _ = out.flush();
+    }
     let lines = num("lines", 3);
     for i in 1..=lines {
-        emit(serde_json::json!({
-            "type": "assistant", "session_id": session,
-            "message": {"content": [{"type": "text", "text": format!("working, step {i} of {lines}")}]},
-        }));
+        emit(
+            &mut out,
+            serde_json::json!({
+                "type": "assistant", "session_id": session,
+                "message": {"content": [{"type": "text", "text": format!("working, step {i} of {lines}")}]},
+            }),
+        );
         std::thread::sleep(Duration::from_millis(num("interval_ms", 0)));
     }
     if num("hang", 0) == 1 {
@@ -125,13 +158,16 @@ fn main() {
         }
     });
     if subtype != "none" {
-        emit(serde_json::json!({
-            "type": "result", "subtype": subtype, "is_error": exit != 0,
-            "num_turns": lines, "duration_ms": started.elapsed().as_millis() as u64,
-            "duration_api_ms": 0, "total_cost_usd": 0.0123, "session_id": session,
-            "result": if exit == 0 { "done".to_owned() } else { format!("failed as scripted ({subtype})") },
-            "permission_denials": [],
-        }));
+        emit(
+            &mut out,
+            serde_json::json!({
+                "type": "result", "subtype": subtype, "is_error": exit != 0,
+                "num_turns": lines, "duration_ms": started.elapsed().as_millis() as u64,
+                "duration_api_ms": 0, "total_cost_usd": 0.0123, "session_id": session,
+                "result": if exit == 0 { "done".to_owned() } else { format!("failed as scripted ({subtype})") },
+                "permission_denials": [],
+            }),
+        );
     }
     log_run("end");
     std::process::exit(exit);

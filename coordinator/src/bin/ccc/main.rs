@@ -86,9 +86,12 @@ enum Cmd {
         /// The issue number, for the branch name.
         #[arg(long, default_value_t = 0)]
         issue: u64,
-        /// The test command [default: the agent's default for the specialty].
+        /// The test command [default: the repository's, else the agent's].
         #[arg(long, default_value = "")]
         test_command: String,
+        /// A follow-up: continue this existing branch (e.g. after review comments).
+        #[arg(long, default_value = "")]
+        follow_up_branch: String,
     },
     /// List tasks, newest last.
     Tasks {
@@ -283,6 +286,7 @@ async fn admin_command(conn: admin::ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
             tech,
             issue,
             test_command,
+            follow_up_branch,
         } => {
             let body = match body_file {
                 Some(path) if path.as_os_str() == "-" => std::io::read_to_string(std::io::stdin())?,
@@ -301,6 +305,7 @@ async fn admin_command(conn: admin::ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
                     technologies: tech,
                     issue_number: issue,
                     test_command,
+                    follow_up_branch,
                 })
                 .await
                 .map_err(|s| diagnosis.explain(s))
