@@ -458,6 +458,13 @@ pub fn to_proto(msg: ToCoordinator, advert: &AgentAdvert, name: &str) -> AgentMe
             last_output_seq: report.last_output_seq,
         }),
         ToCoordinator::Draining { reason } => Msg::Draining(proto::Draining { reason }),
+        // The driver turns a resend into the spooled chunks before sending.
+        ToCoordinator::Resend { task, attempt, .. } => Msg::TaskProgress(proto::TaskProgress {
+            task_id: task.to_string(),
+            attempt: attempt.0,
+            phase: proto::Phase::Unspecified as i32,
+            detail: "resend".into(),
+        }),
     };
     AgentMessage { msg: Some(msg) }
 }

@@ -21,17 +21,20 @@ use crate::config::Config;
 use crate::conn::{self, FromCoordinator, Link, LinkEvent};
 use crate::executor::{Executor, Job};
 use crate::runner::{ChildEvent, Sink};
-use crate::session::{Command, Session};
+use crate::session::{Command, Session, ToCoordinator};
+use crate::spool::Spool;
 use crate::workspace::Workspaces;
 
-/// Output held for the coordinator before the agent stops reading its
+/// Output spooled for the coordinator before the agent stops reading its
 /// children's output (they then block on their pipes: nothing is dropped).
-const MAX_UNACKED_BYTES: usize = 64 << 20;
+const MAX_UNACKED_BYTES: usize = 512 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Link(#[from] conn::Error),
+    #[error(transparent)]
+    Spool(#[from] crate::spool::Error),
     #[error("the coordinator refused this agent: {0}")]
     Refused(String),
 }
@@ -55,6 +58,7 @@ pub struct Driver {
     children: HashMap<TaskId, CancellationToken>,
     child_tx: mpsc::Sender<ChildEvent>,
     executor: Arc<Executor>,
+    spool: Spool,
 }
 
 impl Driver {
@@ -77,7 +81,9 @@ impl Driver {
             keep_failed_for: config.keep_failed_for,
             agent: config.name.clone(),
         });
+        let spool = Spool::open(&config.data_dir)?;
         let mut driver = Self {
+            spool,
             executor,
             session: Session::new(config.capacity),
             config,
@@ -233,7 +239,15 @@ impl Driver {
                 attempt,
                 kind,
                 data,
-            } => self.session.handle_child_output(task, attempt, kind, data),
+            } => {
+                if let Some(chunk) = self.session.handle_child_output(task, attempt, kind, data)
+                    && let Err(e) = self.spool.append(&chunk)
+                {
+                    // Still sent while connected; lost only if the
+                    // stream breaks before it is acknowledged.
+                    warn!(task_id = %task, error = %e, "cannot spool output");
+                }
+            }
             ChildEvent::Progress {
                 task,
                 attempt,
@@ -314,17 +328,34 @@ impl Driver {
                         stop.cancel();
                     }
                 }
+                Command::Forget { task, attempt } => self.spool.remove(task, attempt),
             }
         }
         while let Some(msg) = self.session.poll_outbound() {
-            let Some(stream) = self.stream.as_ref() else {
-                break;
+            let batch = match msg {
+                ToCoordinator::Resend {
+                    task,
+                    attempt,
+                    after,
+                } => match self.spool.read_after(task, attempt, after) {
+                    Ok(chunks) => chunks.into_iter().map(ToCoordinator::Output).collect(),
+                    Err(e) => {
+                        warn!(task_id = %task, error = %e, "cannot read spooled output");
+                        Vec::new()
+                    }
+                },
+                msg => vec![msg],
             };
-            let msg = conn::to_proto(msg, &self.advert, &self.config.name);
-            if stream.tx.send(msg).await.is_err() {
-                self.stream = None;
-                self.session.handle_disconnected();
-                break;
+            for msg in batch {
+                let Some(stream) = self.stream.as_ref() else {
+                    return;
+                };
+                let msg = conn::to_proto(msg, &self.advert, &self.config.name);
+                if stream.tx.send(msg).await.is_err() {
+                    self.stream = None;
+                    self.session.handle_disconnected();
+                    return;
+                }
             }
         }
     }

@@ -12,6 +12,7 @@ pub mod executor;
 pub mod prompt;
 pub mod runner;
 pub mod session;
+pub mod spool;
 pub mod toolchains;
 pub mod workspace;
 

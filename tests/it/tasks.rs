@@ -37,7 +37,11 @@ fn an_agent_killed_mid_task_loses_it_after_the_lease_and_another_agent_finishes_
     cluster.start_agent("pc-1", &["--specialties", "backend"]);
     cluster.start_agent("pc-2", &["--specialties", "backend"]);
     cluster.wait_agents(&["pc-1", "pc-2"], "connected");
-    let id = cluster.submit("backend", "slow work", "FAKE: lines=30 interval_ms=100");
+    let id = cluster.submit(
+        "backend",
+        "slow work",
+        "FAKE: write=out.txt lines=30 interval_ms=100",
+    );
     let running = cluster.wait_task(&id, "running", READY);
     let first = attempts(&running)[0]["agent_id"]
         .as_str()
@@ -67,7 +71,11 @@ fn a_coordinator_killed_mid_task_resumes_the_same_attempt_without_gaps_or_duplic
     cluster.start_coordinator();
     cluster.start_agent("pc-1", &["--specialties", "backend"]);
     cluster.wait_agents(&["pc-1"], "connected");
-    let id = cluster.submit("backend", "long output", "FAKE: lines=40 interval_ms=75");
+    let id = cluster.submit(
+        "backend",
+        "long output",
+        "FAKE: write=out.txt lines=40 interval_ms=75",
+    );
     eventually(READY, || {
         let n = steps(&cluster, &id).len();
         if n >= 5 {
@@ -94,7 +102,11 @@ fn a_network_blip_shorter_than_the_lease_requeues_nothing() {
     cluster.agent_target = Some(proxy.addr);
     cluster.start_agent("pc-1", &["--specialties", "backend"]);
     cluster.wait_agents(&["pc-1"], "connected");
-    let id = cluster.submit("backend", "through a blip", "FAKE: lines=60 interval_ms=75");
+    let id = cluster.submit(
+        "backend",
+        "through a blip",
+        "FAKE: write=out.txt lines=60 interval_ms=75",
+    );
     cluster.wait_task(&id, "running", READY);
     std::thread::sleep(Duration::from_millis(800));
     proxy.cut();
@@ -116,7 +128,11 @@ fn cancel_stops_a_running_task_on_its_agent() {
     cluster.start_coordinator();
     cluster.start_agent("pc-1", &["--specialties", "backend"]);
     cluster.wait_agents(&["pc-1"], "connected");
-    let id = cluster.submit("backend", "never ends", "FAKE: lines=1 hang=1");
+    let id = cluster.submit(
+        "backend",
+        "never ends",
+        "FAKE: write=out.txt lines=1 hang=1",
+    );
     let pid = eventually(READY, || {
         let logs = cluster.ccc_ok(&["logs", "--raw", &id]);
         logs.split("\"session_id\":\"fake-")
@@ -157,7 +173,11 @@ fn logs_follow_output_live_and_grpcurl_watches_a_task() {
     cluster.start_coordinator();
     cluster.start_agent("pc-1", &["--specialties", "frontend"]);
     cluster.wait_agents(&["pc-1"], "connected");
-    let id = cluster.submit("frontend", "watch me", "FAKE: lines=30 interval_ms=100");
+    let id = cluster.submit(
+        "frontend",
+        "watch me",
+        "FAKE: write=out.txt lines=30 interval_ms=100",
+    );
 
     let log = cluster.dir.join("follow.out");
     let mut cmd = Command::new(tests::bin("ccc"));
@@ -359,6 +379,13 @@ fn a_thousand_tasks_on_eight_agents_all_finish_once_within_capacity() {
     }
     let names: Vec<&str> = capacity.keys().map(String::as_str).collect();
     cluster.wait_agents(&names, "connected");
+    let repos: Vec<String> = (0..7)
+        .map(|i| {
+            tests::git::bare_repo(cluster.dir.path(), &format!("repo-{i}"), &[("a", "a\n")])
+                .display()
+                .to_string()
+        })
+        .collect();
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -376,9 +403,9 @@ fn a_thousand_tasks_on_eight_agents_all_finish_once_within_capacity() {
             };
             let task = admin
                 .submit_task(common::proto::SubmitTaskRequest {
-                    repo: format!("file:///srv/repo-{}", i % 7),
+                    repo: repos[i % 7].clone(),
                     title: format!("task {i}"),
-                    body: "FAKE: lines=2".into(),
+                    body: "FAKE: write=out.txt lines=2".into(),
                     specialty: specialty as i32,
                     ..Default::default()
                 })
@@ -444,7 +471,12 @@ fn a_coordinator_killed_at_random_moments_under_load_loses_nothing_acknowledged(
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
-    let mut cluster = Cluster::new("crash-cycles");
+    let mut cluster = Cluster::new("crash-cycles").with_coordinator_args(&[
+        "--retry-backoff",
+        "200ms",
+        "--retry-backoff-max",
+        "1s",
+    ]);
     cluster.start_coordinator();
     cluster.start_agent("pc-1", &["--specialties", "backend", "--capacity", "3"]);
     cluster.start_agent("pc-2", &["--specialties", "backend", "--capacity", "3"]);
@@ -456,7 +488,7 @@ fn a_coordinator_killed_at_random_moments_under_load_loses_nothing_acknowledged(
     let stop = Arc::new(AtomicBool::new(false));
     let submitter = {
         let (acknowledged, stop) = (Arc::clone(&acknowledged), Arc::clone(&stop));
-        let (url, certs) = (cluster.url(), cluster.pki.dir.clone());
+        let (url, certs, repo) = (cluster.url(), cluster.pki.dir.clone(), cluster.repo());
         std::thread::spawn(move || {
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
@@ -466,18 +498,12 @@ fn a_coordinator_killed_at_random_moments_under_load_loses_nothing_acknowledged(
                     .arg(&url)
                     .arg("--certs-dir")
                     .arg(&certs)
-                    .args([
-                        "submit",
-                        "--repo",
-                        "file:///srv/r",
-                        "--specialty",
-                        "backend",
-                    ])
+                    .args(["submit", "--repo", &repo, "--specialty", "backend"])
                     .args([
                         "--title",
                         &format!("load {n}"),
                         "--body",
-                        "FAKE: lines=3 interval_ms=30",
+                        "FAKE: write=out.txt lines=3 interval_ms=30",
                     ])
                     .output()
                     .expect("run ccc");

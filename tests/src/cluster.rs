@@ -124,9 +124,22 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Submits a task with `ccc submit`; returns its id.
+    /// The cluster's default repository (a real bare one, made on first use).
+    pub fn repo(&self) -> String {
+        let repo = self.dir.join("repo.git");
+        if !repo.exists() {
+            crate::git::bare_repo(
+                self.dir.path(),
+                "repo",
+                &[("README.md", "# demo repository\n")],
+            );
+        }
+        repo.display().to_string()
+    }
+
+    /// Submits a task on the default repository; returns its id.
     pub fn submit(&self, specialty: &str, title: &str, body: &str) -> String {
-        self.submit_to("file:///srv/repo", specialty, title, body, &[])
+        self.submit_to(&self.repo(), specialty, title, body, &[])
     }
 
     /// Submits a task on repository `repo` with more `ccc submit` flags.

@@ -34,6 +34,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
 /// A bare repository `name.git` in `dir` whose `main` has one commit with
 /// `files` (path, contents).
 pub fn bare_repo(dir: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = &std::path::absolute(dir).expect("absolute path");
     let bare = dir.join(format!("{name}.git"));
     let seed = dir.join(format!("{name}-seed"));
     std::fs::create_dir_all(&bare).expect("mkdir");

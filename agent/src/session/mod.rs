@@ -4,10 +4,11 @@
 //! driver feeds it events and sends what `poll_outbound` returns.
 //!
 //! Invariants: output of an attempt carries seq 1, 2, 3... with no gap;
-//! a chunk stays buffered until the coordinator acknowledges it, so a
-//! reconnect resends exactly what the coordinator lacks, in order, before
-//! the attempt's result; an attempt is forgotten only when the coordinator
-//! acknowledges its result or tells the agent to cancel it.
+//! a chunk stays owed (its bytes in the driver's on-disk spool, its seq and
+//! size here) until the coordinator acknowledges it, so a reconnect resends
+//! exactly what the coordinator lacks, in order, before the attempt's
+//! result; an attempt is forgotten only when the coordinator acknowledges
+//! its result or tells the agent to cancel it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -40,6 +41,12 @@ pub enum ToCoordinator {
         reason: String,
     },
     Output(Chunk),
+    /// Resend, from the spool, the attempt's chunks after `after`.
+    Resend {
+        task: TaskId,
+        attempt: Attempt,
+        after: u64,
+    },
     Progress {
         task: TaskId,
         attempt: Attempt,
@@ -87,6 +94,11 @@ pub enum Command {
         task: TaskId,
         attempt: Attempt,
     },
+    /// The attempt is over for good: drop its spooled output.
+    Forget {
+        task: TaskId,
+        attempt: Attempt,
+    },
 }
 
 #[derive(Debug)]
@@ -94,7 +106,8 @@ struct Work {
     attempt: Attempt,
     /// The last seq given to a chunk.
     last_seq: u64,
-    unacked: VecDeque<Chunk>,
+    /// Seq and size of each chunk not yet acknowledged.
+    unacked: VecDeque<(u64, usize)>,
     unacked_bytes: usize,
     /// Set once the child process has ended.
     result: Option<FinishedReport>,
@@ -181,9 +194,12 @@ impl Session {
                 continue;
             }
             trim(work, acked);
-            for chunk in &work.unacked {
-                self.outbound
-                    .push_back(ToCoordinator::Output(chunk.clone()));
+            if !work.unacked.is_empty() {
+                self.outbound.push_back(ToCoordinator::Resend {
+                    task,
+                    attempt,
+                    after: acked,
+                });
             }
             if let Some(report) = &work.result {
                 self.outbound.push_back(ToCoordinator::Finished {
@@ -272,7 +288,7 @@ impl Session {
         info!(task_id = %task, attempt = attempt.0, %reason, "cancel received");
         if work.result.is_some() {
             // Already over: nothing to stop, nothing more to report.
-            self.work.remove(&task);
+            self.forget(task, attempt);
         } else if !work.stop_requested {
             work.stop_requested = true;
             self.commands.push_back(Command::Stop { task, attempt });
@@ -294,7 +310,7 @@ impl Session {
             .is_some_and(|w| w.attempt == attempt && w.result.is_some())
         {
             debug!(task_id = %task, attempt = attempt.0, "result acknowledged; attempt forgotten");
-            self.work.remove(&task);
+            self.forget(task, attempt);
         }
     }
 
@@ -312,19 +328,19 @@ impl Session {
 
     // ---- the child processes ----
 
-    /// A chunk of the child's output (a line, or part of a long one).
+    /// A chunk of the child's output (a line, or part of a long one). It
+    /// gets the next seq; the driver must spool the returned chunk before it
+    /// sends anything.
     pub fn handle_child_output(
         &mut self,
         task: TaskId,
         attempt: Attempt,
         kind: OutputKind,
         data: Arc<[u8]>,
-    ) {
-        let Some(work) = self.work.get_mut(&task) else {
-            return;
-        };
+    ) -> Option<Chunk> {
+        let work = self.work.get_mut(&task)?;
         if work.attempt != attempt || work.result.is_some() {
-            return;
+            return None;
         }
         work.last_seq += 1;
         let chunk = Chunk {
@@ -335,8 +351,14 @@ impl Session {
             data,
         };
         work.unacked_bytes += chunk.data.len();
-        work.unacked.push_back(chunk.clone());
-        self.send(ToCoordinator::Output(chunk));
+        work.unacked.push_back((chunk.seq, chunk.data.len()));
+        self.send(ToCoordinator::Output(chunk.clone()));
+        Some(chunk)
+    }
+
+    fn forget(&mut self, task: TaskId, attempt: Attempt) {
+        self.work.remove(&task);
+        self.commands.push_back(Command::Forget { task, attempt });
     }
 
     pub fn handle_progress(&mut self, task: TaskId, attempt: Attempt, phase: Phase) {
@@ -398,9 +420,9 @@ impl Session {
 
 /// Drops chunks the coordinator has persisted.
 fn trim(work: &mut Work, acked: u64) {
-    while work.unacked.front().is_some_and(|c| c.seq <= acked) {
-        if let Some(chunk) = work.unacked.pop_front() {
-            work.unacked_bytes -= chunk.data.len();
+    while work.unacked.front().is_some_and(|(seq, _)| *seq <= acked) {
+        if let Some((_, len)) = work.unacked.pop_front() {
+            work.unacked_bytes -= len;
         }
     }
 }

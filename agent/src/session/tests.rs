@@ -52,13 +52,8 @@ fn line(s: &mut Session, text: &str) {
     );
 }
 
-fn seqs(msgs: &[ToCoordinator]) -> Vec<u64> {
-    msgs.iter()
-        .filter_map(|m| match m {
-            ToCoordinator::Output(c) => Some(c.seq),
-            _ => None,
-        })
-        .collect()
+fn commands(s: &mut Session) -> Vec<Command> {
+    std::iter::from_fn(|| s.poll_command()).collect()
 }
 
 #[test]
@@ -87,17 +82,33 @@ fn output_survives_a_reconnect_and_is_resent_from_the_ack() {
             }]
         }]
     );
-    // The coordinator persisted up to 2 before it lost the stream.
+    // The coordinator persisted up to 2 before it lost the stream: the rest
+    // comes back from the spool, then the result.
     s.handle_welcome(&[(TaskId(1), Attempt(1), 2)]);
     let resent = out(&mut s);
-    assert_eq!(seqs(&resent), vec![3]);
+    assert_eq!(
+        resent[0],
+        ToCoordinator::Resend {
+            task: TaskId(1),
+            attempt: Attempt(1),
+            after: 2
+        }
+    );
     assert!(matches!(
         resent.last(),
         Some(ToCoordinator::Finished { report, .. }) if report.last_output_seq == 3
     ));
+    assert_eq!(s.unacked_bytes(), 1);
+    commands(&mut s);
     s.handle_finished_ack(TaskId(1), Attempt(1));
     assert!(s.is_idle());
-    assert_eq!(s.unacked_bytes(), 0);
+    assert_eq!(
+        commands(&mut s),
+        vec![Command::Forget {
+            task: TaskId(1),
+            attempt: Attempt(1)
+        }]
+    );
 }
 
 #[test]

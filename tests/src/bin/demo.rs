@@ -86,6 +86,15 @@ fn main() -> std::process::ExitCode {
     print!("{}", cluster.ccc_ok(&["tasks"]));
     println!("\n== why {followed} went where it did (`ccc task {followed}`):\n");
     print!("{}", cluster.ccc_ok(&["task", &followed]));
+    let repo = cluster.repo();
+    println!("\n== branches the agents pushed to {repo}:\n");
+    let branches = std::process::Command::new("git")
+        .args(["branch", "--list", "ccc/*"])
+        .current_dir(&repo)
+        .output();
+    if let Ok(out) = branches {
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
     let ccc = tests::bin("ccc");
     println!(
         "\n== try it from another terminal:\n   {} --coordinator {} --certs-dir {} agents\n   grpcurl -cacert {d}/ca.pem -cert {d}/admin-root.pem -key {d}/admin-root-key.pem {addr} list",
