@@ -19,9 +19,7 @@ use common::proto::{
 };
 use common::telemetry::error_chain;
 use common::time::UnixMillis;
-use common::types::{
-    AgentAdvert, Outcome, OutputKind, Phase, PushCredential, Secret, Specialty, TaskSpec,
-};
+use common::types::{AgentAdvert, PushCredential, Secret, Specialty, TaskSpec};
 use common::wire;
 use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
@@ -347,29 +345,6 @@ fn running(held: &[Held]) -> Vec<proto::RunningTask> {
         .collect()
 }
 
-fn outcome_to_proto(o: Outcome) -> proto::Outcome {
-    use proto::Outcome as P;
-    match o {
-        Outcome::Succeeded => P::Succeeded,
-        Outcome::NoChanges => P::NoChanges,
-        Outcome::CliFailed => P::CliFailed,
-        Outcome::TurnLimit => P::TurnLimit,
-        Outcome::BudgetExceeded => P::BudgetExceeded,
-        Outcome::TimedOut => P::TimedOut,
-        Outcome::RateLimited => P::RateLimited,
-        Outcome::TestsFailed => P::TestsFailed,
-        Outcome::PushRejected => P::PushRejected,
-        Outcome::Cancelled => P::Cancelled,
-        // The coordinator's own outcomes never come from an agent; the
-        // closest agent-side meaning is a workspace problem.
-        Outcome::WorkspaceError
-        | Outcome::LeaseExpired
-        | Outcome::NotAccepted
-        | Outcome::Rejected
-        | Outcome::LostByAgent => P::WorkspaceError,
-    }
-}
-
 /// The protobuf message for a session message; Hello carries the advert.
 pub fn to_proto(msg: ToCoordinator, advert: &AgentAdvert, name: &str) -> AgentMessage {
     use agent_message::Msg;
@@ -403,12 +378,7 @@ pub fn to_proto(msg: ToCoordinator, advert: &AgentAdvert, name: &str) -> AgentMe
             task_id: chunk.task.to_string(),
             attempt: chunk.attempt.0,
             seq: chunk.seq,
-            kind: match chunk.kind {
-                OutputKind::Stdout => proto::OutputKind::Stdout,
-                OutputKind::Stderr => proto::OutputKind::Stderr,
-                OutputKind::Event => proto::OutputKind::Event,
-                OutputKind::System => proto::OutputKind::System,
-            } as i32,
+            kind: wire::kind_to_proto(chunk.kind) as i32,
             data: chunk.data.to_vec(),
         }),
         ToCoordinator::Progress {
@@ -418,13 +388,7 @@ pub fn to_proto(msg: ToCoordinator, advert: &AgentAdvert, name: &str) -> AgentMe
         } => Msg::TaskProgress(proto::TaskProgress {
             task_id: task.to_string(),
             attempt: attempt.0,
-            phase: match phase {
-                Phase::Preparing => proto::Phase::Preparing,
-                Phase::RunningClaude => proto::Phase::RunningClaude,
-                Phase::Testing => proto::Phase::Testing,
-                Phase::Committing => proto::Phase::Committing,
-                Phase::Pushing => proto::Phase::Pushing,
-            } as i32,
+            phase: wire::phase_to_proto(phase) as i32,
             detail: String::new(),
         }),
         ToCoordinator::Finished {
@@ -434,7 +398,7 @@ pub fn to_proto(msg: ToCoordinator, advert: &AgentAdvert, name: &str) -> AgentMe
         } => Msg::TaskFinished(proto::TaskFinished {
             task_id: task.to_string(),
             attempt: attempt.0,
-            outcome: outcome_to_proto(report.outcome) as i32,
+            outcome: wire::outcome_to_proto(report.outcome) as i32,
             message: report.message.clone(),
             branch: report.branch.clone(),
             commit: report.commit.clone(),

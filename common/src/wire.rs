@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::proto;
-use crate::types::{AgentAdvert, Specialty, Toolchain};
+use crate::types::{AgentAdvert, Outcome, OutputKind, Phase, Specialty, Toolchain};
 
 /// Limits on what an agent may advertise; larger values are rejected, not truncated.
 pub const MAX_CAPACITY: u32 = 256;
@@ -126,6 +126,101 @@ pub fn advert_from_hello(hello: &proto::Hello) -> Result<AgentAdvert, Error> {
         toolchains,
         hostname: short("hostname", &hello.hostname)?,
     })
+}
+
+pub fn outcome_from_proto(value: i32) -> Result<Outcome, Error> {
+    use proto::Outcome as P;
+    Ok(match P::try_from(value) {
+        Ok(P::Succeeded) => Outcome::Succeeded,
+        Ok(P::NoChanges) => Outcome::NoChanges,
+        Ok(P::CliFailed) => Outcome::CliFailed,
+        Ok(P::TurnLimit) => Outcome::TurnLimit,
+        Ok(P::BudgetExceeded) => Outcome::BudgetExceeded,
+        Ok(P::TimedOut) => Outcome::TimedOut,
+        Ok(P::RateLimited) => Outcome::RateLimited,
+        Ok(P::TestsFailed) => Outcome::TestsFailed,
+        Ok(P::PushRejected) => Outcome::PushRejected,
+        Ok(P::Cancelled) => Outcome::Cancelled,
+        Ok(P::WorkspaceError) => Outcome::WorkspaceError,
+        Ok(P::Unspecified) | Err(_) => {
+            return Err(Error::invalid(
+                "outcome",
+                format!("unknown outcome {value}"),
+            ));
+        }
+    })
+}
+
+/// The coordinator's own outcomes (lease expired, not accepted, rejected,
+/// lost) have no agent-side code: they map to `Unspecified`.
+pub fn outcome_to_proto(o: Outcome) -> proto::Outcome {
+    use proto::Outcome as P;
+    match o {
+        Outcome::Succeeded => P::Succeeded,
+        Outcome::NoChanges => P::NoChanges,
+        Outcome::CliFailed => P::CliFailed,
+        Outcome::TurnLimit => P::TurnLimit,
+        Outcome::BudgetExceeded => P::BudgetExceeded,
+        Outcome::TimedOut => P::TimedOut,
+        Outcome::RateLimited => P::RateLimited,
+        Outcome::TestsFailed => P::TestsFailed,
+        Outcome::PushRejected => P::PushRejected,
+        Outcome::Cancelled => P::Cancelled,
+        Outcome::WorkspaceError => P::WorkspaceError,
+        Outcome::LeaseExpired | Outcome::NotAccepted | Outcome::Rejected | Outcome::LostByAgent => {
+            P::Unspecified
+        }
+    }
+}
+
+pub fn phase_from_proto(value: i32) -> Result<Phase, Error> {
+    use proto::Phase as P;
+    Ok(match P::try_from(value) {
+        Ok(P::Preparing) => Phase::Preparing,
+        Ok(P::RunningClaude) => Phase::RunningClaude,
+        Ok(P::Testing) => Phase::Testing,
+        Ok(P::Committing) => Phase::Committing,
+        Ok(P::Pushing) => Phase::Pushing,
+        Ok(P::Unspecified) | Err(_) => {
+            return Err(Error::invalid("phase", format!("unknown phase {value}")));
+        }
+    })
+}
+
+pub fn phase_to_proto(p: Phase) -> proto::Phase {
+    use proto::Phase as P;
+    match p {
+        Phase::Preparing => P::Preparing,
+        Phase::RunningClaude => P::RunningClaude,
+        Phase::Testing => P::Testing,
+        Phase::Committing => P::Committing,
+        Phase::Pushing => P::Pushing,
+    }
+}
+
+pub fn kind_from_proto(value: i32) -> Result<OutputKind, Error> {
+    use proto::OutputKind as P;
+    Ok(match P::try_from(value) {
+        Ok(P::Stdout) => OutputKind::Stdout,
+        Ok(P::Stderr) => OutputKind::Stderr,
+        Ok(P::Event) => OutputKind::Event,
+        Ok(P::System) => OutputKind::System,
+        Ok(P::Unspecified) | Err(_) => {
+            return Err(Error::invalid(
+                "kind",
+                format!("unknown output kind {value}"),
+            ));
+        }
+    })
+}
+
+pub fn kind_to_proto(k: OutputKind) -> proto::OutputKind {
+    match k {
+        OutputKind::Stdout => proto::OutputKind::Stdout,
+        OutputKind::Stderr => proto::OutputKind::Stderr,
+        OutputKind::Event => proto::OutputKind::Event,
+        OutputKind::System => proto::OutputKind::System,
+    }
 }
 
 pub fn toolchain_to_proto(t: &Toolchain) -> proto::Toolchain {

@@ -16,7 +16,7 @@ use common::proto::{
 };
 use common::time::duration_ms;
 use common::tls::PeerIdentity;
-use common::types::{CliResult, FinishedReport, Outcome, OutputKind, Phase, TaskSpec, TestSummary};
+use common::types::{CliResult, FinishedReport, OutputKind, TaskSpec, TestSummary};
 use common::wire;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
@@ -217,88 +217,6 @@ fn reported(tasks: &[proto::RunningTask]) -> Result<Vec<ReportedTask>, String> {
         .collect()
 }
 
-fn outcome_from_proto(value: i32) -> Result<Outcome, String> {
-    use proto::Outcome as P;
-    Ok(match P::try_from(value) {
-        Ok(P::Succeeded) => Outcome::Succeeded,
-        Ok(P::NoChanges) => Outcome::NoChanges,
-        Ok(P::CliFailed) => Outcome::CliFailed,
-        Ok(P::TurnLimit) => Outcome::TurnLimit,
-        Ok(P::BudgetExceeded) => Outcome::BudgetExceeded,
-        Ok(P::TimedOut) => Outcome::TimedOut,
-        Ok(P::RateLimited) => Outcome::RateLimited,
-        Ok(P::TestsFailed) => Outcome::TestsFailed,
-        Ok(P::PushRejected) => Outcome::PushRejected,
-        Ok(P::Cancelled) => Outcome::Cancelled,
-        Ok(P::WorkspaceError) => Outcome::WorkspaceError,
-        Ok(P::Unspecified) | Err(_) => return Err(format!("unknown outcome {value}")),
-    })
-}
-
-fn outcome_to_proto(o: Outcome) -> proto::Outcome {
-    use proto::Outcome as P;
-    match o {
-        Outcome::Succeeded => P::Succeeded,
-        Outcome::NoChanges => P::NoChanges,
-        Outcome::CliFailed => P::CliFailed,
-        Outcome::TurnLimit => P::TurnLimit,
-        Outcome::BudgetExceeded => P::BudgetExceeded,
-        Outcome::TimedOut => P::TimedOut,
-        Outcome::RateLimited => P::RateLimited,
-        Outcome::TestsFailed => P::TestsFailed,
-        Outcome::PushRejected => P::PushRejected,
-        Outcome::Cancelled => P::Cancelled,
-        Outcome::WorkspaceError => P::WorkspaceError,
-        // The coordinator's own outcomes have no agent-side code.
-        Outcome::LeaseExpired | Outcome::NotAccepted | Outcome::Rejected | Outcome::LostByAgent => {
-            P::Unspecified
-        }
-    }
-}
-
-fn phase_from_proto(value: i32) -> Result<Phase, String> {
-    use proto::Phase as P;
-    Ok(match P::try_from(value) {
-        Ok(P::Preparing) => Phase::Preparing,
-        Ok(P::RunningClaude) => Phase::RunningClaude,
-        Ok(P::Testing) => Phase::Testing,
-        Ok(P::Committing) => Phase::Committing,
-        Ok(P::Pushing) => Phase::Pushing,
-        Ok(P::Unspecified) | Err(_) => return Err(format!("unknown phase {value}")),
-    })
-}
-
-fn phase_to_proto(p: Phase) -> proto::Phase {
-    use proto::Phase as P;
-    match p {
-        Phase::Preparing => P::Preparing,
-        Phase::RunningClaude => P::RunningClaude,
-        Phase::Testing => P::Testing,
-        Phase::Committing => P::Committing,
-        Phase::Pushing => P::Pushing,
-    }
-}
-
-fn kind_from_proto(value: i32) -> Result<OutputKind, String> {
-    use proto::OutputKind as P;
-    Ok(match P::try_from(value) {
-        Ok(P::Stdout) => OutputKind::Stdout,
-        Ok(P::Stderr) => OutputKind::Stderr,
-        Ok(P::Event) => OutputKind::Event,
-        Ok(P::System) => OutputKind::System,
-        Ok(P::Unspecified) | Err(_) => return Err(format!("unknown output kind {value}")),
-    })
-}
-
-fn kind_to_proto(k: OutputKind) -> proto::OutputKind {
-    match k {
-        OutputKind::Stdout => proto::OutputKind::Stdout,
-        OutputKind::Stderr => proto::OutputKind::Stderr,
-        OutputKind::Event => proto::OutputKind::Event,
-        OutputKind::System => proto::OutputKind::System,
-    }
-}
-
 /// Keeps at most `max` bytes of an agent-supplied string, on a char boundary.
 fn bounded(s: String, max: usize) -> String {
     if s.len() <= max {
@@ -313,7 +231,7 @@ fn bounded(s: String, max: usize) -> String {
 
 fn report_from_proto(f: proto::TaskFinished) -> Result<FinishedReport, String> {
     Ok(FinishedReport {
-        outcome: outcome_from_proto(f.outcome)?,
+        outcome: wire::outcome_from_proto(f.outcome).map_err(|e| e.to_string())?,
         message: bounded(f.message, 4096),
         branch: bounded(f.branch, 256),
         commit: bounded(f.commit, 64),
@@ -385,14 +303,14 @@ fn from_proto(msg: AgentMessage) -> Result<Option<FromAgent>, String> {
                 task: task_id(&m.task_id)?,
                 attempt: Attempt(m.attempt),
                 seq: m.seq,
-                kind: kind_from_proto(m.kind)?,
+                kind: wire::kind_from_proto(m.kind).map_err(|e| e.to_string())?,
                 data: Arc::from(m.data),
             }))
         }
         Some(Msg::TaskProgress(m)) => Ok(Some(FromAgent::Progress {
             task: task_id(&m.task_id)?,
             attempt: Attempt(m.attempt),
-            phase: phase_from_proto(m.phase)?,
+            phase: wire::phase_from_proto(m.phase).map_err(|e| e.to_string())?,
         })),
         Some(Msg::TaskFinished(m)) => {
             let task = task_id(&m.task_id)?;
@@ -600,16 +518,19 @@ pub fn task_info(task: &Task) -> proto::TaskInfo {
                     finished_at: a.finished_at.map(|t| t.to_timestamp()),
                     outcome: a
                         .outcome
-                        .map_or(proto::Outcome::Unspecified, outcome_to_proto)
+                        .map_or(proto::Outcome::Unspecified, wire::outcome_to_proto)
                         as i32,
                     message: match a.outcome {
-                        Some(o) if outcome_to_proto(o) == proto::Outcome::Unspecified => {
+                        Some(o) if wire::outcome_to_proto(o) == proto::Outcome::Unspecified => {
                             format!("{o}: {}", a.message)
                         }
                         _ => a.message.clone(),
                     },
                     placement: a.placement.clone(),
-                    phase: a.phase.map_or(proto::Phase::Unspecified, phase_to_proto) as i32,
+                    phase: a
+                        .phase
+                        .map_or(proto::Phase::Unspecified, wire::phase_to_proto)
+                        as i32,
                     branch: report.map(|r| r.branch.clone()).unwrap_or_default(),
                     commit: report.map(|r| r.commit.clone()).unwrap_or_default(),
                     tests: report
@@ -656,7 +577,7 @@ fn output_event(
             task_id: task.to_string(),
             attempt: attempt.0,
             seq,
-            kind: kind_to_proto(kind) as i32,
+            kind: wire::kind_to_proto(kind) as i32,
             data: data.to_vec(),
         })),
     }
