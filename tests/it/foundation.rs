@@ -426,3 +426,20 @@ fn the_demo_shows_four_connected_agents_and_stops_on_ctrl_c() {
     assert!(status.success(), "{}", demo.log_text());
     assert!(demo.log_text().contains("== stopped"));
 }
+
+#[test]
+fn the_http_server_answers_health_checks() {
+    use std::io::{Read, Write};
+    let mut cluster = Cluster::new("healthz");
+    cluster.start_coordinator();
+    let addr = cluster
+        .http_addr
+        .expect("the coordinator logs its HTTP address");
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).expect("reply");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.ends_with("ok\n"), "{reply}");
+}

@@ -69,6 +69,7 @@ pub struct Cluster {
     pub pki: Pki,
     pub coordinator: Option<Process>,
     pub grpc_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
     pub agents: Vec<Process>,
     /// Extra coordinator flags, e.g. shorter heartbeats.
     pub coordinator_args: Vec<String>,
@@ -88,6 +89,7 @@ impl Cluster {
             pki,
             coordinator: None,
             grpc_addr: None,
+            http_addr: None,
             agents: Vec::new(),
             coordinator_args: vec![
                 "--heartbeat-interval".into(),
@@ -256,6 +258,7 @@ impl Cluster {
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no grpc_addr in {line:?}"));
         self.grpc_addr = Some(addr);
+        self.http_addr = field(&line, "http_addr").and_then(|a| a.parse().ok());
         self.coordinator = Some(process);
         addr
     }
