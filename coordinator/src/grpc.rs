@@ -527,6 +527,7 @@ pub fn task_info(task: &Task) -> proto::TaskInfo {
                         _ => a.message.clone(),
                     },
                     placement: a.placement.clone(),
+                    outcome_name: a.outcome.map(|o| o.as_str().to_owned()).unwrap_or_default(),
                     phase: a
                         .phase
                         .map_or(proto::Phase::Unspecified, wire::phase_to_proto)

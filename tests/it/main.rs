@@ -5,4 +5,5 @@ mod executor;
 mod foundation;
 mod raw_stream;
 mod real_cli;
+mod sim;
 mod tasks;

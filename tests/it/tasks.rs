@@ -54,7 +54,7 @@ fn an_agent_killed_mid_task_loses_it_after_the_lease_and_another_agent_finishes_
     let tries = attempts(&done);
     assert_eq!(tries.len(), 2, "{done}");
     assert_eq!(tries[0]["agent_id"], first.as_str());
-    assert_eq!(tries[0]["outcome"], "unspecified", "{done}");
+    assert_eq!(tries[0]["outcome"], "lease_expired", "{done}");
     assert!(
         tries[0]["message"]
             .as_str()

@@ -848,6 +848,8 @@ impl Core {
     }
 
     fn close(&mut self, conn: ConnId, reason: CloseReason) {
+        // Nothing more goes to a closed stream, acknowledgements included.
+        self.pending_acks.retain(|(c, _, _), _| *c != conn);
         self.actions.push_back(Action::Close { conn, reason });
     }
 }

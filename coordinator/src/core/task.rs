@@ -357,6 +357,17 @@ impl Core {
                 }
                 // Holding it means it was accepted, even if that message was lost.
                 self.handle_accepted(conn, agent, id, attempt, wall);
+                // A cancel sent on a stream that then dropped is sent again.
+                if let Some(reason) = self.tasks.get(&id).and_then(|t| t.cancel_requested.clone()) {
+                    self.send(
+                        conn,
+                        ToAgent::Cancel {
+                            task: id,
+                            attempt,
+                            reason,
+                        },
+                    );
+                }
             } else if self.is_reported_attempt(id, attempt) {
                 // We hold its result but our acknowledgement was lost: the
                 // agent resends TaskFinished, which is acknowledged then.
@@ -380,7 +391,12 @@ impl Core {
             .values()
             .filter(|t| t.state.is_live())
             .filter(|t| t.current().is_some_and(|a| &a.agent == agent))
-            .filter(|t| !running.iter().any(|r| r.task == t.id))
+            .filter(|t| {
+                let current = t.current().map(|a| a.attempt);
+                !running
+                    .iter()
+                    .any(|r| r.task == t.id && Some(r.attempt) == current)
+            })
             .map(|t| t.id)
             .collect();
         for id in lost {
@@ -683,12 +699,16 @@ impl Core {
             l.accept_deadline
                 .map_or(l.lease_deadline, |a| a.min(l.lease_deadline))
         });
-        let backoff = self.tasks.values().filter_map(|t| {
-            (t.state == TaskState::Queued)
-                .then_some(t.not_before)
-                .flatten()
-                .map(|nb| self.instant_of(nb))
-        });
+        // Only backoffs still ahead: a passed one has nothing left to wake
+        // for (the task waits for an agent), and returning it would make the
+        // driver spin.
+        let backoff = self
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Queued)
+            .filter_map(|t| t.not_before)
+            .filter(|nb| *nb > self.last_wall)
+            .map(|nb| self.instant_of(nb));
         let fallback = self.fallback_deadlines();
         live.chain(backoff).chain(fallback).min()
     }

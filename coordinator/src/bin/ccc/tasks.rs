@@ -38,8 +38,11 @@ pub fn parse_state(s: &str) -> anyhow::Result<TaskState> {
     })
 }
 
-fn outcome_name(value: i32) -> String {
-    proto::Outcome::try_from(value)
+fn outcome_name(attempt: &proto::TaskAttempt) -> String {
+    if !attempt.outcome_name.is_empty() {
+        return attempt.outcome_name.clone();
+    }
+    proto::Outcome::try_from(attempt.outcome)
         .map(|o| {
             o.as_str_name()
                 .trim_start_matches("OUTCOME_")
@@ -128,7 +131,7 @@ pub fn task_detail(t: &TaskInfo) -> String {
             out.push_str(&format!(
                 "  finished: {} {} {}\n",
                 time(a.finished_at.as_ref()),
-                outcome_name(a.outcome),
+                outcome_name(a),
                 a.message
             ));
         }
@@ -157,7 +160,7 @@ pub fn task_json(t: &TaskInfo) -> serde_json::Value {
             "attempt": a.attempt,
             "agent_id": a.agent_id,
             "placement": a.placement,
-            "outcome": outcome_name(a.outcome),
+            "outcome": outcome_name(a),
             "message": a.message,
             "finished": a.finished_at.is_some(),
         })).collect::<Vec<_>>(),

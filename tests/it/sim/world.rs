@@ -1,0 +1,1157 @@
+//! The simulated world around the real [`Core`]: a clock, a network of
+//! streams with latency, a driver that commits to a real sled store before
+//! it acts, simulated agents, an admin, and the faults.
+//!
+//! Everything happens in one thread, in the order of a queue keyed by
+//! (simulated time, sequence number), so a seed always replays the same run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::ids::{AgentId, Attempt, TaskId};
+use common::time::UnixMillis;
+use common::types::{AgentAdvert, Outcome, OutputKind, Specialty, TaskSpec, Toolchain};
+use coordinator::core::task::TRUNCATION_MARKER;
+use coordinator::core::{
+    Action, ConnId, Core, CoreConfig, FromAgent, NewTask, Task, TaskSource, TaskState, ToAgent,
+    Write,
+};
+use coordinator::store::{SledStore, Store};
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+
+use super::agent::{SimAgent, WorkPlan, WorkStep};
+use super::checks;
+use super::trace::{Trace, TraceItem};
+
+/// Wall-clock time at simulated time zero.
+const WALL_ORIGIN_MS: u64 = 1_700_000_000_000;
+/// How long the driver's commit takes: inputs arriving meanwhile join the
+/// batch (group commit).
+const COMMIT_MS: u64 = 20;
+/// How often the simulated driver polls while the core reports a deadline
+/// that has already passed (see `Stats::stale_deadlines`).
+const STALE_DEADLINE_POLL_MS: u64 = 250;
+/// Simulated time the calm phase may take to finish every task.
+const CALM_LIMIT_MS: u64 = 10 * 60 * 1000;
+/// Events the whole run may take: a livelock detector.
+const MAX_STEPS: u64 = 200_000;
+
+// Fault rates while faults are on.
+const P_SLOW_MESSAGE: f64 = 0.04;
+const P_DUPLICATE: f64 = 0.03;
+const P_CRASH_IN_BATCH: f64 = 0.01;
+const P_CRASH_BEFORE_EACH_ACTION: f64 = 0.25;
+/// A dropped stream is noticed by the coordinator's gRPC layer this often;
+/// otherwise only the heartbeat timeout finds it.
+const P_COORDINATOR_SEES_DROP: f64 = 0.7;
+// How agents' attempts end: mostly success, sometimes a failure (retried),
+// now and then the API's usage limit (requeued, the agent cools down).
+const P_CLI_FAILED: f64 = 0.12;
+const P_RATE_LIMITED: f64 = 0.03;
+
+const REPOS: [&str; 3] = [
+    "https://git.example/shop",
+    "https://git.example/site",
+    "https://git.example/infra",
+];
+const TECHNOLOGIES: [&str; 4] = ["rust", "python", "react", "docker"];
+const TOOLCHAINS: [&str; 4] = ["cargo", "python3", "node", "docker"];
+
+/// Small timings: a simulated run lasts a minute or so.
+pub(super) fn config() -> CoreConfig {
+    CoreConfig {
+        heartbeat_interval: Duration::from_secs(3),
+        heartbeat_timeout: Duration::from_secs(9),
+        hello_timeout: Duration::from_secs(3),
+        lease_timeout: Duration::from_secs(10),
+        accept_timeout: Duration::from_secs(3),
+        task_deadline: Duration::from_secs(600),
+        // Faults alone never use up a task's attempts.
+        max_attempts: 20,
+        retry_backoff_initial: Duration::from_millis(200),
+        retry_backoff_max: Duration::from_secs(2),
+        general_fallback_after: Duration::from_secs(4),
+        output_cap_bytes: 2_000,
+        rate_limit_cooldown: Duration::from_secs(5),
+    }
+}
+
+/// Counts over one run (and summed over many) for the report.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Stats {
+    pub steps: u64,
+    pub commits: u64,
+    pub simulated_ms: u64,
+    pub tasks: u64,
+    pub succeeded: u64,
+    pub cancelled: u64,
+    pub failed: u64,
+    pub attempts: u64,
+    pub coordinator_crashes: u64,
+    pub agent_crashes: u64,
+    pub dropped_streams: u64,
+    pub duplicates: u64,
+    pub slow_messages: u64,
+    pub admin_cancels: u64,
+    pub lost_submits: u64,
+    /// Times `poll_timeout` named a deadline `handle_timeout` had already
+    /// been given: a real driver would spin on it (a known core bug, see
+    /// `World::timer_due`).
+    pub stale_deadlines: u64,
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        self.steps += o.steps;
+        self.commits += o.commits;
+        self.simulated_ms += o.simulated_ms;
+        self.tasks += o.tasks;
+        self.succeeded += o.succeeded;
+        self.cancelled += o.cancelled;
+        self.failed += o.failed;
+        self.attempts += o.attempts;
+        self.coordinator_crashes += o.coordinator_crashes;
+        self.agent_crashes += o.agent_crashes;
+        self.dropped_streams += o.dropped_streams;
+        self.duplicates += o.duplicates;
+        self.slow_messages += o.slow_messages;
+        self.admin_cancels += o.admin_cancels;
+        self.lost_submits += o.lost_submits;
+        self.stale_deadlines += o.stale_deadlines;
+    }
+}
+
+/// Something that happens at a point of simulated time.
+#[derive(Clone, Debug)]
+pub(super) enum Event {
+    /// An agent's message arrives at the coordinator.
+    ToCoordinator {
+        conn: ConnId,
+        msg: FromAgent,
+        /// A second copy of a message (shown in the trace).
+        duplicate: bool,
+    },
+    /// A coordinator's message arrives at an agent.
+    ToAgent {
+        conn: ConnId,
+        msg: ToAgent,
+    },
+    /// The coordinator's gRPC layer notices that a stream ended.
+    CoordinatorSeesClose {
+        conn: ConnId,
+    },
+    /// An agent notices that its stream ended.
+    AgentSeesClose {
+        agent: usize,
+        conn: ConnId,
+    },
+    /// An agent (re)connects: after a lost stream, a crash, or at start.
+    AgentConnect {
+        agent: usize,
+        incarnation: u32,
+    },
+    AgentHeartbeat {
+        agent: usize,
+        conn: ConnId,
+    },
+    /// An agent's next step of work on an attempt.
+    AgentWork {
+        agent: usize,
+        incarnation: u32,
+        task: TaskId,
+        attempt: Attempt,
+    },
+    /// The driver commits its batch, then performs the batch's actions.
+    Commit {
+        life: u32,
+    },
+    CoordinatorRestart,
+    Submit(Box<NewTask>),
+    /// The fault injector picks something to break.
+    Fault,
+    /// From here on nothing breaks; every task must finish.
+    EndOfFaults,
+}
+
+/// One gRPC stream between an agent and one life of the coordinator.
+#[derive(Debug)]
+struct Link {
+    agent: usize,
+    /// The coordinator life that accepted it.
+    life: u32,
+    open: bool,
+    /// Messages of one stream arrive in order: the latest arrival so far,
+    /// per direction.
+    last_to_coordinator: u64,
+    last_to_agent: u64,
+}
+
+/// An admin answer held back until its batch is committed.
+#[derive(Debug)]
+enum Reply {
+    Submitted(TaskId, Box<NewTask>),
+}
+
+/// A running coordinator process: the core and its driver's batch.
+struct Coordinator {
+    core: Core,
+    life: u32,
+    batch_open: bool,
+    replies: Vec<Reply>,
+    /// When `handle_timeout` was last called.
+    last_timeout_ms: Option<u64>,
+    /// `poll_timeout` in simulated ms, cached until the next input.
+    deadline: Option<Option<u64>>,
+}
+
+/// Where the coordinator dies when a batch is cut short.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CrashPoint {
+    BeforeCommit,
+    AfterCommit,
+    AmongActions,
+}
+
+/// What the simulation knows independently of the core.
+#[derive(Debug, Default)]
+pub(super) struct Ledger {
+    /// The tasks in the store, as committed.
+    pub committed: BTreeMap<TaskId, Task>,
+    /// Each task's first committed terminal version: it must never change.
+    pub terminal: BTreeMap<TaskId, Task>,
+    /// Tasks whose submission was acknowledged to the admin.
+    pub acknowledged: BTreeSet<TaskId>,
+    /// Tasks an admin asked to cancel.
+    pub cancel_requested: BTreeSet<TaskId>,
+    /// How each accepted attempt was meant to go.
+    pub plans: BTreeMap<(TaskId, Attempt), WorkPlan>,
+    /// Submissions not yet acknowledged (the admin retries lost ones).
+    pub unacknowledged_submits: usize,
+    /// The highest output seq committed per attempt.
+    pub stored_seq: BTreeMap<(TaskId, Attempt), u64>,
+    /// Tasks whose output reached the cap (a marker was committed).
+    pub truncated: BTreeSet<TaskId>,
+}
+
+impl Ledger {
+    /// Records a committed batch; a terminal task must never be rewritten
+    /// differently.
+    fn record(&mut self, writes: &[Write]) -> Result<(), String> {
+        for write in writes {
+            let task: &Task = match write {
+                Write::Task(task) => task,
+                Write::Output {
+                    task,
+                    attempt,
+                    seq,
+                    kind,
+                    data,
+                } => {
+                    let stored = self.stored_seq.entry((*task, *attempt)).or_default();
+                    *stored = (*stored).max(*seq);
+                    if *kind == OutputKind::System && data.starts_with(TRUNCATION_MARKER) {
+                        self.truncated.insert(*task);
+                    }
+                    continue;
+                }
+                Write::Agent(_) => continue,
+            };
+            match self.terminal.get(&task.id) {
+                Some(done) if done != task => {
+                    return Err(format!(
+                        "terminal task {} was rewritten: {:?} ({}) became {:?} ({})",
+                        task.id, done.state, done.state_reason, task.state, task.state_reason
+                    ));
+                }
+                Some(_) => {}
+                None if task.state.is_terminal() => {
+                    self.terminal.insert(task.id, task.clone());
+                }
+                None => {}
+            }
+            self.committed.insert(task.id, task.clone());
+        }
+        Ok(())
+    }
+}
+
+pub(super) struct World {
+    rng: StdRng,
+    origin: Instant,
+    now: u64,
+    queue: BTreeMap<(u64, u64), Event>,
+    next_seq: u64,
+    store: SledStore,
+    coordinator: Option<Coordinator>,
+    lives: u32,
+    agents: Vec<SimAgent>,
+    links: BTreeMap<ConnId, Link>,
+    next_conn: u64,
+    faults: bool,
+    /// The core was given an input since the invariants were last checked.
+    core_changed: bool,
+    calm_since: u64,
+    strict: bool,
+    ledger: Ledger,
+    pub trace: Trace,
+    pub stats: Stats,
+}
+
+/// The origin of simulated time. Only differences of instants matter to
+/// the core, so any instant will do; this is the one clock read of the sim.
+#[allow(clippy::disallowed_methods)]
+fn origin() -> Instant {
+    Instant::now()
+}
+
+impl World {
+    /// A random cluster and workload drawn from `seed`. `strict` turns the
+    /// known-bug observations into failures.
+    pub fn new(seed: u64, strict: bool) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let n_agents = rng.random_range(2..=5);
+        let agents = (0..n_agents).map(|i| random_agent(&mut rng, i)).collect();
+        let store = SledStore::temporary().expect("a temporary sled store opens");
+        let origin = origin();
+        let core = Core::new(
+            config(),
+            coordinator::restore(&store).expect("an empty store restores"),
+            origin,
+            UnixMillis(WALL_ORIGIN_MS),
+        );
+        let mut world = Self {
+            rng,
+            origin,
+            now: 0,
+            queue: BTreeMap::new(),
+            next_seq: 0,
+            store,
+            coordinator: Some(Coordinator {
+                core,
+                life: 0,
+                batch_open: false,
+                replies: Vec::new(),
+                last_timeout_ms: None,
+                deadline: None,
+            }),
+            lives: 0,
+            agents,
+            links: BTreeMap::new(),
+            next_conn: 0,
+            faults: true,
+            core_changed: false,
+            calm_since: 0,
+            strict,
+            ledger: Ledger::default(),
+            trace: Trace::default(),
+            stats: Stats::default(),
+        };
+        world.plan_scenario();
+        world
+    }
+
+    /// Schedules the workload: agents coming up, submissions, faults, and
+    /// the end of faults.
+    fn plan_scenario(&mut self) {
+        let chaos_ms = self.rng.random_range(5_000..16_000);
+        for agent in 0..self.agents.len() {
+            let at = self.rng.random_range(0..1_000);
+            self.schedule(
+                at,
+                Event::AgentConnect {
+                    agent,
+                    incarnation: 0,
+                },
+            );
+        }
+        let n_tasks = self.rng.random_range(4..=16);
+        for _ in 0..n_tasks {
+            let at = self.rng.random_range(0..chaos_ms);
+            let task = random_task(&mut self.rng);
+            self.ledger.unacknowledged_submits += 1;
+            self.schedule(at, Event::Submit(Box::new(task)));
+        }
+        let first_fault = self.rng.random_range(300..2_000);
+        self.schedule(first_fault, Event::Fault);
+        self.schedule(chaos_ms, Event::EndOfFaults);
+    }
+
+    // ---- the run ----
+
+    /// Runs until every submitted task is finished and the faults are over.
+    pub fn run(&mut self) -> Result<(), String> {
+        loop {
+            if !self.faults && self.quiescent() {
+                return self.final_checks();
+            }
+            self.stats.steps += 1;
+            if self.stats.steps > MAX_STEPS {
+                return Err(format!("livelock: not quiescent after {MAX_STEPS} steps"));
+            }
+            if !self.faults && self.now > self.calm_since + CALM_LIMIT_MS {
+                return Err(format!(
+                    "livelock: tasks still unfinished {}s after the last fault: {}",
+                    CALM_LIMIT_MS / 1000,
+                    self.unfinished()
+                ));
+            }
+            let timer = self.timer_due();
+            let next = self.queue.first_key_value().map(|(&(at, _), _)| at);
+            match (next, timer) {
+                (Some(at), Some(t)) if t < at => self.fire_timer(t)?,
+                (None, Some(t)) => self.fire_timer(t)?,
+                (Some(_), _) => {
+                    let ((at, _), event) = self.queue.pop_first().expect("peeked above");
+                    self.now = self.now.max(at);
+                    self.trace
+                        .push(self.now, TraceItem::Event(Box::new(event.clone())));
+                    self.handle(event)?;
+                }
+                (None, None) => {
+                    return Err(format!(
+                        "nothing left to happen, yet tasks are unfinished: {}",
+                        self.unfinished()
+                    ));
+                }
+            }
+            self.stats.simulated_ms = self.now;
+            // Only inputs change the core; committing and polling do not.
+            if std::mem::take(&mut self.core_changed)
+                && let Some(c) = &self.coordinator
+            {
+                checks::core_invariants(&c.core, &self.ledger)?;
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) -> Result<(), String> {
+        match event {
+            Event::ToCoordinator { conn, msg, .. } => {
+                if self.link_reaches_coordinator(conn) {
+                    self.feed(|core, now, wall| core.handle_message(conn, msg, now, wall));
+                }
+            }
+            Event::ToAgent { conn, msg } => {
+                let agent = self
+                    .links
+                    .get(&conn)
+                    .filter(|l| l.open)
+                    .map(|l| l.agent)
+                    .filter(|&a| self.agents[a].link == Some(conn));
+                if let Some(agent) = agent {
+                    self.agent_receives(agent, conn, msg)?;
+                }
+            }
+            Event::CoordinatorSeesClose { conn } => {
+                if self.link_belongs_to_this_life(conn) {
+                    self.feed(|core, now, wall| {
+                        core.handle_closed(conn, "stream ended".into(), now, wall);
+                    });
+                }
+            }
+            Event::AgentSeesClose { agent, conn } => {
+                if self.agents[agent].link == Some(conn) {
+                    self.agents[agent].lose_link();
+                    let delay = self.rng.random_range(200..2_000);
+                    let incarnation = self.agents[agent].incarnation;
+                    self.schedule(self.now + delay, Event::AgentConnect { agent, incarnation });
+                }
+            }
+            Event::AgentConnect { agent, incarnation } => self.connect(agent, incarnation),
+            Event::AgentHeartbeat { agent, conn } => {
+                let a = &self.agents[agent];
+                if a.link == Some(conn) && a.welcomed {
+                    let heartbeat = a.heartbeat();
+                    let every = a.heartbeat_ms;
+                    self.agent_sends(agent, heartbeat);
+                    self.schedule(self.now + every, Event::AgentHeartbeat { agent, conn });
+                }
+            }
+            Event::AgentWork {
+                agent,
+                incarnation,
+                task,
+                attempt,
+            } => self.work(agent, incarnation, task, attempt),
+            Event::Commit { life } => self.commit(life)?,
+            Event::CoordinatorRestart => self.restart()?,
+            Event::Submit(task) => self.submit(task),
+            Event::Fault => self.fault(),
+            Event::EndOfFaults => {
+                self.faults = false;
+                self.calm_since = self.now;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- time ----
+
+    fn instant(&self) -> Instant {
+        self.origin + Duration::from_millis(self.now)
+    }
+
+    fn wall(&self) -> UnixMillis {
+        UnixMillis(WALL_ORIGIN_MS + self.now)
+    }
+
+    fn note(&mut self, what: String) {
+        self.trace.push(self.now, TraceItem::Note(what));
+    }
+
+    fn schedule(&mut self, at: u64, event: Event) {
+        self.next_seq += 1;
+        self.queue.insert((at, self.next_seq), event);
+    }
+
+    /// When the driver would call `handle_timeout` next.
+    fn timer_due(&mut self) -> Option<u64> {
+        let origin = self.origin;
+        let c = self.coordinator.as_mut()?;
+        // Only inputs move the core's deadlines.
+        let deadline = *c
+            .deadline
+            .get_or_insert_with(|| c.core.poll_timeout().map(|at| ms_since(origin, at)));
+        let deadline = deadline?;
+        match c.last_timeout_ms {
+            // A `poll_timeout` that stays in the past would make the real
+            // driver spin (a bug this simulation found and that is fixed:
+            // passed retry backoffs were returned). It is counted in
+            // `Stats::stale_deadlines` and fails the run unless
+            // SIM_STRICT=0; meanwhile poll so later deadlines are served.
+            Some(last) if deadline <= last => Some(last + STALE_DEADLINE_POLL_MS),
+            _ => Some(deadline.max(self.now)),
+        }
+    }
+
+    fn fire_timer(&mut self, at: u64) -> Result<(), String> {
+        self.now = self.now.max(at);
+        self.trace.push(self.now, TraceItem::Timer);
+        self.feed(|core, now, wall| core.handle_timeout(now, wall));
+        let now = self.now;
+        let Some(c) = self.coordinator.as_mut() else {
+            return Ok(());
+        };
+        c.last_timeout_ms = Some(now);
+        let next = c.core.poll_timeout().map(|at| ms_since(self.origin, at));
+        if next.is_some_and(|d| d <= now) {
+            self.stats.stale_deadlines += 1;
+            if self.strict {
+                return Err(format!(
+                    "poll_timeout() is still {}ms after handle_timeout({now}ms): the driver would spin",
+                    next.unwrap_or_default()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    // ---- the coordinator and its driver ----
+
+    /// Applies one input to the core, in the current batch.
+    fn feed(&mut self, input: impl FnOnce(&mut Core, Instant, UnixMillis)) {
+        let (now, wall) = (self.instant(), self.wall());
+        let Some(c) = self.coordinator.as_mut() else {
+            return;
+        };
+        input(&mut c.core, now, wall);
+        c.deadline = None;
+        self.core_changed = true;
+        if !c.batch_open {
+            c.batch_open = true;
+            let life = c.life;
+            self.schedule(self.now + COMMIT_MS, Event::Commit { life });
+        }
+    }
+
+    /// The driver's `commit_and_dispatch`: writes first, then answers, then
+    /// actions. A crash may cut it short anywhere.
+    fn commit(&mut self, life: u32) -> Result<(), String> {
+        let crash = self.crash_point();
+        let Some(c) = self.coordinator.as_mut().filter(|c| c.life == life) else {
+            return Ok(());
+        };
+        c.batch_open = false;
+        if crash == Some(CrashPoint::BeforeCommit) {
+            self.crash_coordinator("before committing its batch");
+            return Ok(());
+        }
+        let writes = c.core.take_writes();
+        let replies = std::mem::take(&mut c.replies);
+        if !writes.is_empty() {
+            self.store
+                .commit(&writes)
+                .expect("the temporary store commits");
+            self.stats.commits += 1;
+        }
+        self.ledger.record(&writes)?;
+        for reply in replies {
+            match reply {
+                Reply::Submitted(id, _) => {
+                    self.ledger.acknowledged.insert(id);
+                    self.ledger.unacknowledged_submits -= 1;
+                }
+            }
+        }
+        if crash == Some(CrashPoint::AfterCommit) {
+            self.core_matches_store()?;
+            self.crash_coordinator("after committing, before acting");
+            return Ok(());
+        }
+        while let Some(action) = self.coordinator.as_mut().and_then(|c| c.core.poll_action()) {
+            if crash == Some(CrashPoint::AmongActions)
+                && self.rng.random_bool(P_CRASH_BEFORE_EACH_ACTION)
+            {
+                self.crash_coordinator("while performing its actions");
+                return Ok(());
+            }
+            self.perform(action);
+        }
+        Ok(())
+    }
+
+    fn crash_point(&mut self) -> Option<CrashPoint> {
+        if !self.faults || !self.rng.random_bool(P_CRASH_IN_BATCH) {
+            return None;
+        }
+        [
+            CrashPoint::BeforeCommit,
+            CrashPoint::AfterCommit,
+            CrashPoint::AmongActions,
+        ]
+        .choose(&mut self.rng)
+        .copied()
+    }
+
+    fn perform(&mut self, action: Action) {
+        match action {
+            Action::Send { conn, msg } => self.coordinator_sends(conn, msg),
+            Action::Close { conn, .. } => {
+                if self.close_link(conn) {
+                    // The gRPC layer reports the end of every stream.
+                    let delay = self.rng.random_range(1..20);
+                    self.schedule(self.now + delay, Event::CoordinatorSeesClose { conn });
+                }
+            }
+            Action::Publish(_) => {}
+        }
+    }
+
+    /// The process dies: the batch in progress is lost, every stream drops.
+    fn crash_coordinator(&mut self, when: &str) {
+        let Some(c) = self.coordinator.take() else {
+            return;
+        };
+        self.stats.coordinator_crashes += 1;
+        self.note(format!("the coordinator crashes {when}"));
+        for reply in c.replies {
+            let Reply::Submitted(_, task) = reply;
+            // The admin saw an error and submits again.
+            self.stats.lost_submits += 1;
+            let delay = self.rng.random_range(300..2_000);
+            self.schedule(self.now + delay, Event::Submit(task));
+        }
+        let streams: Vec<ConnId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.open && l.life == c.life)
+            .map(|(conn, _)| *conn)
+            .collect();
+        for conn in streams {
+            self.close_link(conn);
+        }
+        let delay = self.rng.random_range(200..3_000);
+        self.schedule(self.now + delay, Event::CoordinatorRestart);
+    }
+
+    /// A new coordinator process rebuilds its core from the same store.
+    fn restart(&mut self) -> Result<(), String> {
+        let restored = coordinator::restore(&self.store).expect("the store restores");
+        let core = Core::new(config(), restored, self.instant(), self.wall());
+        let tasks: BTreeMap<TaskId, Task> = core.tasks().map(|t| (t.id, t.clone())).collect();
+        if tasks != self.ledger.committed {
+            return Err(checks::diff_tasks(
+                "the restarted core's tasks differ from those committed",
+                &self.ledger.committed,
+                &tasks,
+            ));
+        }
+        checks::stored_output(&self.store, &self.ledger, false)?;
+        self.lives += 1;
+        self.note(format!("coordinator life {} starts", self.lives));
+        self.coordinator = Some(Coordinator {
+            core,
+            life: self.lives,
+            batch_open: false,
+            replies: Vec::new(),
+            last_timeout_ms: None,
+            deadline: None,
+        });
+        // Rebuilding writes too (agents marked disconnected).
+        self.feed(|_, _, _| {});
+        Ok(())
+    }
+
+    fn core_matches_store(&self) -> Result<(), String> {
+        let Some(c) = &self.coordinator else {
+            return Ok(());
+        };
+        let memory: BTreeMap<TaskId, Task> = c.core.tasks().map(|t| (t.id, t.clone())).collect();
+        if memory != self.ledger.committed {
+            return Err(checks::diff_tasks(
+                "after a commit, the core's tasks differ from the store's",
+                &self.ledger.committed,
+                &memory,
+            ));
+        }
+        Ok(())
+    }
+
+    // ---- the admin ----
+
+    fn submit(&mut self, task: Box<NewTask>) {
+        if self.coordinator.is_none() {
+            let retry = self.rng.random_range(1_000..2_000);
+            self.schedule(self.now + retry, Event::Submit(task));
+            return;
+        }
+        let mut id = None;
+        let new = (*task).clone();
+        self.feed(|core, now, wall| id = Some(core.submit(new, now, wall)));
+        if let (Some(c), Some(id)) = (self.coordinator.as_mut(), id) {
+            c.replies.push(Reply::Submitted(id, task));
+        }
+    }
+
+    fn cancel_some_task(&mut self) {
+        let candidates: Vec<TaskId> = self.ledger.acknowledged.iter().copied().collect();
+        let Some(&id) = candidates.choose(&mut self.rng) else {
+            return;
+        };
+        let mut accepted = false;
+        self.feed(|core, now, wall| {
+            accepted = core.cancel(id, "simulated admin".into(), now, wall).is_ok();
+        });
+        self.note(format!("the admin cancels {id}"));
+        if accepted {
+            self.stats.admin_cancels += 1;
+            self.ledger.cancel_requested.insert(id);
+        }
+    }
+
+    // ---- faults ----
+
+    fn fault(&mut self) {
+        if !self.faults {
+            return;
+        }
+        let agent = self.rng.random_range(0..self.agents.len());
+        match self.rng.random_range(0..100) {
+            0..40 => self.drop_stream(agent),
+            40..60 => self.crash_agent(agent),
+            60..72 => self.crash_coordinator("at a random moment"),
+            72..84 => self.cancel_some_task(),
+            _ => {}
+        }
+        let next = self.rng.random_range(250..2_000);
+        self.schedule(self.now + next, Event::Fault);
+    }
+
+    fn drop_stream(&mut self, agent: usize) {
+        let Some(conn) = self.agents[agent].link else {
+            return;
+        };
+        self.stats.dropped_streams += 1;
+        self.note(format!(
+            "the network drops {}'s stream (conn {})",
+            self.agents[agent].id, conn.0
+        ));
+        self.close_link(conn);
+        if self.rng.random_bool(P_COORDINATOR_SEES_DROP) {
+            let delay = self.latency();
+            self.schedule(self.now + delay, Event::CoordinatorSeesClose { conn });
+        }
+    }
+
+    fn crash_agent(&mut self, agent: usize) {
+        if !self.agents[agent].up {
+            return;
+        }
+        self.stats.agent_crashes += 1;
+        self.note(format!("{} crashes", self.agents[agent].id));
+        let conn = self.agents[agent].link;
+        self.agents[agent].crash();
+        if let Some(conn) = conn {
+            self.close_link(conn);
+            if self.rng.random_bool(P_COORDINATOR_SEES_DROP) {
+                let delay = self.latency();
+                self.schedule(self.now + delay, Event::CoordinatorSeesClose { conn });
+            }
+        }
+        let down_for = self.rng.random_range(500..6_000);
+        let incarnation = self.agents[agent].incarnation;
+        self.schedule(
+            self.now + down_for,
+            Event::AgentConnect { agent, incarnation },
+        );
+    }
+
+    // ---- the network ----
+
+    fn latency(&mut self) -> u64 {
+        if self.faults && self.rng.random_bool(P_SLOW_MESSAGE) {
+            self.stats.slow_messages += 1;
+            self.rng.random_range(300..2_000)
+        } else {
+            self.rng.random_range(1..40)
+        }
+    }
+
+    fn link_belongs_to_this_life(&self, conn: ConnId) -> bool {
+        let life = self.coordinator.as_ref().map(|c| c.life);
+        self.links.get(&conn).is_some_and(|l| Some(l.life) == life)
+    }
+
+    fn link_reaches_coordinator(&self, conn: ConnId) -> bool {
+        self.link_belongs_to_this_life(conn) && self.links.get(&conn).is_some_and(|l| l.open)
+    }
+
+    /// Closes a stream; what is in flight on it is lost. The agent notices
+    /// after a while. Returns whether it was open.
+    fn close_link(&mut self, conn: ConnId) -> bool {
+        let Some(link) = self.links.get_mut(&conn).filter(|l| l.open) else {
+            return false;
+        };
+        link.open = false;
+        let agent = link.agent;
+        if self.agents[agent].link == Some(conn) {
+            let delay = self.rng.random_range(5..500);
+            self.schedule(self.now + delay, Event::AgentSeesClose { agent, conn });
+        }
+        true
+    }
+
+    fn agent_sends(&mut self, agent: usize, msg: FromAgent) {
+        let a = &self.agents[agent];
+        let Some(conn) = a.link else {
+            return;
+        };
+        // Nothing but Hello before Welcome: the agent resends from Welcome.
+        if !a.welcomed && !matches!(msg, FromAgent::Hello { .. }) {
+            return;
+        }
+        let latency = self.latency();
+        let Some(link) = self.links.get_mut(&conn).filter(|l| l.open) else {
+            return;
+        };
+        let at = (self.now + latency).max(link.last_to_coordinator);
+        link.last_to_coordinator = at;
+        let duplicate = self.faults
+            && !matches!(msg, FromAgent::Hello { .. })
+            && self.rng.random_bool(P_DUPLICATE);
+        if duplicate {
+            self.stats.duplicates += 1;
+            let later = at + self.rng.random_range(1..500);
+            self.schedule(
+                later,
+                Event::ToCoordinator {
+                    conn,
+                    msg: msg.clone(),
+                    duplicate: true,
+                },
+            );
+        }
+        self.schedule(
+            at,
+            Event::ToCoordinator {
+                conn,
+                msg,
+                duplicate: false,
+            },
+        );
+    }
+
+    fn coordinator_sends(&mut self, conn: ConnId, msg: ToAgent) {
+        let latency = self.latency();
+        let Some(link) = self.links.get_mut(&conn).filter(|l| l.open) else {
+            return; // The driver has no such stream any more.
+        };
+        let at = (self.now + latency).max(link.last_to_agent);
+        link.last_to_agent = at;
+        self.schedule(at, Event::ToAgent { conn, msg });
+    }
+
+    // ---- agents ----
+
+    fn connect(&mut self, agent: usize, incarnation: u32) {
+        let a = &mut self.agents[agent];
+        if a.incarnation != incarnation || a.link.is_some() {
+            return;
+        }
+        a.up = true;
+        let Some(life) = self.coordinator.as_ref().map(|c| c.life) else {
+            let retry = self.rng.random_range(500..2_000);
+            self.schedule(self.now + retry, Event::AgentConnect { agent, incarnation });
+            return;
+        };
+        self.next_conn += 1;
+        let conn = ConnId(self.next_conn);
+        let id = self.agents[agent].id.clone();
+        self.note(format!("{id} opens conn {}", conn.0));
+        let mut opened = false;
+        self.feed(|core, now, _| {
+            opened = core
+                .handle_open(conn, id, format!("10.0.0.{agent}:443"), now)
+                .is_ok();
+        });
+        assert!(opened, "nobody is revoked in the simulation");
+        self.links.insert(
+            conn,
+            Link {
+                agent,
+                life,
+                open: true,
+                last_to_coordinator: 0,
+                last_to_agent: 0,
+            },
+        );
+        let a = &mut self.agents[agent];
+        a.link = Some(conn);
+        a.welcomed = false;
+        let hello = a.hello();
+        self.agent_sends(agent, hello);
+    }
+
+    fn agent_receives(&mut self, agent: usize, conn: ConnId, msg: ToAgent) -> Result<(), String> {
+        checks::promise_is_committed(&msg, &self.ledger)?;
+        let mut out = Vec::new();
+        match msg {
+            ToAgent::Welcome {
+                held,
+                heartbeat_interval,
+                ..
+            } => {
+                let every = duration_ms(heartbeat_interval);
+                self.agents[agent].heartbeat_ms = every;
+                self.agents[agent].on_welcome(&held, &mut out);
+                self.schedule(self.now + every, Event::AgentHeartbeat { agent, conn });
+            }
+            ToAgent::Heartbeat { .. } | ToAgent::Drain { .. } => {}
+            ToAgent::Assign { task, attempt, .. } => {
+                let roll: f64 = self.rng.random();
+                let outcome = if roll < P_CLI_FAILED {
+                    Outcome::CliFailed
+                } else if roll < P_CLI_FAILED + P_RATE_LIMITED {
+                    Outcome::RateLimited
+                } else {
+                    Outcome::Succeeded
+                };
+                let plan = WorkPlan {
+                    chunks: self.rng.random_range(0..=6),
+                    outcome,
+                };
+                if self.agents[agent].on_assign(task, attempt, plan, &mut out) {
+                    self.ledger.plans.insert((task, attempt), plan);
+                    let incarnation = self.agents[agent].incarnation;
+                    self.schedule_work(agent, incarnation, task, attempt);
+                }
+            }
+            ToAgent::Cancel { task, attempt, .. } => {
+                self.agents[agent].on_cancel(task, attempt, &mut out);
+            }
+            ToAgent::OutputAck { task, attempt, seq } => {
+                self.agents[agent].on_output_ack(task, attempt, seq);
+            }
+            ToAgent::FinishedAck { task, attempt } => {
+                self.agents[agent].on_finished_ack(task, attempt);
+            }
+        }
+        for msg in out {
+            self.agent_sends(agent, msg);
+        }
+        Ok(())
+    }
+
+    fn schedule_work(&mut self, agent: usize, incarnation: u32, task: TaskId, attempt: Attempt) {
+        let step = self.rng.random_range(100..700);
+        self.schedule(
+            self.now + step,
+            Event::AgentWork {
+                agent,
+                incarnation,
+                task,
+                attempt,
+            },
+        );
+    }
+
+    fn work(&mut self, agent: usize, incarnation: u32, task: TaskId, attempt: Attempt) {
+        if self.agents[agent].incarnation != incarnation {
+            return;
+        }
+        let mut out = Vec::new();
+        let burst = self.rng.random_range(1..=3);
+        if self.agents[agent].work(task, attempt, burst, &mut out) == WorkStep::Chunk {
+            self.schedule_work(agent, incarnation, task, attempt);
+        }
+        for msg in out {
+            self.agent_sends(agent, msg);
+        }
+    }
+
+    // ---- the end ----
+
+    /// Every submission acknowledged, every task finished, all committed.
+    fn quiescent(&self) -> bool {
+        let Some(c) = &self.coordinator else {
+            return false;
+        };
+        self.ledger.unacknowledged_submits == 0
+            && !c.batch_open
+            && self
+                .ledger
+                .acknowledged
+                .iter()
+                .all(|id| c.core.task(*id).is_some_and(|t| t.state.is_terminal()))
+    }
+
+    fn unfinished(&self) -> String {
+        let Some(c) = &self.coordinator else {
+            return "(the coordinator is down)".into();
+        };
+        let open: Vec<String> = c
+            .core
+            .tasks()
+            .filter(|t| !t.state.is_terminal())
+            .map(|t| format!("{} {} ({})", t.id, t.state.as_str(), t.state_reason))
+            .collect();
+        format!(
+            "{} unacknowledged submissions; {}",
+            self.ledger.unacknowledged_submits,
+            open.join("; ")
+        )
+    }
+
+    fn final_checks(&mut self) -> Result<(), String> {
+        let c = self
+            .coordinator
+            .as_ref()
+            .expect("quiescent means the coordinator is up");
+        self.core_matches_store()?;
+        let stored: BTreeMap<TaskId, Task> = self
+            .store
+            .load_tasks()
+            .expect("the store loads")
+            .into_iter()
+            .map(|t| (t.id, t))
+            .collect();
+        if stored != self.ledger.committed {
+            return Err(checks::diff_tasks(
+                "the store differs from what was committed",
+                &self.ledger.committed,
+                &stored,
+            ));
+        }
+        let known: BTreeSet<TaskId> = c.core.tasks().map(|t| t.id).collect();
+        if known != self.ledger.acknowledged {
+            return Err(format!(
+                "the coordinator knows tasks {known:?}, the admin was acknowledged {:?}",
+                self.ledger.acknowledged
+            ));
+        }
+        let mut counts = Stats::default();
+        for task in c.core.tasks() {
+            checks::final_task(task, &self.ledger)?;
+            counts.tasks += 1;
+            counts.attempts += task.attempts.len() as u64;
+            match task.state {
+                TaskState::Succeeded => counts.succeeded += 1,
+                TaskState::Cancelled => counts.cancelled += 1,
+                _ => counts.failed += 1,
+            }
+        }
+        self.stats.add(&counts);
+        checks::stored_output(&self.store, &self.ledger, true)
+    }
+
+    /// The last events, one line each, agents named.
+    pub fn trace_lines(&self) -> Vec<String> {
+        let name = |agent: usize| self.agents.get(agent).map_or("?", |a| a.id.as_str());
+        let agent_of = |conn: ConnId| self.links.get(&conn).map_or("?", |l| name(l.agent));
+        self.trace.lines(&name, &agent_of)
+    }
+}
+
+/// Simulated milliseconds of an instant, rounded up.
+fn ms_since(origin: Instant, at: Instant) -> u64 {
+    let nanos = at.saturating_duration_since(origin).as_nanos();
+    u64::try_from(nanos.div_ceil(1_000_000)).expect("simulated time is short")
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).expect("simulated durations are short")
+}
+
+fn random_agent(rng: &mut StdRng, index: usize) -> SimAgent {
+    let n_specialties = rng.random_range(1..=2);
+    let mut specialties: Vec<Specialty> = Specialty::ALL
+        .choose_multiple(rng, n_specialties)
+        .copied()
+        .collect();
+    // Somebody must be able to take anything, or tasks of a missing
+    // specialty would wait forever.
+    if index == 0 && !specialties.contains(&Specialty::General) {
+        specialties.push(Specialty::General);
+    }
+    let n_toolchains = rng.random_range(0..=2);
+    let toolchains = TOOLCHAINS
+        .choose_multiple(rng, n_toolchains)
+        .map(|name| Toolchain {
+            name: (*name).into(),
+            version: "1".into(),
+        })
+        .collect();
+    let advert = AgentAdvert {
+        agent_version: "sim".into(),
+        specialties,
+        capacity: rng.random_range(1..=3),
+        labels: BTreeMap::new(),
+        toolchains,
+        hostname: format!("pc-{index}"),
+    };
+    let id = AgentId::new(format!("sim-{index}")).expect("a valid agent name");
+    SimAgent::new(id, advert)
+}
+
+fn random_task(rng: &mut StdRng) -> NewTask {
+    let specialty = *Specialty::ALL.choose(rng).expect("five specialties");
+    let repo = *REPOS.choose(rng).expect("three repositories");
+    let n_technologies = rng.random_range(0..=2);
+    let technologies = TECHNOLOGIES
+        .choose_multiple(rng, n_technologies)
+        .map(|t| (*t).to_owned())
+        .collect();
+    NewTask {
+        source: TaskSource::Manual {
+            submitted_by: "sim-admin".into(),
+        },
+        spec: TaskSpec {
+            repo_url: repo.into(),
+            base_branch: String::new(),
+            issue_number: rng.random_range(0..100),
+            title: "simulated work".into(),
+            body: String::new(),
+            issue_url: String::new(),
+            author: "sim-admin".into(),
+            labels: vec![],
+            specialty,
+            technologies,
+            branch: String::new(),
+            follow_up: false,
+            test_command: String::new(),
+        },
+        priority: rng.random_range(-2..=2),
+    }
+}
