@@ -91,7 +91,7 @@ fn sim_random_clusters_finish_every_task() {
          {} tasks ({} succeeded, {} cancelled, {} failed) in {} attempts; faults: \
          {} coordinator crashes, {} agent crashes, {} dropped streams, {} duplicates, \
          {} slow messages, {} admin cancels, {} submissions lost to a crash; \
-         known bug: {} stale deadlines",
+         stale deadlines: {}",
         total.simulated_ms as f64 / 60_000.0,
         total.steps,
         total.commits,
