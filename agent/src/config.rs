@@ -317,13 +317,7 @@ pub struct Config {
 impl Config {
     pub fn resolve(args: Args) -> Result<Self, Error> {
         let file: FileConfig = load_toml(args.config.as_deref())?;
-        if let Some(v) = file.version
-            && v != 1
-        {
-            return Err(Error::Invalid(format!(
-                "unsupported config version {v} (this build reads version 1)"
-            )));
-        }
+        common::config::check_version(file.version).map_err(Error::Invalid)?;
         let certs_dir = args
             .certs_dir
             .or(file.certs_dir)

@@ -22,6 +22,19 @@ pub enum Error {
     Parse { path: String, message: String },
 }
 
+/// The config file format this build reads.
+pub const FILE_VERSION: u32 = 1;
+
+/// Checks a config file's `version` key (absent means the current one).
+pub fn check_version(version: Option<u32>) -> Result<(), String> {
+    match version {
+        Some(v) if v != FILE_VERSION => Err(format!(
+            "unsupported config version {v} (this build reads version {FILE_VERSION})"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Parses `250ms`, `5s`, `10m`, `2h`, `1d`; a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();

@@ -47,12 +47,7 @@ struct FileConfig {
 impl ConnArgs {
     fn file(&self) -> anyhow::Result<FileConfig> {
         let file: FileConfig = common::config::load_toml(self.config.as_deref())?;
-        if let Some(v) = file.version {
-            anyhow::ensure!(
-                v == 1,
-                "unsupported config version {v} (this build reads version 1)"
-            );
-        }
+        common::config::check_version(file.version).map_err(anyhow::Error::msg)?;
         Ok(file)
     }
 
