@@ -204,6 +204,17 @@ fn finished(task: TaskId, attempt: u32, outcome: Outcome) -> FromAgent {
     }
 }
 
+/// A rate-limited result whose limit resets `reset_ms` after the start.
+fn rate_limited(task: TaskId, attempt: u32, reset_ms: u64) -> FromAgent {
+    let mut report = report(Outcome::RateLimited);
+    report.rate_limit_reset_unix_ms = 1_000_000 + reset_ms;
+    FromAgent::Finished {
+        task,
+        attempt: Attempt(attempt),
+        report,
+    }
+}
+
 fn output(task: TaskId, attempt: u32, seq: u64, data: &str) -> FromAgent {
     FromAgent::Output {
         task,
@@ -605,16 +616,7 @@ fn a_rate_limit_requeues_without_spending_an_attempt() {
     let t = h.submit("r", Specialty::Backend, 0);
     h.connect("a", Specialty::Backend, 1);
     h.msg("a", accepted(t, 1));
-    let mut limited = report(Outcome::RateLimited);
-    limited.rate_limit_reset_unix_ms = 1_000_000 + 60_000;
-    h.msg(
-        "a",
-        FromAgent::Finished {
-            task: t,
-            attempt: Attempt(1),
-            report: limited,
-        },
-    );
+    h.msg("a", rate_limited(t, 1, 60_000));
     let task = h.core.task(t).expect("task");
     assert_eq!(task.state, TaskState::Queued);
     assert_eq!(task.counted_attempts(), 0);
@@ -634,16 +636,7 @@ fn a_rate_limited_agent_gets_no_work_until_its_limit_resets() {
     let t = h.submit("r", Specialty::Backend, 0);
     h.connect("a", Specialty::Backend, 2);
     h.msg("a", accepted(t, 1));
-    let mut limited = report(Outcome::RateLimited);
-    limited.rate_limit_reset_unix_ms = 1_000_000 + 90_000;
-    h.msg(
-        "a",
-        FromAgent::Finished {
-            task: t,
-            attempt: Attempt(1),
-            report: limited,
-        },
-    );
+    h.msg("a", rate_limited(t, 1, 90_000));
     h.sent();
     let other = h.submit("r", Specialty::Backend, 0);
     assert!(h.assigned().is_empty(), "the agent cools down");
