@@ -346,7 +346,9 @@ fn running(held: &[Held]) -> Vec<proto::RunningTask> {
 }
 
 /// The protobuf message for a session message; Hello carries the advert.
-pub fn to_proto(msg: ToCoordinator, advert: &AgentAdvert, name: &str) -> AgentMessage {
+/// `None` for a `Resend`, which the driver expands into the spooled chunks
+/// and which has no message of its own.
+pub fn to_proto(msg: ToCoordinator, advert: &AgentAdvert, name: &str) -> Option<AgentMessage> {
     use agent_message::Msg;
     let msg = match msg {
         ToCoordinator::Hello { running: held } => {
@@ -422,15 +424,9 @@ pub fn to_proto(msg: ToCoordinator, advert: &AgentAdvert, name: &str) -> AgentMe
             last_output_seq: report.last_output_seq,
         }),
         ToCoordinator::Draining { reason } => Msg::Draining(proto::Draining { reason }),
-        // The driver turns a resend into the spooled chunks before sending.
-        ToCoordinator::Resend { task, attempt, .. } => Msg::TaskProgress(proto::TaskProgress {
-            task_id: task.to_string(),
-            attempt: attempt.0,
-            phase: proto::Phase::Unspecified as i32,
-            detail: "resend".into(),
-        }),
+        ToCoordinator::Resend { .. } => return None,
     };
-    AgentMessage { msg: Some(msg) }
+    Some(AgentMessage { msg: Some(msg) })
 }
 
 /// Logs the coordinator's view of our name once per stream.

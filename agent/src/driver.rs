@@ -350,7 +350,9 @@ impl Driver {
                 let Some(stream) = self.stream.as_ref() else {
                     return;
                 };
-                let msg = conn::to_proto(msg, &self.advert, &self.config.name);
+                let Some(msg) = conn::to_proto(msg, &self.advert, &self.config.name) else {
+                    continue;
+                };
                 if stream.tx.send(msg).await.is_err() {
                     self.stream = None;
                     self.session.handle_disconnected();

@@ -19,7 +19,7 @@ use tracing::{Instrument, info_span, warn};
 
 use crate::config::{ClaudeConfig, TestsConfig};
 use crate::runner::{self, End, Invocation, RunResult, Sink};
-use crate::workspace::{Author, Workspaces};
+use crate::workspace::{self, Author, Workspaces};
 
 /// Everything an attempt needs besides the task.
 pub struct Executor {
@@ -82,10 +82,7 @@ impl Executor {
                 job.credential.clone(),
             );
             let ws = self.workspaces.clone();
-            tokio::task::spawn_blocking(move || ws.prepare(task, attempt, &spec, cred.as_ref()))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()))
+            workspace::blocking(move || ws.prepare(task, attempt, &spec, cred.as_ref())).await
         };
         let prepared = match prepared {
             Ok(p) => p,
@@ -164,10 +161,7 @@ impl Executor {
         );
         let commit = {
             let (dir, author) = (prepared.dir.clone(), self.author.clone());
-            tokio::task::spawn_blocking(move || Workspaces::commit_all(&dir, &message, &author))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()))
+            workspace::blocking(move || Workspaces::commit_all(&dir, &message, &author)).await
         };
         let commit = match commit {
             Ok(Some(id)) => id,
@@ -197,12 +191,7 @@ impl Executor {
                 !job.spec.follow_up,
                 job.credential.clone(),
             );
-            tokio::task::spawn_blocking(move || {
-                Workspaces::push(&dir, &branch, force, cred.as_ref())
-            })
-            .await
-            .map_err(|e| crate::workspace::Error::NoBranch(e.to_string()))
-            .and_then(|r| r)
+            workspace::blocking(move || Workspaces::push(&dir, &branch, force, cred.as_ref())).await
         };
         let mut r = match pushed {
             Err(e) if e.is_push_rejected() => report(Outcome::PushRejected, e.to_string()),

@@ -2,8 +2,10 @@
 //! advertises what the PC can do (specialties, slots, toolchains).
 //!
 //! Code map: `config` resolves settings, `toolchains` probes the PC's tools,
-//! `runner` is the only place that spawns processes, `conn` keeps the
-//! coordinator link alive.
+//! `session` is the pure core and `driver` its event loop, `conn` keeps the
+//! coordinator link alive, `executor` does one attempt with `workspace`
+//! (git2, nothing else calls it), `runner` (the only place that spawns
+//! processes) and `prompt`, and `spool` keeps unacknowledged output on disk.
 
 pub mod config;
 pub mod conn;

@@ -31,6 +31,8 @@ pub enum Error {
     },
     #[error("branch {0} does not exist on the remote (a follow-up needs it)")]
     NoBranch(String),
+    #[error("git work stopped unexpectedly: {0}")]
+    Interrupted(String),
     #[error("the remote rejected the push of {branch}: {reason}")]
     PushRejected { branch: String, reason: String },
 }
@@ -39,6 +41,15 @@ impl Error {
     pub fn is_push_rejected(&self) -> bool {
         matches!(self, Self::PushRejected { .. })
     }
+}
+
+/// Runs git work on the blocking pool (git2 blocks), as an async step.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|join| Err(Error::Interrupted(join.to_string())))
 }
 
 fn git(what: impl Into<String>) -> impl FnOnce(git2::Error) -> Error {

@@ -1,5 +1,5 @@
-//! The coordinator: accepts agents over mutual TLS, remembers them in sled,
-//! and lets admins inspect and steer the cluster.
+//! The coordinator: accepts agents over mutual TLS, keeps agents and tasks
+//! durably in sled, places tasks on agents, and lets admins steer it all.
 //!
 //! Code map: `core` decides (pure), `driver` runs the one event loop and
 //! commits through `store` before acting, `grpc` adapts tonic to driver

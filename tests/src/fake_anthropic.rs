@@ -46,7 +46,8 @@ struct Shared {
 pub struct FakeAnthropic {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    runtime: tokio::runtime::Runtime,
+    /// Serves the API until the fake is dropped.
+    _runtime: tokio::runtime::Runtime,
 }
 
 impl FakeAnthropic {
@@ -78,7 +79,7 @@ impl FakeAnthropic {
         Self {
             addr,
             shared,
-            runtime,
+            _runtime: runtime,
         }
     }
 
@@ -94,12 +95,6 @@ impl FakeAnthropic {
             .lock()
             .map(|s| s.requests.clone())
             .unwrap_or_default()
-    }
-}
-
-impl Drop for FakeAnthropic {
-    fn drop(&mut self) {
-        let _ = &self.runtime;
     }
 }
 

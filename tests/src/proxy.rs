@@ -16,7 +16,8 @@ struct State {
 pub struct Proxy {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    runtime: tokio::runtime::Runtime,
+    /// Runs the forwarding until the proxy is dropped.
+    _runtime: tokio::runtime::Runtime,
 }
 
 impl Proxy {
@@ -50,7 +51,7 @@ impl Proxy {
         Self {
             addr,
             state,
-            runtime,
+            _runtime: runtime,
         }
     }
 
@@ -71,6 +72,5 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.cut();
-        let _ = &self.runtime;
     }
 }
