@@ -9,6 +9,8 @@ use tests::cluster::READY;
 use tests::{Cluster, eventually};
 
 const LONG: Duration = Duration::from_secs(60);
+/// How long a test may take to drain a deliberately large backlog.
+const DRAIN: Duration = Duration::from_secs(240);
 
 fn attempts(task: &serde_json::Value) -> &Vec<serde_json::Value> {
     task["attempts"].as_array().expect("attempts")
@@ -428,7 +430,7 @@ fn a_thousand_tasks_on_eight_agents_all_finish_once_within_capacity() {
             Err(format!("{} of 1000 succeeded", done.len()))
         }
     })
-    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.coordinator_log()));
+    .unwrap_or_else(|e| panic!("{e}"));
 
     let all: Vec<serde_json::Value> =
         serde_json::from_str(&cluster.ccc_ok(&["tasks", "--json"])).expect("json");
@@ -482,17 +484,21 @@ fn a_coordinator_killed_at_random_moments_under_load_loses_nothing_acknowledged(
     cluster.start_agent("pc-2", &["--specialties", "backend", "--capacity", "3"]);
     cluster.wait_agents(&["pc-1", "pc-2"], "connected");
 
-    // A steady stream of submissions; only those `ccc` reported as
-    // accepted count as acknowledged.
+    // A steady, bounded stream of submissions; only those `ccc` reported
+    // as accepted count as acknowledged. The bound keeps the backlog the
+    // agents drain afterwards the same on a fast and a slow machine.
+    const MAX_SUBMISSIONS: usize = 120;
     let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let submitter = {
         let (acknowledged, stop) = (Arc::clone(&acknowledged), Arc::clone(&stop));
         let (url, certs, repo) = (cluster.url(), cluster.pki.dir.clone(), cluster.repo());
         std::thread::spawn(move || {
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
+            for n in 1..=MAX_SUBMISSIONS {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(40));
                 let out = Command::new(tests::bin("ccc"))
                     .arg("--coordinator")
                     .arg(&url)
@@ -572,18 +578,26 @@ fn a_coordinator_killed_at_random_moments_under_load_loses_nothing_acknowledged(
         acked.len()
     );
 
-    let tasks: Vec<serde_json::Value> = eventually(LONG, || {
+    // Draining the backlog on six slots is slow on a loaded machine; the
+    // bound is generous because it is a deadline, not a measurement.
+    let tasks: Vec<serde_json::Value> = eventually(DRAIN, || {
         let tasks: Vec<serde_json::Value> =
             serde_json::from_str(&cluster.ccc_ok(&["tasks", "--json"]))
                 .map_err(|e| e.to_string())?;
-        let open = tasks.iter().filter(|t| t["state"] != "succeeded").count();
-        if open == 0 {
+        let mut open: BTreeMap<String, usize> = BTreeMap::new();
+        for task in tasks.iter().filter(|t| t["state"] != "succeeded") {
+            *open.entry(task["state"].to_string()).or_default() += 1;
+        }
+        if open.is_empty() {
             Ok(tasks)
         } else {
-            Err(format!("{open} tasks not succeeded yet"))
+            Err(format!(
+                "of {} tasks, these are not succeeded yet: {open:?}",
+                tasks.len()
+            ))
         }
     })
-    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.coordinator_log()));
+    .unwrap_or_else(|e| panic!("{e}"));
     for task in &tasks {
         let wins = attempts(task)
             .iter()

@@ -194,13 +194,7 @@ impl Cluster {
                 ))
             }
         })
-        .unwrap_or_else(|e| {
-            panic!(
-                "{e}
-{}",
-                self.coordinator_log()
-            )
-        })
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// An Admin API client over mutual TLS as admin `root`.
@@ -377,14 +371,7 @@ impl Cluster {
             }
             Ok(agents)
         })
-        .unwrap_or_else(|e| panic!("{e}\n{}", self.coordinator_log()))
-    }
-
-    pub fn coordinator_log(&self) -> String {
-        self.coordinator
-            .as_ref()
-            .map(Process::log_text)
-            .unwrap_or_default()
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 

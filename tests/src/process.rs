@@ -161,11 +161,18 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            // The end of each log is what explains a failure; the whole
+            // log stays in the kept test directory.
+            const TAIL_LINES: usize = 40;
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
             eprintln!(
-                "--- {} log ({}) ---\n{}",
+                "--- {} log, last {} of {} lines ({}) ---\n{}",
                 self.name,
+                TAIL_LINES.min(lines.len()),
+                lines.len(),
                 self.log.display(),
-                self.log_text()
+                lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
             );
         }
         let _ = self.child.kill();
@@ -174,21 +181,27 @@ impl Drop for Process {
 }
 
 /// Retries `check` until it succeeds or `timeout` passes; returns the last
-/// error on timeout. Polls every 50 ms: waiting on a condition, never a
-/// fixed sleep.
+/// error on timeout. Polls from every 20 ms backing off to every 400 ms:
+/// waiting on a condition, never a fixed sleep.
 #[allow(clippy::disallowed_methods)]
 pub fn eventually<T>(
     timeout: Duration,
     mut check: impl FnMut() -> Result<T, String>,
 ) -> Result<T, String> {
     let deadline = Instant::now() + timeout;
+    // Checks often spawn a process; polling backs off so that a long wait
+    // does not itself load the machine it waits on.
+    let mut pause = Duration::from_millis(20);
     loop {
         match check() {
             Ok(v) => return Ok(v),
             Err(e) if Instant::now() >= deadline => {
                 return Err(format!("not true after {timeout:?}: {e}"));
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(400));
+            }
         }
     }
 }
