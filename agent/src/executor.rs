@@ -53,16 +53,21 @@ impl Executor {
         stop: CancellationToken,
     ) -> FinishedReport {
         let span = info_span!("task", task_id = %job.task, attempt = job.attempt.0);
+        let in_use = self.workspaces.claim(job.task, job.attempt);
         let mut report = self.attempt(&job, &sink, &stop).instrument(span).await;
         report.branch = if report.commit.is_empty() {
             String::new()
         } else {
             job.spec.branch.clone()
         };
-        let dir = self.workspaces.dir(job.task, job.attempt);
-        let keep = !matches!(report.outcome, Outcome::Succeeded | Outcome::NoChanges);
-        let ws = &self.workspaces;
-        ws.clean((!keep).then_some(dir.as_path()), self.keep_failed_for);
+        let succeeded = matches!(report.outcome, Outcome::Succeeded | Outcome::NoChanges);
+        let (ws, keep_for) = (self.workspaces.clone(), self.keep_failed_for);
+        // Removing a large workspace blocks; it runs on the blocking pool.
+        let _ = workspace::blocking(move || {
+            ws.finish(in_use, succeeded, keep_for);
+            Ok(())
+        })
+        .await;
         report
     }
 

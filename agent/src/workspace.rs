@@ -6,7 +6,7 @@
 //! never shared, with `origin` pointing at the real remote for the push.
 //! All functions block: the driver calls them on the blocking pool.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -80,6 +80,33 @@ pub struct Workspaces {
     /// One lock per mirror: attempts on the same repository take turns to
     /// fetch and clone it, attempts on different ones do not wait.
     mirror_locks: Arc<Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>>,
+    /// Attempt directories in use: the sweep of old failed workspaces
+    /// never touches them, however long an attempt runs.
+    in_use: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+/// An attempt directory marked as in use until this is dropped.
+pub struct InUse {
+    dir: PathBuf,
+    in_use: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+impl InUse {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        lock(&self.in_use).remove(&self.dir);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Workspaces {
@@ -87,15 +114,26 @@ impl Workspaces {
         Self {
             root: data_dir.to_owned(),
             mirror_locks: Arc::default(),
+            in_use: Arc::default(),
+        }
+    }
+
+    /// Marks the attempt's directory as in use while the result lives.
+    pub fn claim(&self, task: TaskId, attempt: Attempt) -> InUse {
+        let dir = self.dir(task, attempt);
+        lock(&self.in_use).insert(dir.clone());
+        InUse {
+            dir,
+            in_use: Arc::clone(&self.in_use),
         }
     }
 
     fn mirror_lock(&self, mirror: &Path) -> Arc<Mutex<()>> {
-        let mut locks = self
-            .mirror_locks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Arc::clone(locks.entry(mirror.to_owned()).or_default())
+        Arc::clone(
+            lock(&self.mirror_locks)
+                .entry(mirror.to_owned())
+                .or_default(),
+        )
     }
 
     /// The attempt's own directory.
@@ -371,31 +409,49 @@ impl Workspaces {
         })
     }
 
-    /// Removes attempt directories: now for `dir` if `succeeded`, and any
-    /// other older than `keep_failed_for` (failed ones are kept a while to
-    /// look at).
-    pub fn clean(&self, dir: Option<&Path>, keep_failed_for: Duration) {
-        if let Some(dir) = dir {
-            let _ = std::fs::remove_dir_all(dir);
+    /// Ends an attempt's use of its directory: removes it when the attempt
+    /// succeeded, else keeps it (dated now) for `keep_failed_for` so that a
+    /// person can look at it. Then sweeps kept directories older than that,
+    /// sparing those in use by other attempts.
+    pub fn finish(&self, attempt: InUse, succeeded: bool, keep_failed_for: Duration) {
+        if succeeded {
+            let _ = std::fs::remove_dir_all(attempt.dir());
+        } else if let Err(e) = touch(attempt.dir()) {
+            debug!(dir = %attempt.dir().display(), error = %e, "cannot date a kept workspace");
         }
+        drop(attempt);
+        self.sweep(keep_failed_for);
+    }
+
+    /// Removes kept attempt directories older than `keep_failed_for`.
+    fn sweep(&self, keep_failed_for: Duration) {
         let Ok(entries) = std::fs::read_dir(self.root.join("work")) else {
             return;
         };
         #[allow(clippy::disallowed_methods)] // file ages are compared with the wall clock
         let now = SystemTime::now();
         for entry in entries.flatten() {
+            let path = entry.path();
             let old = entry
                 .metadata()
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| now.duration_since(t).ok())
                 .is_some_and(|age| age > keep_failed_for);
-            if old {
-                debug!(dir = %entry.path().display(), "removing an old failed workspace");
-                let _ = std::fs::remove_dir_all(entry.path());
+            if old && !lock(&self.in_use).contains(&path) {
+                debug!(dir = %path.display(), "removing an old failed workspace");
+                let _ = std::fs::remove_dir_all(&path);
             }
         }
     }
+}
+
+/// Sets a directory's modification time to now: a kept workspace's age
+/// counts from the end of its attempt.
+fn touch(dir: &Path) -> std::io::Result<()> {
+    #[allow(clippy::disallowed_methods)] // a file time is wall-clock time
+    let now = SystemTime::now();
+    std::fs::File::open(dir)?.set_modified(now)
 }
 
 /// Credentials for fetch and push: the assignment's token over HTTPS when
@@ -433,4 +489,58 @@ fn callbacks(credential: Option<&PushCredential>) -> RemoteCallbacks<'_> {
         Err(git2::Error::from_str("no credential for this remote"))
     });
     cbs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory under the system's temporary directory.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ccc-ws-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("work")).expect("scratch dir");
+        dir
+    }
+
+    fn attempt_dir(ws: &Workspaces, task: u64, age: Duration) -> PathBuf {
+        let dir = ws.dir(TaskId(task), Attempt(1));
+        std::fs::create_dir_all(dir.join("src")).expect("attempt dir");
+        #[allow(clippy::disallowed_methods)]
+        let then = SystemTime::now() - age;
+        std::fs::File::open(&dir)
+            .and_then(|f| f.set_modified(then))
+            .expect("date the dir");
+        dir
+    }
+
+    #[test]
+    fn success_removes_failure_keeps_and_the_sweep_spares_attempts_in_use() {
+        let root = scratch("finish");
+        let ws = Workspaces::new(&root);
+        let day = Duration::from_secs(86_400);
+        let two_days = 2 * day;
+        let old_failed = attempt_dir(&ws, 1, two_days);
+        let old_running = attempt_dir(&ws, 2, two_days);
+        let recent_failed = attempt_dir(&ws, 3, Duration::from_secs(60));
+        let running = ws.claim(TaskId(2), Attempt(1));
+
+        // A failed attempt that started two days ago counts from its end.
+        let failing_dir = attempt_dir(&ws, 4, two_days);
+        ws.finish(ws.claim(TaskId(4), Attempt(1)), false, day);
+        assert!(failing_dir.exists(), "a just-failed workspace is kept");
+        assert!(!old_failed.exists(), "an old failed workspace is swept");
+        assert!(old_running.exists(), "a workspace in use is never swept");
+        assert!(recent_failed.exists(), "a recent failed one is kept");
+
+        let succeeding_dir = attempt_dir(&ws, 5, Duration::ZERO);
+        ws.finish(ws.claim(TaskId(5), Attempt(1)), true, day);
+        assert!(!succeeding_dir.exists(), "a succeeded workspace is removed");
+
+        // Once its attempt ends, the old one is swept like any other.
+        drop(running);
+        ws.sweep(day);
+        assert!(!old_running.exists());
+        let _ = std::fs::remove_dir_all(root);
+    }
 }

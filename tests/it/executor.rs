@@ -15,6 +15,20 @@ fn attempt(task: &serde_json::Value) -> &serde_json::Value {
         .expect("an attempt")
 }
 
+/// The agent's attempt directories of task `id` that are still on disk.
+fn workspaces_of(cluster: &Cluster, agent: &str, id: &str) -> Vec<String> {
+    let work = cluster.dir.join(format!("agent-{agent}")).join("work");
+    std::fs::read_dir(work)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(&format!("{id}-a")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn one_try_cluster(name: &str, agent_args: &[&str]) -> Cluster {
     let mut cluster = Cluster::new(name).with_coordinator_args(&["--max-attempts", "1"]);
     cluster.start_coordinator();
@@ -46,6 +60,11 @@ fn the_change_arrives_on_its_branch_and_the_mirror_is_reused() {
     );
     let message = git::tip_message(&repo, branch);
     assert!(message.starts_with("Add a greeting (#7)"), "{message}");
+    assert_eq!(
+        workspaces_of(&cluster, "pc-1", &first),
+        Vec::<String>::new(),
+        "a succeeded attempt's workspace is removed"
+    );
 
     let second = cluster.submit_to(
         &url,
@@ -136,6 +155,11 @@ fn each_way_an_attempt_can_end_has_its_own_outcome() {
         git::branch_files(&repo, branch).is_some_and(|f| f.contains(&"partial.txt".to_owned()))
     );
     assert!(git::tip_message(&repo, branch).contains("INCOMPLETE"));
+    assert_eq!(
+        workspaces_of(&cluster, "pc-1", &cases[1].0),
+        vec![format!("{}-a1", cases[1].0)],
+        "a failed attempt's workspace is kept to look at"
+    );
     let rejected = cluster.task_json(&cases[3].0).expect("task");
     assert!(
         attempt(&rejected)["message"]
