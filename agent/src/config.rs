@@ -213,11 +213,13 @@ impl ClaudeConfig {
     }
 
     /// The argument vector for one run: headless, stream-json events (which
-    /// require --verbose), edits allowed without prompting.
-    pub fn args(&self, prompt: &str) -> Vec<String> {
+    /// require --verbose), edits allowed without prompting. The prompt is
+    /// not among them: it goes on stdin, where `-p` reads it when no prompt
+    /// argument is given, because one argument is limited to 128 KiB on
+    /// Linux and cannot be mistaken for an option there.
+    pub fn args(&self) -> Vec<String> {
         let mut args = vec![
             "-p".to_owned(),
-            prompt.to_owned(),
             "--output-format".into(),
             "stream-json".into(),
             "--verbose".into(),

@@ -261,6 +261,9 @@ fn now_unix_secs() -> i64 {
     i64::try_from(UnixMillis::now().0 / 1000).unwrap_or(i64::MAX)
 }
 
+/// The longest heartbeat timing the agent accepts from Welcome.
+const HOUR_MS: u64 = 3_600_000;
+
 fn task_id(raw: &str) -> Result<TaskId, String> {
     raw.parse::<TaskId>().map_err(|e| e.to_string())
 }
@@ -271,8 +274,9 @@ fn from_proto(msg: CoordinatorMessage) -> Result<Option<FromCoordinator>, String
         None => return Ok(None),
         Some(Msg::Welcome(w)) => FromCoordinator::Welcome {
             agent_id: w.agent_id,
-            heartbeat_interval: Duration::from_millis(w.heartbeat_interval_ms.max(100)),
-            heartbeat_timeout: Duration::from_millis(w.heartbeat_timeout_ms.max(200)),
+            // Bounded both ways: timers built from them must not overflow.
+            heartbeat_interval: Duration::from_millis(w.heartbeat_interval_ms.clamp(100, HOUR_MS)),
+            heartbeat_timeout: Duration::from_millis(w.heartbeat_timeout_ms.clamp(200, HOUR_MS)),
             held: w
                 .held
                 .iter()

@@ -121,9 +121,10 @@ impl Executor {
         let prompt = self.claude.prompt(job.task, &job.spec);
         let inv = Invocation {
             program: self.claude.program.clone(),
-            args: self.claude.args(&prompt),
+            args: self.claude.args(),
             env: self.claude.env.clone(),
             cwd: prepared.dir.clone(),
+            input: Some(prompt.into_bytes()),
             deadline: job.budget.min(self.claude.timeout),
             grace: self.claude.kill_grace,
         };
@@ -274,6 +275,7 @@ impl Executor {
             args: vec!["-c".into(), command.clone()],
             env: Vec::new(),
             cwd: dir.to_owned(),
+            input: None,
             deadline: self.tests.timeout,
             grace: self.claude.kill_grace,
         };

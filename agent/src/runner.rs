@@ -1,6 +1,7 @@
 //! Child processes. Architecture invariant: the agent spawns processes only
-//! through this module, always with an argument vector (never a shell),
-//! stdin closed, and a deadline.
+//! through this module, always with an argument vector (never a shell), a
+//! deadline, and stdin either closed or fed from memory (the CLI's prompt:
+//! an issue body can exceed what one argument may hold).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -90,6 +91,9 @@ pub struct Invocation {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: std::path::PathBuf,
+    /// Written to the process's stdin, which is then closed; without it
+    /// stdin is closed from the start.
+    pub input: Option<Vec<u8>>,
     /// The run is stopped (TERM, then KILL) when it lasts longer.
     pub deadline: Duration,
     /// Time between TERM and KILL.
@@ -190,7 +194,11 @@ pub async fn run_streaming(
     cmd.args(&inv.args)
         .envs(inv.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&inv.cwd)
-        .stdin(Stdio::null())
+        .stdin(if inv.input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -208,6 +216,14 @@ pub async fn run_streaming(
         }
     })?;
     let pgid = child.id().and_then(|id| i32::try_from(id).ok());
+    if let (Some(mut stdin), Some(input)) = (child.stdin.take(), inv.input.clone()) {
+        // A process that exits without reading all of it ends the write
+        // with a broken pipe; that is its business, not an error here.
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = stdin.write_all(&input).await;
+        });
+    }
     let collected = Arc::new(std::sync::Mutex::new(Collected::default()));
     let mut readers = tokio::task::JoinSet::new();
     if let Some(out) = child.stdout.take() {

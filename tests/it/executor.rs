@@ -80,6 +80,26 @@ fn the_change_arrives_on_its_branch_and_the_mirror_is_reused() {
         git::branch_files(&repo, "ccc/issue-8-add-another")
             .is_some_and(|f| f.contains(&"more.txt".to_owned()))
     );
+
+    // An issue body larger than one argument may be (128 KiB on Linux)
+    // reaches the CLI whole: the prompt goes on its stdin.
+    let body_file = cluster.dir.join("long-body.md");
+    let long_body = format!("FAKE: write=long.txt\n{}", "長い説明。".repeat(12_000));
+    std::fs::write(&body_file, &long_body).expect("write the body");
+    let body_path = body_file.display().to_string();
+    let third = cluster.submit_to(
+        &url,
+        "backend",
+        "A long story",
+        "",
+        &["--issue", "9", "--body-file", &body_path],
+    );
+    let done = cluster.wait_task(&third, "succeeded", LONG);
+    assert!(
+        git::branch_files(&repo, "ccc/issue-9-a-long-story")
+            .is_some_and(|f| f.contains(&"long.txt".to_owned())),
+        "{done}"
+    );
 }
 
 #[test]

@@ -159,11 +159,13 @@ impl Cluster {
             repo,
             "--title",
             title,
-            "--body",
-            body,
             "--specialty",
             specialty,
         ];
+        // An empty body is left out, so that `extra` may give `--body-file`.
+        if !body.is_empty() {
+            args.extend(["--body", body]);
+        }
         args.extend_from_slice(extra);
         let out = self.ccc_ok(&args);
         out.split_whitespace()

@@ -8,7 +8,10 @@
 //! size here) until the coordinator acknowledges it, so a reconnect resends
 //! exactly what the coordinator lacks, in order, before the attempt's
 //! result; an attempt is forgotten only when the coordinator acknowledges
-//! its result or tells the agent to cancel it.
+//! its result or tells the agent to cancel it. Nothing but Hello goes on a
+//! new stream until the coordinator's Welcome: a result sent earlier could
+//! overtake the resend of output the coordinator lacks, and an attempt is
+//! closed as soon as its result is stored.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -117,7 +120,8 @@ struct Work {
 pub struct Session {
     capacity: u32,
     work: BTreeMap<TaskId, Work>,
-    connected: bool,
+    /// A stream is open and the coordinator has answered its Hello.
+    welcomed: bool,
     draining: bool,
     outbound: VecDeque<ToCoordinator>,
     commands: VecDeque<Command>,
@@ -128,7 +132,7 @@ impl Session {
         Self {
             capacity,
             work: BTreeMap::new(),
-            connected: false,
+            welcomed: false,
             draining: false,
             outbound: VecDeque::new(),
             commands: VecDeque::new(),
@@ -148,9 +152,12 @@ impl Session {
             .collect()
     }
 
+    /// Slots not taken by a running attempt; an attempt whose result waits
+    /// for its acknowledgement no longer takes one.
     pub fn free_slots(&self) -> u32 {
+        let running = self.work.values().filter(|w| w.result.is_none()).count();
         self.capacity
-            .saturating_sub(u32::try_from(self.work.len()).unwrap_or(u32::MAX))
+            .saturating_sub(u32::try_from(running).unwrap_or(u32::MAX))
     }
 
     /// Output bytes waiting for acknowledgement, all tasks.
@@ -162,15 +169,11 @@ impl Session {
         self.work.is_empty()
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.connected
-    }
-
     // ---- the link ----
 
-    /// A new stream is open: Hello goes first.
+    /// A new stream is open: Hello goes first, and alone until Welcome.
     pub fn handle_connected(&mut self) {
-        self.connected = true;
+        self.welcomed = false;
         self.outbound.clear();
         self.outbound.push_back(ToCoordinator::Hello {
             running: self.held(),
@@ -182,6 +185,7 @@ impl Session {
     /// resent, then any result; tasks it does not list are dropped (it sends
     /// a Cancel for them too).
     pub fn handle_welcome(&mut self, held: &[(TaskId, Attempt, u64)]) {
+        self.welcomed = true;
         let mine: Vec<TaskId> = self.work.keys().copied().collect();
         for task in mine {
             let Some(&(_, attempt, acked)) = held.iter().find(|(t, _, _)| *t == task) else {
@@ -212,12 +216,12 @@ impl Session {
     }
 
     pub fn handle_disconnected(&mut self) {
-        self.connected = false;
+        self.welcomed = false;
         self.outbound.clear();
     }
 
     pub fn heartbeat(&mut self) {
-        if self.connected {
+        if self.welcomed {
             self.outbound.push_back(ToCoordinator::Heartbeat {
                 running: self.held(),
                 free_slots: self.free_slots(),
@@ -410,9 +414,9 @@ impl Session {
     }
 
     fn send(&mut self, msg: ToCoordinator) {
-        // While disconnected everything stays in the per-task buffers and is
-        // resent after Welcome; nothing is queued for a stream that is gone.
-        if self.connected {
+        // Until Welcome everything stays in the per-task buffers and is
+        // resent after it; nothing is queued for a stream that is gone.
+        if self.welcomed {
             self.outbound.push_back(msg);
         }
     }

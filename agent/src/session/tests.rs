@@ -52,6 +52,13 @@ fn line(s: &mut Session, text: &str) {
     );
 }
 
+/// A stream opened and welcomed by a coordinator that holds nothing of ours.
+fn welcomed(s: &mut Session) {
+    s.handle_connected();
+    s.handle_welcome(&[]);
+    out(s);
+}
+
 fn commands(s: &mut Session) -> Vec<Command> {
     std::iter::from_fn(|| s.poll_command()).collect()
 }
@@ -59,8 +66,7 @@ fn commands(s: &mut Session) -> Vec<Command> {
 #[test]
 fn output_survives_a_reconnect_and_is_resent_from_the_ack() {
     let mut s = Session::new(1);
-    s.handle_connected();
-    out(&mut s);
+    welcomed(&mut s);
     s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
     assert!(matches!(s.poll_command(), Some(Command::Start { .. })));
     line(&mut s, "a");
@@ -114,8 +120,7 @@ fn output_survives_a_reconnect_and_is_resent_from_the_ack() {
 #[test]
 fn assignments_beyond_capacity_or_while_draining_are_refused() {
     let mut s = Session::new(1);
-    s.handle_connected();
-    out(&mut s);
+    welcomed(&mut s);
     s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
     s.handle_assign(TaskId(2), Attempt(1), spec(), UnixMillis(0), None);
     let msgs = out(&mut s);
@@ -132,7 +137,7 @@ fn assignments_beyond_capacity_or_while_draining_are_refused() {
 #[test]
 fn cancel_stops_the_child_and_reports_cancelled() {
     let mut s = Session::new(2);
-    s.handle_connected();
+    welcomed(&mut s);
     s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
     s.poll_command();
     out(&mut s);
@@ -156,7 +161,7 @@ fn cancel_stops_the_child_and_reports_cancelled() {
 #[test]
 fn tasks_the_coordinator_no_longer_lists_are_dropped_on_cancel() {
     let mut s = Session::new(1);
-    s.handle_connected();
+    welcomed(&mut s);
     s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
     s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::Succeeded));
     s.handle_disconnected();
@@ -169,4 +174,55 @@ fn tasks_the_coordinator_no_longer_lists_are_dropped_on_cancel() {
     );
     s.handle_cancel(TaskId(1), Attempt(1), "no longer current");
     assert!(s.is_idle());
+}
+
+#[test]
+fn before_welcome_only_hello_goes_out_so_a_result_never_overtakes_resent_output() {
+    let mut s = Session::new(1);
+    welcomed(&mut s);
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
+    line(&mut s, "a");
+    s.handle_output_ack(TaskId(1), Attempt(1), 1);
+    s.handle_disconnected();
+    line(&mut s, "b");
+
+    // Reconnected; the child ends and heartbeats tick before Welcome.
+    s.handle_connected();
+    line(&mut s, "c");
+    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::Succeeded));
+    s.heartbeat();
+    let before = out(&mut s);
+    assert!(
+        matches!(before.as_slice(), [ToCoordinator::Hello { .. }]),
+        "{before:?}"
+    );
+
+    s.handle_welcome(&[(TaskId(1), Attempt(1), 1)]);
+    let after = out(&mut s);
+    assert!(
+        matches!(
+            after.as_slice(),
+            [
+                ToCoordinator::Resend { after: 1, .. },
+                ToCoordinator::Finished { report, .. },
+            ] if report.last_output_seq == 3
+        ),
+        "the missing output first, then the result: {after:?}"
+    );
+}
+
+#[test]
+fn a_result_waiting_for_its_ack_does_not_take_a_slot() {
+    let mut s = Session::new(1);
+    welcomed(&mut s);
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
+    assert_eq!(s.free_slots(), 0);
+    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::Succeeded));
+    assert_eq!(s.free_slots(), 1);
+    out(&mut s);
+    s.handle_assign(TaskId(2), Attempt(1), spec(), UnixMillis(0), None);
+    assert!(
+        matches!(out(&mut s).as_slice(), [ToCoordinator::Accepted { .. }]),
+        "the next task is accepted"
+    );
 }

@@ -1,7 +1,7 @@
 //! A scripted stand-in for the `claude` CLI, for tests and the demo: it is
-//! invoked exactly like the real CLI (`-p <prompt> --output-format
-//! stream-json --verbose ...`, the workspace as working directory) and
-//! prints real-format stream-json events.
+//! invoked exactly like the real CLI (`-p --output-format stream-json
+//! --verbose ...` with the prompt on stdin or as an argument, the workspace
+//! as working directory) and prints real-format stream-json events.
 //!
 //! What it does is read from a `FAKE:` line in the prompt (the task's body),
 //! e.g. `FAKE: lines=20 interval_ms=50 exit=1 result=error hang=1
@@ -48,12 +48,20 @@ fn main() {
         println!("2.1.197 (Claude Code)");
         return;
     }
-    let prompt = args
+    // Like the real CLI: the prompt argument after `-p`, else all of stdin.
+    let prompt = match args
         .iter()
         .position(|a| a == "-p" || a == "--print")
         .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_default();
+        .filter(|next| !next.starts_with('-'))
+    {
+        Some(prompt) => prompt.clone(),
+        None => {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut text);
+            text
+        }
+    };
     let stream_json = args
         .windows(2)
         .any(|w| w[0] == "--output-format" && w[1] == "stream-json");
