@@ -191,13 +191,15 @@ impl Executor {
         // Push.
         sink.progress(Phase::Pushing).await;
         let pushed = {
-            let (dir, branch, force, cred) = (
+            let (ws, dir, url, branch, force, cred) = (
+                self.workspaces.clone(),
                 prepared.dir.clone(),
+                job.spec.repo_url.clone(),
                 prepared.branch.clone(),
                 !job.spec.follow_up,
                 job.credential.clone(),
             );
-            workspace::blocking(move || Workspaces::push(&dir, &branch, force, cred.as_ref())).await
+            workspace::blocking(move || ws.push(&dir, &url, &branch, force, cred.as_ref())).await
         };
         let mut r = match pushed {
             Err(e) if e.is_push_rejected() => report(Outcome::PushRejected, e.to_string()),

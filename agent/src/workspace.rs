@@ -348,65 +348,59 @@ impl Workspaces {
         Ok(Some(id.to_string()))
     }
 
-    /// Pushes `branch` to `origin`. A fresh branch is force-pushed (each
-    /// attempt starts again from the base); a follow-up must fast-forward.
+    /// Pushes the workspace's `branch` to the repository at `url`. A fresh
+    /// branch is force-pushed (each attempt starts again from the base); a
+    /// follow-up must fast-forward.
+    ///
+    /// The push goes out from the mirror, never from the workspace: the CLI
+    /// may have edited the workspace's `.git/config` (a `pushurl`, an
+    /// `insteadOf`, a proxy), and the credential must only ever reach `url`.
+    /// The commit is first copied into the mirror under a private ref by a
+    /// local fetch, which reads the workspace's objects but not its config.
     pub fn push(
+        &self,
         dir: &Path,
+        url: &str,
         branch: &str,
         force: bool,
         credential: Option<&PushCredential>,
     ) -> Result<(), Error> {
-        let repo = Repository::open(dir).map_err(git("open workspace"))?;
-        let mut remote = repo.find_remote("origin").map_err(git("find origin"))?;
-        let rejected = std::cell::RefCell::new(None::<String>);
-        // What the remote prints (hooks, branch protection) explains a refusal.
-        let remote_said = std::cell::RefCell::new(String::new());
-        let mut cbs = callbacks(credential);
-        cbs.push_update_reference(|refname, status| {
-            if let Some(status) = status {
-                *rejected.borrow_mut() = Some(format!("{refname}: {status}"));
-            }
-            Ok(())
-        });
-        cbs.sideband_progress(|data| {
-            let mut said = remote_said.borrow_mut();
-            if said.len() < 4096 {
-                said.push_str(&String::from_utf8_lossy(data));
-            }
-            true
-        });
-        let mut options = PushOptions::new();
-        options.remote_callbacks(cbs);
-        let refspec = format!(
-            "{}refs/heads/{branch}:refs/heads/{branch}",
-            if force { "+" } else { "" }
+        let mirror_path = self.mirror_path(url);
+        let staging = format!(
+            "refs/ccc/push/{}",
+            dir.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("attempt")
         );
-        let pushed = remote.push(&[refspec.as_str()], Some(&mut options));
-        drop(options);
-        let said = remote_said.into_inner();
-        let said = said.trim();
-        if let Some(mut reason) = rejected.into_inner() {
-            if !said.is_empty() {
-                reason = format!("{reason} (remote: {said})");
-            }
-            return Err(Error::PushRejected {
-                branch: branch.to_owned(),
-                reason,
-            });
+        let mirror = {
+            let lock = self.mirror_lock(&mirror_path);
+            let _turn = lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mirror = Repository::open_bare(&mirror_path).map_err(git("open mirror"))?;
+            mirror
+                .remote_set_url("origin", url)
+                .map_err(git("configure mirror"))?;
+            let workspace = dir.to_string_lossy();
+            mirror
+                .remote_anonymous(&workspace)
+                .and_then(|mut local| {
+                    local.fetch(
+                        &[format!("+refs/heads/{branch}:{staging}").as_str()],
+                        None,
+                        None,
+                    )
+                })
+                .map_err(git(format!("take {branch} from the workspace")))?;
+            mirror
+        };
+        // Outside the lock: fetches into the mirror never touch the staging
+        // ref, and git's ref and pack writes are atomic.
+        let pushed = push_ref(&mirror, &staging, branch, force, credential);
+        if let Ok(mut staged) = mirror.find_reference(&staging) {
+            let _ = staged.delete();
         }
-        pushed.map_err(|source| {
-            if matches!(source.code(), git2::ErrorCode::NotFastForward) {
-                Error::PushRejected {
-                    branch: branch.to_owned(),
-                    reason: source.message().to_owned(),
-                }
-            } else {
-                Error::Git {
-                    what: format!("push {branch}"),
-                    source,
-                }
-            }
-        })
+        pushed
     }
 
     /// Ends an attempt's use of its directory: removes it when the attempt
@@ -444,6 +438,66 @@ impl Workspaces {
             }
         }
     }
+}
+
+/// Pushes the mirror's `staging` ref to `refs/heads/<branch>` on `origin`.
+fn push_ref(
+    repo: &Repository,
+    staging: &str,
+    branch: &str,
+    force: bool,
+    credential: Option<&PushCredential>,
+) -> Result<(), Error> {
+    let mut remote = repo.find_remote("origin").map_err(git("find origin"))?;
+    let rejected = std::cell::RefCell::new(None::<String>);
+    // What the remote prints (hooks, branch protection) explains a refusal.
+    let remote_said = std::cell::RefCell::new(String::new());
+    let mut cbs = callbacks(credential);
+    cbs.push_update_reference(|refname, status| {
+        if let Some(status) = status {
+            *rejected.borrow_mut() = Some(format!("{refname}: {status}"));
+        }
+        Ok(())
+    });
+    cbs.sideband_progress(|data| {
+        let mut said = remote_said.borrow_mut();
+        if said.len() < 4096 {
+            said.push_str(&String::from_utf8_lossy(data));
+        }
+        true
+    });
+    let mut options = PushOptions::new();
+    options.remote_callbacks(cbs);
+    let refspec = format!(
+        "{}{staging}:refs/heads/{branch}",
+        if force { "+" } else { "" }
+    );
+    let pushed = remote.push(&[refspec.as_str()], Some(&mut options));
+    drop(options);
+    let said = remote_said.into_inner();
+    let said = said.trim();
+    if let Some(mut reason) = rejected.into_inner() {
+        if !said.is_empty() {
+            reason = format!("{reason} (remote: {said})");
+        }
+        return Err(Error::PushRejected {
+            branch: branch.to_owned(),
+            reason,
+        });
+    }
+    pushed.map_err(|source| {
+        if matches!(source.code(), git2::ErrorCode::NotFastForward) {
+            Error::PushRejected {
+                branch: branch.to_owned(),
+                reason: source.message().to_owned(),
+            }
+        } else {
+            Error::Git {
+                what: format!("push {branch}"),
+                source,
+            }
+        }
+    })
 }
 
 /// Sets a directory's modification time to now: a kept workspace's age

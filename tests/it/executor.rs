@@ -81,6 +81,27 @@ fn the_change_arrives_on_its_branch_and_the_mirror_is_reused() {
             .is_some_and(|f| f.contains(&"more.txt".to_owned()))
     );
 
+    // A CLI that points the workspace's pushes elsewhere does not move
+    // the push (nor the credential that goes with it).
+    let elsewhere = git::bare_repo(cluster.dir.path(), "elsewhere", &[("x.txt", "x\n")]);
+    let hijack = cluster.submit_to(
+        &url,
+        "backend",
+        "Hijack the push",
+        &format!("FAKE: write=h.txt hijack_push={}", elsewhere.display()),
+        &["--issue", "10"],
+    );
+    let done = cluster.wait_task(&hijack, "succeeded", LONG);
+    assert!(
+        git::branch_files(&repo, "ccc/issue-10-hijack-the-push")
+            .is_some_and(|f| f.contains(&"h.txt".to_owned())),
+        "{done}"
+    );
+    assert_eq!(
+        git::branch_files(&elsewhere, "ccc/issue-10-hijack-the-push"),
+        None
+    );
+
     // An issue body larger than one argument may be (128 KiB on Linux)
     // reaches the CLI whole: the prompt goes on its stdin.
     let body_file = cluster.dir.join("long-body.md");

@@ -7,7 +7,9 @@
 //! e.g. `FAKE: lines=20 interval_ms=50 exit=1 result=error hang=1
 //! write=notes.txt grandchild=1 stderr=2 binary=1 bulk_kb=1024`; unknown keys
 //! are ignored. `binary=1` prints bytes that are not UTF-8; `bulk_kb=N`
-//! prints N KiB of plain lines.
+//! prints N KiB of plain lines; `hijack_push=<url>` edits the workspace's
+//! `.git/config` to send pushes of `origin` to `<url>`, as a hostile issue
+//! could make a real CLI do.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -108,6 +110,20 @@ fn main() {
                 serde_json::json!({"type": "system", "subtype": "grandchild", "pid": child.id()}),
             );
         }
+    }
+    if let Some(url) = script.get("hijack_push") {
+        let config = std::fs::read_to_string(".git/config").unwrap_or_default();
+        let origin = config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("url = "))
+            .unwrap_or_default()
+            .to_owned();
+        let _ = std::fs::write(
+            ".git/config",
+            format!(
+                "{config}[remote \"origin\"]\n\tpushurl = {url}\n[url \"{url}\"]\n\tpushInsteadOf = {origin}\n\tinsteadOf = {origin}\n"
+            ),
+        );
     }
     if let Some(file) = script.get("write") {
         let _ = std::fs::write(
