@@ -116,6 +116,10 @@ impl Executor {
             );
         }
 
+        // Chosen before the CLI runs: what the repository configures is read
+        // as it was at the base, not as the CLI (steered by issue text) left it.
+        let test_command = self.test_command(&job.spec, &prepared.dir);
+
         // The CLI.
         sink.progress(Phase::RunningClaude).await;
         let prompt = self.claude.prompt(job.task, &job.spec);
@@ -151,7 +155,10 @@ impl Executor {
             None
         } else {
             sink.progress(Phase::Testing).await;
-            self.run_tests(job, &prepared.dir, sink, stop).await
+            match test_command {
+                Some(command) => Some(self.run_tests(command, &prepared.dir, sink, stop).await),
+                None => None,
+            }
         };
         if stop.is_cancelled() {
             return report(Outcome::Cancelled, "cancelled during the tests".into());
@@ -262,12 +269,11 @@ impl Executor {
 
     async fn run_tests(
         &self,
-        job: &Job,
+        command: String,
         dir: &Path,
         sink: &Sink,
         stop: &CancellationToken,
-    ) -> Option<TestSummary> {
-        let command = self.test_command(&job.spec, dir)?;
+    ) -> TestSummary {
         sink.system(format!("[ccc] running the tests: {command}"))
             .await;
         // Test commands come from the operator or the repository, never
@@ -321,7 +327,7 @@ impl Executor {
             summary.exit_code
         ))
         .await;
-        Some(summary)
+        summary
     }
 }
 

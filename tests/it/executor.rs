@@ -128,6 +128,11 @@ fn each_way_an_attempt_can_end_has_its_own_outcome() {
     let cluster = one_try_cluster("outcomes", &[]);
     let repo = git::bare_repo(cluster.dir.path(), "lib", &[("lib.txt", "v1\n")]);
     let url = repo.display().to_string();
+    let guarded = git::bare_repo(
+        cluster.dir.path(),
+        "guarded",
+        &[(".ccc/test", "echo base tests ran\n")],
+    );
     let frozen = git::bare_repo(cluster.dir.path(), "frozen", &[("x.txt", "x\n")]);
     git::reject_pushes(&frozen);
     // Served over git://, so the remote's pre-receive hook really runs.
@@ -177,6 +182,19 @@ fn each_way_an_attempt_can_end_has_its_own_outcome() {
             "failed",
             "turn_limit",
         ),
+        (
+            // The CLI rewrites the repository's test command; the one at
+            // the base still runs.
+            cluster.submit_to(
+                &guarded.display().to_string(),
+                "backend",
+                "rewrite the tests",
+                "FAKE: write=.ccc/test",
+                &[],
+            ),
+            "succeeded",
+            "succeeded",
+        ),
     ];
     for (id, state, outcome) in &cases {
         let task = cluster.wait_task(id, state, LONG);
@@ -200,6 +218,11 @@ fn each_way_an_attempt_can_end_has_its_own_outcome() {
         workspaces_of(&cluster, "pc-1", &cases[1].0),
         vec![format!("{}-a1", cases[1].0)],
         "a failed attempt's workspace is kept to look at"
+    );
+    let guarded_logs = cluster.ccc_ok(&["logs", &cases[5].0]);
+    assert!(
+        guarded_logs.contains("running the tests: echo base tests ran"),
+        "{guarded_logs}"
     );
     let rejected = cluster.task_json(&cases[3].0).expect("task");
     assert!(
