@@ -159,6 +159,9 @@ impl Sink {
 
 /// The largest chunk one output line is cut into.
 pub const MAX_CHUNK: usize = 64 * 1024;
+/// How long pipes may stay open, with nothing read, once the process group
+/// is gone.
+const PIPE_GIVE_UP: Duration = Duration::from_secs(5);
 /// Lines of output kept for a summary (e.g. the tests' tail).
 const TAIL_LINES: usize = 40;
 
@@ -243,12 +246,22 @@ pub async fn run_streaming(
     // Whatever the leader did, its group goes with it: grandchildren would
     // otherwise hold the pipes open (and keep working) after it ended.
     signal_group(pgid, libc::SIGKILL);
-    let drain = async { while readers.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(5), drain)
-        .await
-        .is_err()
-    {
-        readers.abort_all();
+    // What is still in the pipes is read to the end, however long the
+    // driver takes to accept it (backpressure, never loss). Only a pipe held
+    // open by a process that left the group, with no reader waiting on the
+    // driver, is given up after a while.
+    loop {
+        match tokio::time::timeout(PIPE_GIVE_UP, readers.join_next()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) => {
+                let waiting_on_driver = collected.lock().is_ok_and(|c| c.sending > 0);
+                if !waiting_on_driver {
+                    readers.abort_all();
+                    break;
+                }
+            }
+        }
     }
     let collected = collected
         .lock()
@@ -265,10 +278,18 @@ pub async fn run_streaming(
 struct Collected {
     result_event: Option<serde_json::Value>,
     tail: std::collections::VecDeque<String>,
+    /// Readers waiting for the driver to take a chunk.
+    sending: usize,
 }
 
+/// The longest stdout line still read as a stream-json event when it is cut
+/// into several chunks (a `result` with large fields can exceed a chunk).
+const MAX_EVENT_LINE: usize = 8 * 1024 * 1024;
+
 /// Reads a pipe in chunks of at most one line (long lines are cut at
-/// `MAX_CHUNK`), as raw bytes: output need not be UTF-8.
+/// `MAX_CHUNK`), as raw bytes: output need not be UTF-8. A stdout line cut
+/// into pieces goes out as plain pieces, and is also put back together (up
+/// to `MAX_EVENT_LINE`) so that a long `result` event is still understood.
 async fn forward(
     pipe: impl tokio::io::AsyncRead + Unpin,
     is_stdout: bool,
@@ -278,42 +299,74 @@ async fn forward(
     use tokio::io::AsyncBufReadExt;
     let mut reader = tokio::io::BufReader::with_capacity(MAX_CHUNK, pipe);
     let mut line: Vec<u8> = Vec::new();
-    while let Ok(buf) = reader.fill_buf().await {
-        if buf.is_empty() {
-            break;
-        }
-        let room = MAX_CHUNK - line.len();
-        let (take, complete) = match buf.iter().take(room).position(|&b| b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (
-                buf.len().min(room),
-                line.len() + buf.len().min(room) >= MAX_CHUNK,
-            ),
+    // The pieces so far of a stdout line longer than a chunk.
+    let mut long_line: Vec<u8> = Vec::new();
+    let mut long_line_too_long = false;
+    loop {
+        let (chunk, ends_line) = match reader.fill_buf().await {
+            Ok([]) | Err(_) if line.is_empty() => return,
+            Ok([]) | Err(_) => (std::mem::take(&mut line), true),
+            Ok(buf) => {
+                let room = MAX_CHUNK - line.len();
+                let newline = buf.iter().take(room).position(|&b| b == b'\n');
+                let take = newline.map_or(buf.len().min(room), |i| i + 1);
+                line.extend_from_slice(&buf[..take]);
+                reader.consume(take);
+                if newline.is_none() && line.len() < MAX_CHUNK {
+                    continue;
+                }
+                (std::mem::take(&mut line), newline.is_some())
+            }
         };
-        line.extend_from_slice(&buf[..take]);
-        reader.consume(take);
-        if complete {
-            let chunk = std::mem::take(&mut line);
-            if !send_chunk(chunk, is_stdout, &sink, &collected).await {
-                return;
+        let whole = ends_line && long_line.is_empty() && !long_line_too_long;
+        if is_stdout && !whole {
+            if long_line.len() + chunk.len() <= MAX_EVENT_LINE {
+                long_line.extend_from_slice(&chunk);
+            } else {
+                long_line.clear();
+                long_line_too_long = true;
+            }
+            if ends_line {
+                if !long_line_too_long {
+                    note_event(parse_event(&long_line), &collected);
+                }
+                long_line.clear();
+                long_line_too_long = false;
             }
         }
-    }
-    if !line.is_empty() {
-        send_chunk(line, is_stdout, &sink, &collected).await;
+        if !send_chunk(chunk, is_stdout, whole, &sink, &collected).await {
+            return;
+        }
     }
 }
 
+/// A stdout line that is a stream-json event: a JSON object with a `type`.
+fn parse_event(line: &[u8]) -> Option<serde_json::Value> {
+    serde_json::from_slice::<serde_json::Value>(line)
+        .ok()
+        .filter(|e| e.get("type").is_some_and(serde_json::Value::is_string))
+}
+
+/// Keeps the `result` event for the outcome.
+fn note_event(event: Option<serde_json::Value>, collected: &std::sync::Mutex<Collected>) {
+    if let Some(e) = event.filter(|e| e["type"] == "result")
+        && let Ok(mut c) = collected.lock()
+    {
+        c.result_event = Some(e);
+    }
+}
+
+/// Sends one chunk; `whole` when it is a whole line (a whole stdout line
+/// may be an event). Returns false once the receiver is gone.
 async fn send_chunk(
     chunk: Vec<u8>,
     is_stdout: bool,
+    whole: bool,
     sink: &Sink,
     collected: &std::sync::Mutex<Collected>,
 ) -> bool {
-    let event = if is_stdout {
-        serde_json::from_slice::<serde_json::Value>(&chunk)
-            .ok()
-            .filter(|e| e.get("type").is_some_and(serde_json::Value::is_string))
+    let event = if is_stdout && whole {
+        parse_event(&chunk)
     } else {
         None
     };
@@ -322,20 +375,23 @@ async fn send_chunk(
         (None, true) => OutputKind::Stdout,
         (None, false) => OutputKind::Stderr,
     };
-    if let Ok(mut c) = collected.lock() {
-        match event {
-            Some(e) if e["type"] == "result" => c.result_event = Some(e),
-            Some(_) => {}
-            None => {
-                c.tail
-                    .push_back(String::from_utf8_lossy(&chunk).into_owned());
-                if c.tail.len() > TAIL_LINES {
-                    c.tail.pop_front();
-                }
-            }
+    if event.is_some() {
+        note_event(event, collected);
+    } else if let Ok(mut c) = collected.lock() {
+        c.tail
+            .push_back(String::from_utf8_lossy(&chunk).into_owned());
+        if c.tail.len() > TAIL_LINES {
+            c.tail.pop_front();
         }
     }
-    sink.events
+    let sending = |delta: isize| {
+        if let Ok(mut c) = collected.lock() {
+            c.sending = c.sending.saturating_add_signed(delta);
+        }
+    };
+    sending(1);
+    let sent = sink
+        .events
         .send(ChildEvent::Output {
             task: sink.task,
             attempt: sink.attempt,
@@ -343,7 +399,9 @@ async fn send_chunk(
             data: Arc::from(chunk),
         })
         .await
-        .is_ok()
+        .is_ok();
+    sending(-1);
+    sent
 }
 
 /// TERM to the group, then KILL after `grace` if the leader still runs.
@@ -377,5 +435,105 @@ pub fn exit_text(status: Option<std::process::ExitStatus>) -> String {
             _ => "unknown".into(),
         },
         None => "unknown".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `forward` over `input` as stdout; the chunks sent and what was
+    /// collected.
+    async fn read_stdout(input: &[u8]) -> (Vec<(OutputKind, Vec<u8>)>, Collected) {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let sink = Sink {
+            task: TaskId(1),
+            attempt: Attempt(1),
+            events: tx,
+        };
+        let collected = Arc::new(std::sync::Mutex::new(Collected::default()));
+        forward(input, true, sink, Arc::clone(&collected)).await;
+        let mut chunks = Vec::new();
+        while let Ok(ChildEvent::Output { kind, data, .. }) = rx.try_recv() {
+            chunks.push((kind, data.to_vec()));
+        }
+        let collected = collected
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default();
+        (chunks, collected)
+    }
+
+    #[tokio::test]
+    async fn output_waits_for_a_slow_driver_instead_of_being_dropped() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let sink = Sink {
+            task: TaskId(1),
+            attempt: Attempt(1),
+            events: tx,
+        };
+        let inv = Invocation {
+            program: "sh".into(),
+            args: vec!["-c".into(), "seq 1 500".into()],
+            env: Vec::new(),
+            cwd: std::env::temp_dir(),
+            input: None,
+            deadline: Duration::from_secs(60),
+            grace: Duration::from_secs(1),
+        };
+        let run = tokio::spawn(async move {
+            run_streaming(&inv, &sink, &CancellationToken::new())
+                .await
+                .map(|r| matches!(r.end, End::Exited(Some(s)) if s.success()))
+        });
+        // The driver is busy for longer than the pipes are given once the
+        // process is gone.
+        tokio::time::sleep(PIPE_GIVE_UP + Duration::from_secs(1)).await;
+        let mut lines = 0;
+        while let Some(event) = rx.recv().await {
+            if matches!(event, ChildEvent::Output { .. }) {
+                lines += 1;
+            }
+        }
+        assert!(matches!(run.await, Ok(Ok(true))));
+        assert_eq!(lines, 500, "every line arrives");
+    }
+
+    #[tokio::test]
+    async fn lines_become_chunks_and_events_and_a_long_result_is_still_read() {
+        let long_result = serde_json::json!({
+            "type": "result", "subtype": "success", "is_error": false,
+            "result": "x".repeat(3 * MAX_CHUNK),
+        });
+        let input = format!("plain\n{{\"type\":\"system\"}}\n{long_result}\ntail without newline");
+        let (chunks, collected) = read_stdout(input.as_bytes()).await;
+
+        assert_eq!(chunks[0], (OutputKind::Stdout, b"plain\n".to_vec()));
+        assert_eq!(chunks[1].0, OutputKind::Event);
+        let pieces: Vec<&(OutputKind, Vec<u8>)> = chunks[2..chunks.len() - 1].iter().collect();
+        assert!(pieces.len() >= 3, "a long line is cut into chunks");
+        assert!(
+            pieces
+                .iter()
+                .all(|(kind, data)| *kind == OutputKind::Stdout && data.len() <= MAX_CHUNK)
+        );
+        let rejoined: Vec<u8> = pieces.iter().flat_map(|(_, d)| d.clone()).collect();
+        assert_eq!(
+            rejoined,
+            format!("{long_result}\n").into_bytes(),
+            "nothing lost or added"
+        );
+        assert_eq!(
+            chunks.last(),
+            Some(&(OutputKind::Stdout, b"tail without newline".to_vec()))
+        );
+        assert_eq!(
+            collected
+                .result_event
+                .as_ref()
+                .map(|e| e["subtype"].clone()),
+            Some(serde_json::json!("success")),
+            "the result event is understood although it spans chunks"
+        );
     }
 }
