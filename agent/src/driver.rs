@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use common::ids::TaskId;
+use common::ids::{Attempt, TaskId};
 use common::proto::AgentMessage;
 use common::time::UnixMillis;
 use common::types::AgentAdvert;
@@ -28,6 +28,8 @@ use crate::workspace::Workspaces;
 /// Output spooled for the coordinator before the agent stops reading its
 /// children's output (they then block on their pipes: nothing is dropped).
 const MAX_UNACKED_BYTES: usize = 512 << 20;
+/// How much spooled output one step of a resend reads.
+const RESEND_STEP_BYTES: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -332,33 +334,66 @@ impl Driver {
             }
         }
         while let Some(msg) = self.session.poll_outbound() {
-            let batch = match msg {
+            let sent = match msg {
                 ToCoordinator::Resend {
                     task,
                     attempt,
                     after,
-                } => match self.spool.read_after(task, attempt, after) {
-                    Ok(chunks) => chunks.into_iter().map(ToCoordinator::Output).collect(),
-                    Err(e) => {
-                        warn!(task_id = %task, error = %e, "cannot read spooled output");
-                        Vec::new()
-                    }
-                },
-                msg => vec![msg],
+                } => self.resend(task, attempt, after).await,
+                msg => self.send(msg).await,
             };
-            for msg in batch {
-                let Some(stream) = self.stream.as_ref() else {
-                    return;
-                };
-                let Some(msg) = conn::to_proto(msg, &self.advert, &self.config.name) else {
-                    continue;
-                };
-                if stream.tx.send(msg).await.is_err() {
-                    self.stream = None;
-                    self.session.handle_disconnected();
-                    return;
+            if !sent {
+                return;
+            }
+        }
+    }
+
+    /// Resends an attempt's spooled output after `after`, a few MiB at a
+    /// time. False once the stream is gone.
+    async fn resend(&mut self, task: TaskId, attempt: Attempt, mut after: u64) -> bool {
+        loop {
+            let chunks = match self
+                .spool
+                .read_after(task, attempt, after, RESEND_STEP_BYTES)
+            {
+                Ok(chunks) => chunks,
+                Err(e) => {
+                    warn!(task_id = %task, error = %e, "cannot read spooled output");
+                    return true;
+                }
+            };
+            let Some(last) = chunks.last().map(|c| c.seq) else {
+                return true;
+            };
+            after = last;
+            for chunk in chunks {
+                if !self.send(ToCoordinator::Output(chunk)).await {
+                    return false;
                 }
             }
         }
+    }
+
+    /// Sends one message. A coordinator that stops reading (the stream full
+    /// for a whole silence timeout) counts as gone, so a stuck stream cannot
+    /// freeze the agent. False once the stream is gone.
+    async fn send(&mut self, msg: ToCoordinator) -> bool {
+        let Some(stream) = self.stream.as_ref() else {
+            return false;
+        };
+        let Some(msg) = conn::to_proto(msg, &self.advert, &self.config.name) else {
+            return true;
+        };
+        match tokio::time::timeout(stream.silence, stream.tx.send(msg)).await {
+            Ok(Ok(())) => return true,
+            Ok(Err(_)) => {}
+            Err(_) => {
+                warn!("the coordinator stopped reading; reconnecting");
+                stream.close.cancel();
+            }
+        }
+        self.stream = None;
+        self.session.handle_disconnected();
+        false
     }
 }

@@ -25,9 +25,16 @@ pub struct Error {
     source: std::io::Error,
 }
 
+/// Records longer than this are not ours: a damaged file ends there.
+const MAX_RECORD: u32 = 16 << 20;
+
 pub struct Spool {
     dir: PathBuf,
-    open: HashMap<(TaskId, Attempt), File>,
+    /// Each attempt's open file and the length of its whole records.
+    open: HashMap<(TaskId, Attempt), (File, u64)>,
+    /// Chunks that could not be written (disk full, I/O error), kept in
+    /// memory instead: owed output is never dropped.
+    unwritten: HashMap<(TaskId, Attempt), Vec<Chunk>>,
 }
 
 impl Spool {
@@ -42,6 +49,7 @@ impl Spool {
         Ok(Self {
             dir,
             open: HashMap::new(),
+            unwritten: HashMap::new(),
         })
     }
 
@@ -49,41 +57,103 @@ impl Spool {
         self.dir.join(format!("{task}-a{}.spool", attempt.0))
     }
 
+    /// Keeps `chunk` until its attempt is removed. On a write error the
+    /// file is cut back to its last whole record and the chunk is kept in
+    /// memory; the error is returned for the log, the chunk is not lost.
     pub fn append(&mut self, chunk: &Chunk) -> Result<(), Error> {
+        let key = (chunk.task, chunk.attempt);
+        let written = self.write(chunk);
+        if written.is_err() {
+            self.unwritten.entry(key).or_default().push(chunk.clone());
+        }
+        written
+    }
+
+    fn write(&mut self, chunk: &Chunk) -> Result<(), Error> {
         let path = self.path(chunk.task, chunk.attempt);
         let err = |source| Error {
             path: path.clone(),
             source,
         };
-        let file = match self.open.entry((chunk.task, chunk.attempt)) {
+        let (file, len) = match self.open.entry((chunk.task, chunk.attempt)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(
+            std::collections::hash_map::Entry::Vacant(e) => e.insert((
                 OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(&path)
                     .map_err(err)?,
-            ),
+                0,
+            )),
         };
-        let len = u32::try_from(chunk.data.len()).unwrap_or(u32::MAX);
+        let size = u32::try_from(chunk.data.len())
+            .ok()
+            .filter(|&n| n <= MAX_RECORD)
+            .ok_or_else(|| err(std::io::Error::other("chunk too large to spool")))?;
         let mut record = Vec::with_capacity(13 + chunk.data.len());
         record.extend_from_slice(&chunk.seq.to_be_bytes());
         record.push(chunk.kind.to_byte());
-        record.extend_from_slice(&len.to_be_bytes());
+        record.extend_from_slice(&size.to_be_bytes());
         record.extend_from_slice(&chunk.data);
-        file.write_all(&record).map_err(|source| Error {
-            path: path.clone(),
-            source,
-        })
+        match file.write_all(&record) {
+            Ok(()) => {
+                *len += record.len() as u64;
+                Ok(())
+            }
+            Err(source) => {
+                // A torn record would make every later one unreadable.
+                let _ = file.set_len(*len);
+                Err(err(source))
+            }
+        }
     }
 
-    /// The chunks of an attempt with a seq above `after`, in order.
+    /// The chunks of an attempt with a seq above `after`, in order, at most
+    /// about `max_bytes` of them (at least one): a large backlog is resent
+    /// in steps.
     pub fn read_after(
         &self,
         task: TaskId,
         attempt: Attempt,
         after: u64,
+        max_bytes: usize,
     ) -> Result<Vec<Chunk>, Error> {
+        let (mut chunks, whole_file) = self.read_file(task, attempt, after, max_bytes)?;
+        if let Some(kept) = self.unwritten.get(&(task, attempt)) {
+            // Only those among what was read: the answer must be a run of
+            // consecutive seqs, or the next step would skip some.
+            let read_through = match chunks.last() {
+                Some(last) if !whole_file => last.seq,
+                _ => u64::MAX,
+            };
+            chunks.extend(
+                kept.iter()
+                    .filter(|c| c.seq > after && c.seq <= read_through)
+                    .cloned(),
+            );
+            chunks.sort_by_key(|c| c.seq);
+            chunks.dedup_by_key(|c| c.seq);
+            let mut total = 0;
+            let keep = chunks
+                .iter()
+                .take_while(|c| {
+                    let fits = total == 0 || total + c.data.len() <= max_bytes;
+                    total += c.data.len();
+                    fits
+                })
+                .count();
+            chunks.truncate(keep);
+        }
+        Ok(chunks)
+    }
+
+    fn read_file(
+        &self,
+        task: TaskId,
+        attempt: Attempt,
+        after: u64,
+        max_bytes: usize,
+    ) -> Result<(Vec<Chunk>, bool), Error> {
         let path = self.path(task, attempt);
         let err = |source| Error {
             path: path.clone(),
@@ -91,40 +161,58 @@ impl Spool {
         };
         let file = match File::open(&path) {
             Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), true)),
             Err(e) => return Err(err(e)),
         };
         let mut reader = BufReader::new(file);
         let mut chunks = Vec::new();
+        let mut total = 0usize;
+        let mut whole_file = false;
         let mut header = [0u8; 13];
-        loop {
+        while total < max_bytes || chunks.is_empty() {
             match reader.read_exact(&mut header) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    whole_file = true;
+                    break;
+                }
                 Err(e) => return Err(err(e)),
             }
             let seq = u64::from_be_bytes(header[..8].try_into().unwrap_or([0; 8]));
             let kind = OutputKind::from_byte(header[8]).unwrap_or(OutputKind::Stdout);
             let len = u32::from_be_bytes(header[9..].try_into().unwrap_or([0; 4]));
-            let mut data = vec![0u8; usize::try_from(len).unwrap_or(0)];
+            if len > MAX_RECORD || seq == 0 {
+                whole_file = true; // Damaged: nothing after this can be trusted.
+                break;
+            }
+            if seq <= after {
+                // Already acknowledged: skipped without reading it.
+                if reader.seek_relative(i64::from(len)).is_err() {
+                    whole_file = true;
+                    break;
+                }
+                continue;
+            }
+            let mut data = vec![0u8; len as usize];
             if reader.read_exact(&mut data).is_err() {
-                break; // A torn last record: it was never sent either.
+                whole_file = true; // A torn last record: it was never sent either.
+                break;
             }
-            if seq > after {
-                chunks.push(Chunk {
-                    task,
-                    attempt,
-                    seq,
-                    kind,
-                    data: Arc::from(data),
-                });
-            }
+            total += data.len();
+            chunks.push(Chunk {
+                task,
+                attempt,
+                seq,
+                kind,
+                data: Arc::from(data),
+            });
         }
-        Ok(chunks)
+        Ok((chunks, whole_file))
     }
 
     pub fn remove(&mut self, task: TaskId, attempt: Attempt) {
         self.open.remove(&(task, attempt));
+        self.unwritten.remove(&(task, attempt));
         let _ = std::fs::remove_file(self.path(task, attempt));
     }
 }
@@ -132,6 +220,61 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chunk(attempt: u32, seq: u64, len: usize) -> Chunk {
+        Chunk {
+            task: TaskId(1),
+            attempt: Attempt(attempt),
+            seq,
+            kind: OutputKind::Stdout,
+            data: Arc::from(vec![b'x'; len]),
+        }
+    }
+
+    fn seqs(chunks: &[Chunk]) -> Vec<u64> {
+        chunks.iter().map(|c| c.seq).collect()
+    }
+
+    #[test]
+    fn a_full_disk_keeps_output_in_memory_and_resends_come_in_consecutive_steps() {
+        let dir = std::env::temp_dir().join(format!("ccc-spool-full-{}", std::process::id()));
+        let mut spool = Spool::open(&dir).expect("open");
+        // Attempt 1 writes to a device that is always full.
+        std::os::unix::fs::symlink("/dev/full", spool.path(TaskId(1), Attempt(1)))
+            .expect("symlink");
+        for seq in 1..=3 {
+            assert!(
+                spool.append(&chunk(1, seq, 10)).is_err(),
+                "the error is reported"
+            );
+        }
+        std::fs::remove_file(spool.path(TaskId(1), Attempt(1))).expect("unlink");
+        let back = spool
+            .read_after(TaskId(1), Attempt(1), 1, usize::MAX)
+            .expect("read");
+        assert_eq!(seqs(&back), vec![2, 3], "nothing is lost");
+
+        // Attempt 2: seqs 1, 2 and 4..=6 on disk, 3 in memory (its write
+        // failed); read in steps of about two chunks.
+        for seq in [1, 2, 4, 5, 6] {
+            spool.append(&chunk(2, seq, 100)).expect("append");
+        }
+        spool
+            .unwritten
+            .insert((TaskId(1), Attempt(2)), vec![chunk(2, 3, 100)]);
+        let mut after = 0;
+        let mut resent = Vec::new();
+        loop {
+            let step = spool
+                .read_after(TaskId(1), Attempt(2), after, 200)
+                .expect("read");
+            let Some(last) = step.last() else { break };
+            after = last.seq;
+            resent.extend(seqs(&step));
+        }
+        assert_eq!(resent, vec![1, 2, 3, 4, 5, 6]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn chunks_come_back_in_order_from_the_ack_on() {
@@ -149,14 +292,16 @@ mod tests {
                 })
                 .expect("append");
         }
-        let back = spool.read_after(TaskId(1), Attempt(2), 3).expect("read");
+        let back = spool
+            .read_after(TaskId(1), Attempt(2), 3, usize::MAX)
+            .expect("read");
         assert_eq!(back.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![4, 5]);
         assert_eq!(&*back[0].data, &[0xff, 4, b'\n']);
         assert_eq!(back[0].kind, OutputKind::Stderr);
         spool.remove(TaskId(1), Attempt(2));
         assert!(
             spool
-                .read_after(TaskId(1), Attempt(2), 0)
+                .read_after(TaskId(1), Attempt(2), 0, usize::MAX)
                 .expect("read")
                 .is_empty()
         );
