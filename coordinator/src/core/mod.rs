@@ -65,6 +65,10 @@ pub struct CoreConfig {
     /// An agent that hit the API's usage limit gets no work for this long,
     /// or until the reset time its CLI gave.
     pub rate_limit_cooldown: Duration,
+    /// The furthest ahead an agent's reported reset is believed: a task
+    /// waits, and its agent cools down, at most this long after a rate
+    /// limit (never less than `rate_limit_cooldown`).
+    pub rate_limit_cooldown_max: Duration,
 }
 
 /// The persisted state of an agent, as listed by `ccc agents`.

@@ -186,19 +186,16 @@ enum Disposition {
     RequeueFree(Option<UnixMillis>),
 }
 
-fn disposition(outcome: Outcome, report: Option<&FinishedReport>) -> Disposition {
+/// `rate_limit_until`: when a rate limit lifts, already bounded by
+/// [`Core::rate_limit_reset`].
+fn disposition(outcome: Outcome, rate_limit_until: Option<UnixMillis>) -> Disposition {
     match outcome {
         Outcome::Succeeded | Outcome::TestsFailed => Disposition::Terminal(TaskState::Succeeded),
         Outcome::NoChanges
         | Outcome::TurnLimit
         | Outcome::BudgetExceeded
         | Outcome::PushRejected => Disposition::Terminal(TaskState::Failed),
-        Outcome::RateLimited => Disposition::RequeueFree(
-            report
-                .map(|r| r.rate_limit_reset_unix_ms)
-                .filter(|&ms| ms > 0)
-                .map(UnixMillis),
-        ),
+        Outcome::RateLimited => Disposition::RequeueFree(rate_limit_until),
         // The agent stopped it on its own (shutdown): not the task's fault.
         Outcome::Cancelled => Disposition::RequeueFree(None),
         Outcome::CliFailed
@@ -635,7 +632,7 @@ impl Core {
         info!(task_id = %id, attempt = attempt.0, agent_id = %agent, outcome = %report.outcome, "attempt finished");
         let outcome = report.outcome;
         if outcome == Outcome::RateLimited {
-            self.cool_down(agent, report.rate_limit_reset_unix_ms, now, wall);
+            self.cool_down(agent, &report, now, wall);
         }
         let message = report.message.clone();
         self.end_attempt(id, outcome, message, Some(report), now, wall);
@@ -644,13 +641,46 @@ impl Core {
 
     /// Gives an agent that hit the API's usage limit no work until the
     /// limit resets (or the configured cool-down, whichever is later).
-    fn cool_down(&mut self, agent: &AgentId, reset_unix_ms: u64, now: Instant, wall: UnixMillis) {
-        let until_reset = Duration::from_millis(reset_unix_ms.saturating_sub(wall.0));
+    fn cool_down(
+        &mut self,
+        agent: &AgentId,
+        report: &FinishedReport,
+        now: Instant,
+        wall: UnixMillis,
+    ) {
+        let until_reset = self
+            .rate_limit_reset(Some(report), wall)
+            .map_or(Duration::ZERO, |at| {
+                Duration::from_millis(at.0.saturating_sub(wall.0))
+            });
+        if report.rate_limit_reset_unix_ms > wall.saturating_add(until_reset).0 {
+            warn!(
+                agent_id = %agent,
+                reset_unix_ms = report.rate_limit_reset_unix_ms,
+                "the reported usage-limit reset is too far ahead; the maximum cool-down applies instead"
+            );
+        }
         let wait = until_reset.max(self.config.rate_limit_cooldown);
         if let Some(live) = self.agents.get_mut(agent).and_then(|e| e.live.as_mut()) {
             live.cooldown_until = Some(now + wait);
             warn!(agent_id = %agent, wait_s = wait.as_secs(), "usage limit reached; no new work for this agent until it resets");
         }
+    }
+
+    /// When the usage limit an agent reported at `wall` lifts, if it said.
+    /// The reset comes from the agent (from the CLI's output): it is
+    /// believed at most `rate_limit_cooldown_max` ahead, so that a bad clock
+    /// or a bogus value cannot park a task and its agent forever.
+    fn rate_limit_reset(
+        &self,
+        report: Option<&FinishedReport>,
+        wall: UnixMillis,
+    ) -> Option<UnixMillis> {
+        let reset = report
+            .map(|r| r.rate_limit_reset_unix_ms)
+            .filter(|&ms| ms > 0)?;
+        let latest = wall.saturating_add(self.config.rate_limit_cooldown_max);
+        Some(UnixMillis(reset.min(latest.0)))
     }
 
     // ---- time ----
@@ -727,10 +757,15 @@ impl Core {
         wall: UnixMillis,
     ) {
         self.live.remove(&id);
+        let rate_limit_until = if outcome == Outcome::RateLimited {
+            self.rate_limit_reset(report.as_ref(), wall)
+        } else {
+            None
+        };
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
         };
-        let disposition = disposition(outcome, report.as_ref());
+        let disposition = disposition(outcome, rate_limit_until);
         let Some(current) = task.current_mut() else {
             return;
         };

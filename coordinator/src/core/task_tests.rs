@@ -686,3 +686,32 @@ fn a_restarted_core_resumes_live_attempts_from_the_store() {
     let next = h2.submit("r", Specialty::Backend, 0);
     assert_eq!(next, TaskId(3), "ids continue after the stored ones");
 }
+
+#[test]
+fn a_reset_far_in_the_future_waits_only_the_maximum_cool_down() {
+    let mut h = H::new();
+    let t = h.submit("r", Specialty::Backend, 0);
+    h.connect("a", Specialty::Backend, 2);
+    h.msg("a", accepted(t, 1));
+    // A reset a thousand years away: believed only up to the maximum (1h here).
+    h.msg("a", rate_limited(t, 1, 1000 * 365 * 86_400_000));
+    let (_, wall) = h.now();
+    let max = config().rate_limit_cooldown_max;
+    assert_eq!(
+        h.core.task(t).expect("task").not_before,
+        Some(wall.saturating_add(max)),
+        "the task waits at most the maximum cool-down"
+    );
+    h.sent();
+    let other = h.submit("r", Specialty::Backend, 0);
+    assert!(h.assigned().is_empty(), "the agent cools down");
+    h.advance(max.as_secs() - 1);
+    assert!(h.assigned().is_empty());
+    h.advance(1);
+    let placed: Vec<TaskId> = h.assigned().into_iter().map(|(_, t, _)| t).collect();
+    assert_eq!(
+        placed,
+        vec![t, other],
+        "both the task and the agent are free again"
+    );
+}

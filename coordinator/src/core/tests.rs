@@ -26,6 +26,7 @@ pub(super) fn config() -> CoreConfig {
         general_fallback_after: Duration::from_secs(120),
         output_cap_bytes: 1000,
         rate_limit_cooldown: Duration::from_secs(30),
+        rate_limit_cooldown_max: Duration::from_secs(3600),
     }
 }
 
