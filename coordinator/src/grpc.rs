@@ -302,7 +302,7 @@ fn from_proto(msg: AgentMessage) -> Result<Option<FromAgent>, String> {
             Ok(Some(FromAgent::Output {
                 task: task_id(&m.task_id)?,
                 attempt: Attempt(m.attempt),
-                seq: m.seq,
+                seq: wire::output_seq(m.seq).map_err(|e| format!("TaskOutput: {e}"))?,
                 kind: wire::kind_from_proto(m.kind).map_err(|e| e.to_string())?,
                 data: Arc::from(m.data),
             }))

@@ -568,12 +568,14 @@ impl Core {
             return;
         };
         let budget = self.output.entry(id).or_default();
-        let next = live.acked + 1;
+        // The wire refuses u64::MAX, but the core cannot fail: never overflow.
+        let next = live.acked.saturating_add(1);
         if seq < next {
             // A duplicate (resent after a reconnect): acknowledge again.
         } else if budget.truncated {
-            // Past the cap nothing is stored; acknowledge so the agent frees it.
-            live.acked = seq;
+            // Past the cap nothing is stored; acknowledge so the agent frees
+            // it. The position only moves forward.
+            live.acked = live.acked.max(seq);
         } else if seq > next {
             // A gap: the agent resends in order from our ack after reconnecting.
             debug!(task_id = %id, seq, expected = next, "output gap; waiting for the missing chunks");
