@@ -817,6 +817,7 @@ impl admin_server::Admin for Admin {
             .driver
             .call(|reply| Command::Watch {
                 task: id,
+                follow: req.follow,
                 events: events_tx,
                 reply,
             })

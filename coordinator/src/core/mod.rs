@@ -30,9 +30,9 @@ use task::{LiveAttempt, OutputBudget};
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
-mod task_tests;
+pub(crate) mod task_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// One accepted gRPC stream. A new stream of the same agent gets a new id, so
 /// late messages of a replaced stream are recognised and dropped.

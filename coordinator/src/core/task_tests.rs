@@ -35,7 +35,7 @@ fn id(name: &str) -> AgentId {
     AgentId::new(name).expect("valid name")
 }
 
-fn spec(repo: &str, specialty: Specialty) -> TaskSpec {
+pub(crate) fn spec(repo: &str, specialty: Specialty) -> TaskSpec {
     TaskSpec {
         repo_url: repo.into(),
         base_branch: String::new(),

@@ -12,7 +12,7 @@ use proptest::prelude::*;
 
 use super::*;
 
-pub(super) fn config() -> CoreConfig {
+pub(crate) fn config() -> CoreConfig {
     CoreConfig {
         heartbeat_interval: Duration::from_secs(5),
         heartbeat_timeout: Duration::from_secs(15),
