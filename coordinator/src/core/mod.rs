@@ -306,6 +306,29 @@ struct AgentEntry {
     repos: BTreeSet<String>,
 }
 
+impl AgentEntry {
+    /// An agent the coordinator has not heard of before.
+    fn new(id: AgentId, now: Instant, wall: UnixMillis) -> Self {
+        Self {
+            record: AgentRecord {
+                id,
+                state: AgentState::Disconnected,
+                advert: None,
+                first_seen: wall,
+                last_seen: wall,
+                connections: 0,
+                peer_address: String::new(),
+                last_disconnect_reason: None,
+                revoked_reason: None,
+            },
+            live: None,
+            load: BTreeSet::new(),
+            idle_since: now,
+            repos: BTreeSet::new(),
+        }
+    }
+}
+
 pub struct Core {
     config: CoreConfig,
     agents: BTreeMap<AgentId, AgentEntry>,
@@ -592,23 +615,7 @@ impl Core {
         let entry = self
             .agents
             .entry(agent.clone())
-            .or_insert_with(|| AgentEntry {
-                record: AgentRecord {
-                    id: agent.clone(),
-                    state: AgentState::Disconnected,
-                    advert: None,
-                    first_seen: wall,
-                    last_seen: wall,
-                    connections: 0,
-                    peer_address: String::new(),
-                    last_disconnect_reason: None,
-                    revoked_reason: None,
-                },
-                live: None,
-                load: BTreeSet::new(),
-                idle_since: now,
-                repos: BTreeSet::new(),
-            });
+            .or_insert_with(|| AgentEntry::new(agent.clone(), now, wall));
         if entry.record.state == AgentState::Revoked {
             // Revoked between open and Hello.
             let reason = entry.record.revoked_reason.clone().unwrap_or_default();
@@ -732,7 +739,9 @@ impl Core {
     // ---- admin mutators ----
 
     /// Revokes an agent for good: its stream is closed at once and it cannot
-    /// connect again.
+    /// connect again. A name never seen is revoked too (a record is made for
+    /// it), so that a certificate known to have leaked can be blocked before
+    /// anyone uses it.
     pub fn revoke(
         &mut self,
         agent: &AgentId,
@@ -741,10 +750,10 @@ impl Core {
         wall: UnixMillis,
     ) -> Result<AgentView, AdminError> {
         self.tick(now, wall);
-        let entry = self
-            .agents
-            .get_mut(agent)
-            .ok_or_else(|| AdminError::UnknownAgent(agent.clone()))?;
+        let entry = self.agents.entry(agent.clone()).or_insert_with(|| {
+            info!(agent_id = %agent, "revoking an agent that never connected");
+            AgentEntry::new(agent.clone(), now, wall)
+        });
         entry.record.state = AgentState::Revoked;
         entry.record.revoked_reason = Some(reason.clone());
         entry.record.last_seen = entry.record.last_seen.max(wall);

@@ -270,11 +270,32 @@ fn revoked_agents_are_cut_off_and_refused() {
             reason: "stolen".into()
         })
     );
+}
+
+#[test]
+fn an_agent_never_seen_can_be_revoked_before_it_connects() {
+    let mut h = Harness::new();
+    let (now, wall) = h.at(1);
+    let view = h
+        .core
+        .revoke(&id("leaked"), "key leaked".into(), now, wall)
+        .expect("a name never seen is revoked too");
+    assert_eq!(view.record.state, AgentState::Revoked);
+    assert_eq!(view.record.connections, 0);
+    assert!(
+        h.core
+            .take_writes()
+            .iter()
+            .any(|w| matches!(w, Write::Agent(r) if r.id == id("leaked") && r.state == AgentState::Revoked)),
+        "the revocation is durable"
+    );
     assert_eq!(
         h.core
-            .revoke(&id("nobody"), String::new(), now, wall)
-            .map(|_| ()),
-        Err(AdminError::UnknownAgent(id("nobody")))
+            .handle_open(ConnId(1), id("leaked"), String::new(), now),
+        Err(OpenRejected::Revoked {
+            agent: id("leaked"),
+            reason: "key leaked".into()
+        })
     );
 }
 

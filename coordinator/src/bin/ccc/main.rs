@@ -46,6 +46,9 @@ enum Cmd {
         json: bool,
     },
     /// Revoke an agent: its stream is closed and it can never connect again.
+    ///
+    /// A name that has never connected can be revoked too, to block a leaked
+    /// certificate before its first use.
     Revoke {
         id: String,
         #[arg(long, default_value = "")]
