@@ -123,7 +123,9 @@ enum Cmd {
         id: String,
         #[arg(short, long)]
         follow: bool,
-        /// Print the CLI's stream-json events as they are, not as readable lines.
+        /// Print the output as stored: the CLI's stream-json events as they
+        /// are, not as readable lines, and control characters kept even on a
+        /// terminal (which otherwise gets only newlines and tabs).
         #[arg(long)]
         raw: bool,
     },
