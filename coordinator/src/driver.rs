@@ -457,7 +457,12 @@ mod tests {
         fn load_tasks(&self) -> Result<Vec<Task>, store::Error> {
             Ok(Vec::new())
         }
-        fn output_position(&self, _: TaskId, _: Attempt) -> Result<OutputPosition, store::Error> {
+        fn output_position(
+            &self,
+            _: TaskId,
+            _: Attempt,
+            _: Attempt,
+        ) -> Result<OutputPosition, store::Error> {
             Ok(OutputPosition::default())
         }
         fn read_output(

@@ -100,6 +100,16 @@ pub struct Task {
     /// A queued task waits until then (retry backoff, rate limit).
     pub not_before: Option<UnixMillis>,
     pub cancel_requested: Option<String>,
+    /// The first attempt whose output counts against the task's output cap:
+    /// an admin's retry starts a fresh budget, as it starts a fresh count of
+    /// attempts. Kept so that a restart restores the same budget.
+    #[serde(default = "every_attempt")]
+    pub output_since: Attempt,
+}
+
+/// Records written before `output_since` existed: every attempt counts.
+fn every_attempt() -> Attempt {
+    Attempt(0)
 }
 
 impl Task {
@@ -161,7 +171,9 @@ pub(super) struct OutputBudget {
     pub(super) truncated: bool,
 }
 
-/// Where the store says a live attempt's output stands (for restarts).
+/// Where the store says a task's output stands (for restarts): the last
+/// seq of its current attempt, and the bytes of the attempts from
+/// `Task::output_since` on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OutputPosition {
     pub last_seq: u64,
@@ -250,6 +262,7 @@ impl Core {
             queued_at: wall,
             not_before: None,
             cancel_requested: None,
+            output_since: every_attempt(),
         };
         info!(task_id = %id, repo = %task.spec.repo_url, specialty = %task.spec.specialty, "task submitted");
         self.queued_since.insert(id, now);
@@ -322,6 +335,10 @@ impl Core {
         task.max_attempts = task.counted_attempts() + self.config.max_attempts;
         task.cancel_requested = None;
         task.not_before = None;
+        // A fresh output budget too: a task that hit the cap would otherwise
+        // store nothing of its retry (and a restart would restore the same).
+        task.output_since = task.next_attempt();
+        self.output.remove(&id);
         self.requeue(id, "retried by an admin".into(), None, now, wall);
         self.schedule(now, wall);
         Ok(())

@@ -724,3 +724,25 @@ fn past_the_cap_any_seq_is_acknowledged_without_overflow() {
     let acks: Vec<u64> = h.acks();
     assert_eq!(acks, vec![u64::MAX], "the position never moves back");
 }
+
+#[test]
+fn a_retried_task_gets_a_fresh_output_budget() {
+    let mut h = H::new();
+    let t = h.submit("r", Specialty::Backend, 0);
+    h.connect("a", Specialty::Backend, 1);
+    h.msg("a", accepted(t, 1));
+    h.msg("a", output(t, 1, 1, &"x".repeat(2000)));
+    h.msg("a", finished(t, 1, Outcome::NoChanges));
+    assert_eq!(h.state(t), TaskState::Failed);
+    let (now, wall) = h.now();
+    h.core.retry(t, now, wall).expect("retry");
+    assert_eq!(
+        h.core.task(t).expect("task").output_since,
+        Attempt(2),
+        "persisted, so that a restart restores the same budget"
+    );
+    h.msg("a", accepted(t, 2));
+    h.core.take_writes();
+    h.msg("a", output(t, 2, 1, "fresh"));
+    assert_eq!(h.stored_seqs(), vec![1], "the retry's output is stored");
+}
