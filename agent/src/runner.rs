@@ -126,10 +126,10 @@ pub struct Sink {
 }
 
 impl Sink {
-    /// A line the agent itself writes into the task's output.
+    /// A line the agent itself writes into the task's output, cut to fit
+    /// one chunk (it may quote an error of any length).
     pub async fn system(&self, line: impl Into<String>) {
-        let mut line = line.into();
-        line.push('\n');
+        let line = system_line(line.into());
         let _ = self
             .events
             .send(ChildEvent::Output {
@@ -153,8 +153,9 @@ impl Sink {
     }
 }
 
-/// The largest chunk one output line is cut into.
-pub const MAX_CHUNK: usize = 64 * 1024;
+/// The largest chunk one output line is cut into: what the coordinator
+/// accepts.
+pub const MAX_CHUNK: usize = common::wire::MAX_OUTPUT_CHUNK;
 /// Lines of output kept for a summary (e.g. the tests' tail).
 const TAIL_LINES: usize = 40;
 
@@ -249,6 +250,17 @@ pub async fn run_streaming(
 struct Collected {
     result_event: Option<serde_json::Value>,
     tail: std::collections::VecDeque<String>,
+}
+
+/// `line` and a newline, within `MAX_CHUNK` bytes (cut on a char boundary).
+fn system_line(mut line: String) -> String {
+    let mut end = line.len().min(MAX_CHUNK - 1);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    line.truncate(end);
+    line.push('\n');
+    line
 }
 
 /// Reads a pipe in chunks of at most one line (long lines are cut at
@@ -361,5 +373,20 @@ pub fn exit_text(status: Option<std::process::ExitStatus>) -> String {
             _ => "unknown".into(),
         },
         None => "unknown".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_system_line_fits_one_chunk_on_a_char_boundary() {
+        assert_eq!(system_line("[ccc] short".into()), "[ccc] short\n");
+        let long = format!("[ccc] {}", "é".repeat(MAX_CHUNK));
+        let line = system_line(long);
+        assert!(line.len() <= MAX_CHUNK, "{}", line.len());
+        assert!(line.len() >= MAX_CHUNK - 2, "cut no more than needed");
+        assert!(line.ends_with("é\n"));
     }
 }

@@ -12,6 +12,10 @@ pub const MAX_CAPACITY: u32 = 256;
 pub const MAX_LABELS: usize = 64;
 pub const MAX_TOOLCHAINS: usize = 128;
 pub const MAX_SHORT_STRING: usize = 256;
+/// The largest `TaskOutput.data`: the agent cuts its children's output into
+/// lines of at most this many bytes and bounds its own lines the same way,
+/// so the coordinator can refuse anything larger as a protocol error.
+pub const MAX_OUTPUT_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
