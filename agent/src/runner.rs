@@ -130,10 +130,10 @@ pub struct Sink {
 }
 
 impl Sink {
-    /// A line the agent itself writes into the task's output.
+    /// A line the agent itself writes into the task's output, cut to fit
+    /// one chunk (it may quote an error of any length).
     pub async fn system(&self, line: impl Into<String>) {
-        let mut line = line.into();
-        line.push('\n');
+        let line = system_line(line.into());
         let _ = self
             .events
             .send(ChildEvent::Output {
@@ -157,8 +157,9 @@ impl Sink {
     }
 }
 
-/// The largest chunk one output line is cut into.
-pub const MAX_CHUNK: usize = 64 * 1024;
+/// The largest chunk one output line is cut into: what the coordinator
+/// accepts.
+pub const MAX_CHUNK: usize = common::wire::MAX_OUTPUT_CHUNK;
 /// How long pipes may stay open, with nothing read, once the process group
 /// is gone.
 const PIPE_GIVE_UP: Duration = Duration::from_secs(5);
@@ -285,6 +286,17 @@ struct Collected {
 /// The longest stdout line still read as a stream-json event when it is cut
 /// into several chunks (a `result` with large fields can exceed a chunk).
 const MAX_EVENT_LINE: usize = 8 * 1024 * 1024;
+
+/// `line` and a newline, within `MAX_CHUNK` bytes (cut on a char boundary).
+fn system_line(mut line: String) -> String {
+    let mut end = line.len().min(MAX_CHUNK - 1);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    line.truncate(end);
+    line.push('\n');
+    line
+}
 
 /// Reads a pipe in chunks of at most one line (long lines are cut at
 /// `MAX_CHUNK`), as raw bytes: output need not be UTF-8. A stdout line cut
@@ -535,5 +547,15 @@ mod tests {
             Some(serde_json::json!("success")),
             "the result event is understood although it spans chunks"
         );
+    }
+
+    #[test]
+    fn a_system_line_fits_one_chunk_on_a_char_boundary() {
+        assert_eq!(system_line("[ccc] short".into()), "[ccc] short\n");
+        let long = format!("[ccc] {}", "é".repeat(MAX_CHUNK));
+        let line = system_line(long);
+        assert!(line.len() <= MAX_CHUNK, "{}", line.len());
+        assert!(line.len() >= MAX_CHUNK - 2, "cut no more than needed");
+        assert!(line.ends_with("é\n"));
     }
 }

@@ -12,6 +12,10 @@ pub const MAX_CAPACITY: u32 = 256;
 pub const MAX_LABELS: usize = 64;
 pub const MAX_TOOLCHAINS: usize = 128;
 pub const MAX_SHORT_STRING: usize = 256;
+/// The largest `TaskOutput.data`: the agent cuts its children's output into
+/// lines of at most this many bytes and bounds its own lines the same way,
+/// so the coordinator can refuse anything larger as a protocol error.
+pub const MAX_OUTPUT_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -214,6 +218,18 @@ pub fn kind_from_proto(value: i32) -> Result<OutputKind, Error> {
     })
 }
 
+/// Validates an output chunk's seq: seqs start at 1 for each attempt, and
+/// `u64::MAX` is reserved (in `Welcome.held` it means "the attempt is over").
+pub fn output_seq(seq: u64) -> Result<u64, Error> {
+    if seq == 0 || seq == u64::MAX {
+        return Err(Error::invalid(
+            "seq",
+            format!("{seq} is not within 1..{} (u64::MAX is reserved)", u64::MAX),
+        ));
+    }
+    Ok(seq)
+}
+
 pub fn kind_to_proto(k: OutputKind) -> proto::OutputKind {
     match k {
         OutputKind::Stdout => proto::OutputKind::Stdout,
@@ -326,6 +342,16 @@ mod tests {
         for (h, field) in cases {
             let err = advert_from_hello(&h).expect_err("must be rejected");
             assert!(err.to_string().contains(field), "{err} should name {field}");
+        }
+    }
+
+    #[test]
+    fn output_seqs_start_at_one_and_stop_before_the_reserved_maximum() {
+        assert_eq!(output_seq(1), Ok(1));
+        assert_eq!(output_seq(u64::MAX - 1), Ok(u64::MAX - 1));
+        for bad in [0, u64::MAX] {
+            let err = output_seq(bad).expect_err("rejected");
+            assert!(err.to_string().starts_with("field seq: "), "{err}");
         }
     }
 

@@ -13,6 +13,11 @@ use serde::Deserialize;
 
 use crate::core::CoreConfig;
 
+/// A usage-limit reset further away than this is not believed: the limits
+/// Anthropic applies reset within hours, and a reset days away (a bad clock,
+/// a bug, a hostile agent) would park a task and its agent indefinitely.
+pub const DEFAULT_RATE_LIMIT_COOLDOWN_MAX: Duration = Duration::from_secs(24 * 3600);
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// TOML file with any of the settings below (keys in snake_case).
@@ -72,6 +77,9 @@ pub struct Args {
     /// An agent that hit the API's usage limit gets no work for this long, or until the reset it reported [default: 5m].
     #[arg(long, env = "CCC_RATE_LIMIT_COOLDOWN", value_parser = parse_duration)]
     pub rate_limit_cooldown: Option<Duration>,
+    /// The longest an agent-reported usage-limit reset is honoured; a reset further away is cut to this [default: 24h].
+    #[arg(long, env = "CCC_RATE_LIMIT_COOLDOWN_MAX", value_parser = parse_duration)]
+    pub rate_limit_cooldown_max: Option<Duration>,
     /// Log format: pretty or json [default: pretty].
     #[arg(long, env = "CCC_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -110,6 +118,8 @@ pub struct FileConfig {
     pub output_cap: Option<u64>,
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub rate_limit_cooldown: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub rate_limit_cooldown_max: Option<Duration>,
     #[serde(default, deserialize_with = "de_opt_log_format")]
     pub log_format: Option<LogFormat>,
 }
@@ -167,6 +177,10 @@ impl Config {
             .retry_backoff
             .or(file.retry_backoff)
             .unwrap_or(Duration::from_secs(10));
+        let rate_limit_cooldown = args
+            .rate_limit_cooldown
+            .or(file.rate_limit_cooldown)
+            .unwrap_or(Duration::from_secs(300));
         Ok(Self {
             grpc_listen: args
                 .grpc_listen
@@ -214,10 +228,12 @@ impl Config {
                     .or(file.general_fallback_after)
                     .unwrap_or(Duration::from_secs(120)),
                 output_cap_bytes: args.output_cap.or(file.output_cap).unwrap_or(64 << 20),
-                rate_limit_cooldown: args
-                    .rate_limit_cooldown
-                    .or(file.rate_limit_cooldown)
-                    .unwrap_or(Duration::from_secs(300)),
+                rate_limit_cooldown,
+                rate_limit_cooldown_max: args
+                    .rate_limit_cooldown_max
+                    .or(file.rate_limit_cooldown_max)
+                    .unwrap_or(DEFAULT_RATE_LIMIT_COOLDOWN_MAX)
+                    .max(rate_limit_cooldown),
             },
             log_format: args
                 .log_format

@@ -102,10 +102,12 @@ pub enum Command {
         task: TaskId,
         reply: Reply<Option<Task>>,
     },
-    /// Registers `events` for the task's live events; answers the task as
-    /// it is now, so history read afterwards cannot miss anything.
+    /// Answers the task as it is now, once committed, so history read
+    /// afterwards cannot miss anything; with `follow`, registers `events`
+    /// for the task's live events until it ends.
     Watch {
         task: TaskId,
+        follow: bool,
         events: mpsc::Sender<TaskEvent>,
         reply: Reply<Option<Task>>,
     },
@@ -271,14 +273,16 @@ impl Driver {
             }
             Command::Watch {
                 task,
+                follow,
                 events,
                 reply,
             } => {
                 let snapshot = self.core.task(task).cloned();
-                if snapshot.as_ref().is_some_and(|t| !t.state.is_terminal()) {
+                self.prune_watchers();
+                if follow && snapshot.as_ref().is_some_and(|t| !t.state.is_terminal()) {
                     self.watchers.entry(task).or_default().push(events);
                 }
-                let _ = reply.send(snapshot);
+                self.reply(reply, snapshot);
             }
             Command::Cancel {
                 task,
@@ -382,6 +386,17 @@ impl Driver {
         }
     }
 
+    /// Forgets watchers whose client has gone. Done at every registration,
+    /// so watchers of a quiet task that come and go cannot pile up while
+    /// waiting for the task's next event: the closed ones never outnumber
+    /// the watchers open at the last registration.
+    fn prune_watchers(&mut self) {
+        self.watchers.retain(|_, watchers| {
+            watchers.retain(|w| !w.is_closed());
+            !watchers.is_empty()
+        });
+    }
+
     /// Hands an event to the task's watchers; a watcher that is gone or too
     /// slow is dropped (it can resume from its last position). After a
     /// terminal state nothing more comes, so the watchers are released.
@@ -409,5 +424,152 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use common::ids::Attempt;
+    use common::types::Specialty;
+
+    use super::*;
+    use crate::core::{OutputPosition, Restored, TaskSource, Write};
+    use crate::store::StoredChunk;
+
+    /// Counts commits; holds nothing.
+    #[derive(Default)]
+    struct CountingStore {
+        commits: Mutex<usize>,
+    }
+
+    impl CountingStore {
+        fn commits(&self) -> usize {
+            self.commits.lock().map_or(0, |c| *c)
+        }
+    }
+
+    impl Store for CountingStore {
+        fn load_agents(&self) -> Result<Vec<crate::core::AgentRecord>, store::Error> {
+            Ok(Vec::new())
+        }
+        fn load_tasks(&self) -> Result<Vec<Task>, store::Error> {
+            Ok(Vec::new())
+        }
+        fn output_position(
+            &self,
+            _: TaskId,
+            _: Attempt,
+            _: Attempt,
+        ) -> Result<OutputPosition, store::Error> {
+            Ok(OutputPosition::default())
+        }
+        fn read_output(
+            &self,
+            _: TaskId,
+            _: (Attempt, u64),
+            _: usize,
+        ) -> Result<Vec<StoredChunk>, store::Error> {
+            Ok(Vec::new())
+        }
+        fn commit(&self, _: &[Write]) -> Result<(), store::Error> {
+            if let Ok(mut c) = self.commits.lock() {
+                *c += 1;
+            }
+            Ok(())
+        }
+    }
+
+    fn driver() -> (Driver, Arc<CountingStore>) {
+        let store = Arc::new(CountingStore::default());
+        let (now, wall) = clock();
+        let core = Core::new(crate::core::tests::config(), Restored::default(), now, wall);
+        let (driver, _handle) = Driver::new(core, Arc::clone(&store) as Arc<dyn Store>);
+        (driver, store)
+    }
+
+    /// Submits a task nobody can run: it stays queued.
+    fn submit(driver: &mut Driver) -> TaskId {
+        let (reply, _rx) = oneshot::channel();
+        driver.apply(Command::Submit {
+            task: NewTask {
+                source: TaskSource::Manual {
+                    submitted_by: "root".into(),
+                },
+                spec: crate::core::task_tests::spec("r", Specialty::Backend),
+                priority: 0,
+            },
+            reply,
+        });
+        driver.core.tasks().map(|t| t.id).max().expect("submitted")
+    }
+
+    /// Registers a watcher of `task`; returns its answer and its events.
+    fn watch(
+        driver: &mut Driver,
+        task: TaskId,
+        follow: bool,
+    ) -> (oneshot::Receiver<Option<Task>>, mpsc::Receiver<TaskEvent>) {
+        let (events, events_rx) = mpsc::channel(8);
+        let (reply, reply_rx) = oneshot::channel();
+        driver.apply(Command::Watch {
+            task,
+            follow,
+            events,
+            reply,
+        });
+        (reply_rx, events_rx)
+    }
+
+    fn watchers(driver: &Driver, task: TaskId) -> usize {
+        driver.watchers.get(&task).map_or(0, Vec::len)
+    }
+
+    #[tokio::test]
+    async fn a_watch_is_answered_only_once_its_batch_is_committed() {
+        let (mut driver, store) = driver();
+        let task = submit(&mut driver);
+        let (mut answer, _events) = watch(&mut driver, task, true);
+        assert!(
+            answer.try_recv().is_err(),
+            "the snapshot shows a task not yet committed"
+        );
+        driver.commit_and_dispatch().await.expect("commit");
+        assert_eq!(store.commits(), 1);
+        let snapshot = answer.try_recv().expect("answered after the commit");
+        assert_eq!(snapshot.map(|t| t.id), Some(task));
+    }
+
+    #[tokio::test]
+    async fn only_followers_are_registered_and_gone_ones_are_pruned() {
+        let (mut driver, _store) = driver();
+        let task = submit(&mut driver);
+        let (_answer, _events) = watch(&mut driver, task, false);
+        assert_eq!(
+            watchers(&driver, task),
+            0,
+            "a one-off read is not a watcher"
+        );
+
+        let (_a1, gone) = watch(&mut driver, task, true);
+        let (_a2, _kept) = watch(&mut driver, task, true);
+        assert_eq!(watchers(&driver, task), 2);
+        drop(gone);
+        let (_a3, _also_kept) = watch(&mut driver, task, true);
+        assert_eq!(
+            watchers(&driver, task),
+            2,
+            "a closed watcher is pruned without waiting for an event"
+        );
+
+        let other = submit(&mut driver);
+        drop((_kept, _also_kept));
+        let (_a4, _watching_other) = watch(&mut driver, other, true);
+        assert!(
+            !driver.watchers.contains_key(&task),
+            "a task without watchers is forgotten"
+        );
+        driver.commit_and_dispatch().await.expect("commit");
     }
 }

@@ -194,8 +194,10 @@ async fn pump_inbound(
     let _ = driver.send(Command::Closed { conn, reason }).await;
 }
 
-/// The largest output chunk an agent may send.
-pub const MAX_CHUNK: usize = 1 << 20;
+/// The largest output chunk an agent may send: the agent's own bound (its
+/// lines of output are cut at this size), so a larger chunk is a protocol
+/// error rather than a megabyte per message to buffer and store.
+pub const MAX_CHUNK: usize = wire::MAX_OUTPUT_CHUNK;
 
 fn task_id(raw: &str) -> Result<TaskId, String> {
     raw.parse::<TaskId>().map_err(|e| e.to_string())
@@ -302,7 +304,7 @@ fn from_proto(msg: AgentMessage) -> Result<Option<FromAgent>, String> {
             Ok(Some(FromAgent::Output {
                 task: task_id(&m.task_id)?,
                 attempt: Attempt(m.attempt),
-                seq: m.seq,
+                seq: wire::output_seq(m.seq).map_err(|e| format!("TaskOutput: {e}"))?,
                 kind: wire::kind_from_proto(m.kind).map_err(|e| e.to_string())?,
                 data: Arc::from(m.data),
             }))
@@ -817,6 +819,7 @@ impl admin_server::Admin for Admin {
             .driver
             .call(|reply| Command::Watch {
                 task: id,
+                follow: req.follow,
                 events: events_tx,
                 reply,
             })
@@ -1002,4 +1005,33 @@ fn reason_or(given: &str, admin: &PeerIdentity, default: &str) -> String {
         text
     };
     format!("{text} (by admin {})", admin.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(seq: u64, len: usize) -> AgentMessage {
+        AgentMessage {
+            msg: Some(agent_message::Msg::TaskOutput(proto::TaskOutput {
+                task_id: "t-1".into(),
+                attempt: 1,
+                seq,
+                kind: proto::OutputKind::Stdout as i32,
+                data: vec![b'x'; len],
+            })),
+        }
+    }
+
+    #[test]
+    fn output_chunks_are_bounded_by_what_the_agent_sends() {
+        assert!(matches!(
+            from_proto(output(1, MAX_CHUNK)),
+            Ok(Some(FromAgent::Output { .. }))
+        ));
+        let err = from_proto(output(1, MAX_CHUNK + 1)).expect_err("too big");
+        assert!(err.contains("exceeds 65536"), "{err}");
+        let err = from_proto(output(u64::MAX, 1)).expect_err("reserved seq");
+        assert!(err.starts_with("TaskOutput: field seq"), "{err}");
+    }
 }

@@ -53,7 +53,10 @@ pub fn restore(store: &dyn Store) -> Result<Restored, store::Error> {
     let mut output = std::collections::BTreeMap::new();
     for task in tasks.iter().filter(|t| !t.state.is_terminal()) {
         let attempt = task.current().map_or(Attempt(0), |a| a.attempt);
-        output.insert(task.id, store.output_position(task.id, attempt)?);
+        output.insert(
+            task.id,
+            store.output_position(task.id, task.output_since, attempt)?,
+        );
     }
     Ok(Restored {
         agents,

@@ -30,9 +30,9 @@ use task::{LiveAttempt, OutputBudget};
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
-mod task_tests;
+pub(crate) mod task_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// One accepted gRPC stream. A new stream of the same agent gets a new id, so
 /// late messages of a replaced stream are recognised and dropped.
@@ -65,6 +65,10 @@ pub struct CoreConfig {
     /// An agent that hit the API's usage limit gets no work for this long,
     /// or until the reset time its CLI gave.
     pub rate_limit_cooldown: Duration,
+    /// The furthest ahead an agent's reported reset is believed: a task
+    /// waits, and its agent cools down, at most this long after a rate
+    /// limit (never less than `rate_limit_cooldown`).
+    pub rate_limit_cooldown_max: Duration,
 }
 
 /// The persisted state of an agent, as listed by `ccc agents`.
@@ -300,6 +304,29 @@ struct AgentEntry {
     idle_since: Instant,
     /// Repositories it has worked on: its mirror cache is warm for them.
     repos: BTreeSet<String>,
+}
+
+impl AgentEntry {
+    /// An agent the coordinator has not heard of before.
+    fn new(id: AgentId, now: Instant, wall: UnixMillis) -> Self {
+        Self {
+            record: AgentRecord {
+                id,
+                state: AgentState::Disconnected,
+                advert: None,
+                first_seen: wall,
+                last_seen: wall,
+                connections: 0,
+                peer_address: String::new(),
+                last_disconnect_reason: None,
+                revoked_reason: None,
+            },
+            live: None,
+            load: BTreeSet::new(),
+            idle_since: now,
+            repos: BTreeSet::new(),
+        }
+    }
 }
 
 pub struct Core {
@@ -588,23 +615,7 @@ impl Core {
         let entry = self
             .agents
             .entry(agent.clone())
-            .or_insert_with(|| AgentEntry {
-                record: AgentRecord {
-                    id: agent.clone(),
-                    state: AgentState::Disconnected,
-                    advert: None,
-                    first_seen: wall,
-                    last_seen: wall,
-                    connections: 0,
-                    peer_address: String::new(),
-                    last_disconnect_reason: None,
-                    revoked_reason: None,
-                },
-                live: None,
-                load: BTreeSet::new(),
-                idle_since: now,
-                repos: BTreeSet::new(),
-            });
+            .or_insert_with(|| AgentEntry::new(agent.clone(), now, wall));
         if entry.record.state == AgentState::Revoked {
             // Revoked between open and Hello.
             let reason = entry.record.revoked_reason.clone().unwrap_or_default();
@@ -728,7 +739,9 @@ impl Core {
     // ---- admin mutators ----
 
     /// Revokes an agent for good: its stream is closed at once and it cannot
-    /// connect again.
+    /// connect again. A name never seen is revoked too (a record is made for
+    /// it), so that a certificate known to have leaked can be blocked before
+    /// anyone uses it.
     pub fn revoke(
         &mut self,
         agent: &AgentId,
@@ -737,10 +750,10 @@ impl Core {
         wall: UnixMillis,
     ) -> Result<AgentView, AdminError> {
         self.tick(now, wall);
-        let entry = self
-            .agents
-            .get_mut(agent)
-            .ok_or_else(|| AdminError::UnknownAgent(agent.clone()))?;
+        let entry = self.agents.entry(agent.clone()).or_insert_with(|| {
+            info!(agent_id = %agent, "revoking an agent that never connected");
+            AgentEntry::new(agent.clone(), now, wall)
+        });
         entry.record.state = AgentState::Revoked;
         entry.record.revoked_reason = Some(reason.clone());
         entry.record.last_seen = entry.record.last_seen.max(wall);

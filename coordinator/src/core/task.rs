@@ -100,6 +100,16 @@ pub struct Task {
     /// A queued task waits until then (retry backoff, rate limit).
     pub not_before: Option<UnixMillis>,
     pub cancel_requested: Option<String>,
+    /// The first attempt whose output counts against the task's output cap:
+    /// an admin's retry starts a fresh budget, as it starts a fresh count of
+    /// attempts. Kept so that a restart restores the same budget.
+    #[serde(default = "every_attempt")]
+    pub output_since: Attempt,
+}
+
+/// Records written before `output_since` existed: every attempt counts.
+fn every_attempt() -> Attempt {
+    Attempt(0)
 }
 
 impl Task {
@@ -161,7 +171,9 @@ pub(super) struct OutputBudget {
     pub(super) truncated: bool,
 }
 
-/// Where the store says a live attempt's output stands (for restarts).
+/// Where the store says a task's output stands (for restarts): the last
+/// seq of its current attempt, and the bytes of the attempts from
+/// `Task::output_since` on.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OutputPosition {
     pub last_seq: u64,
@@ -186,19 +198,16 @@ enum Disposition {
     RequeueFree(Option<UnixMillis>),
 }
 
-fn disposition(outcome: Outcome, report: Option<&FinishedReport>) -> Disposition {
+/// `rate_limit_until`: when a rate limit lifts, already bounded by
+/// [`Core::rate_limit_reset`].
+fn disposition(outcome: Outcome, rate_limit_until: Option<UnixMillis>) -> Disposition {
     match outcome {
         Outcome::Succeeded | Outcome::TestsFailed => Disposition::Terminal(TaskState::Succeeded),
         Outcome::NoChanges
         | Outcome::TurnLimit
         | Outcome::BudgetExceeded
         | Outcome::PushRejected => Disposition::Terminal(TaskState::Failed),
-        Outcome::RateLimited => Disposition::RequeueFree(
-            report
-                .map(|r| r.rate_limit_reset_unix_ms)
-                .filter(|&ms| ms > 0)
-                .map(UnixMillis),
-        ),
+        Outcome::RateLimited => Disposition::RequeueFree(rate_limit_until),
         // The agent stopped it on its own (shutdown): not the task's fault.
         Outcome::Cancelled => Disposition::RequeueFree(None),
         Outcome::CliFailed
@@ -253,6 +262,7 @@ impl Core {
             queued_at: wall,
             not_before: None,
             cancel_requested: None,
+            output_since: every_attempt(),
         };
         info!(task_id = %id, repo = %task.spec.repo_url, specialty = %task.spec.specialty, "task submitted");
         self.queued_since.insert(id, now);
@@ -325,6 +335,10 @@ impl Core {
         task.max_attempts = task.counted_attempts() + self.config.max_attempts;
         task.cancel_requested = None;
         task.not_before = None;
+        // A fresh output budget too: a task that hit the cap would otherwise
+        // store nothing of its retry (and a restart would restore the same).
+        task.output_since = task.next_attempt();
+        self.output.remove(&id);
         self.requeue(id, "retried by an admin".into(), None, now, wall);
         self.schedule(now, wall);
         Ok(())
@@ -571,12 +585,14 @@ impl Core {
             return;
         };
         let budget = self.output.entry(id).or_default();
-        let next = live.acked + 1;
+        // The wire refuses u64::MAX, but the core cannot fail: never overflow.
+        let next = live.acked.saturating_add(1);
         if seq < next {
             // A duplicate (resent after a reconnect): acknowledge again.
         } else if budget.truncated {
-            // Past the cap nothing is stored; acknowledge so the agent frees it.
-            live.acked = seq;
+            // Past the cap nothing is stored; acknowledge so the agent frees
+            // it. The position only moves forward.
+            live.acked = live.acked.max(seq);
         } else if seq > next {
             // A gap: the agent resends in order from our ack after reconnecting.
             debug!(task_id = %id, seq, expected = next, "output gap; waiting for the missing chunks");
@@ -635,7 +651,7 @@ impl Core {
         info!(task_id = %id, attempt = attempt.0, agent_id = %agent, outcome = %report.outcome, "attempt finished");
         let outcome = report.outcome;
         if outcome == Outcome::RateLimited {
-            self.cool_down(agent, report.rate_limit_reset_unix_ms, now, wall);
+            self.cool_down(agent, &report, now, wall);
         }
         let message = report.message.clone();
         self.end_attempt(id, outcome, message, Some(report), now, wall);
@@ -644,13 +660,46 @@ impl Core {
 
     /// Gives an agent that hit the API's usage limit no work until the
     /// limit resets (or the configured cool-down, whichever is later).
-    fn cool_down(&mut self, agent: &AgentId, reset_unix_ms: u64, now: Instant, wall: UnixMillis) {
-        let until_reset = Duration::from_millis(reset_unix_ms.saturating_sub(wall.0));
+    fn cool_down(
+        &mut self,
+        agent: &AgentId,
+        report: &FinishedReport,
+        now: Instant,
+        wall: UnixMillis,
+    ) {
+        let until_reset = self
+            .rate_limit_reset(Some(report), wall)
+            .map_or(Duration::ZERO, |at| {
+                Duration::from_millis(at.0.saturating_sub(wall.0))
+            });
+        if report.rate_limit_reset_unix_ms > wall.saturating_add(until_reset).0 {
+            warn!(
+                agent_id = %agent,
+                reset_unix_ms = report.rate_limit_reset_unix_ms,
+                "the reported usage-limit reset is too far ahead; the maximum cool-down applies instead"
+            );
+        }
         let wait = until_reset.max(self.config.rate_limit_cooldown);
         if let Some(live) = self.agents.get_mut(agent).and_then(|e| e.live.as_mut()) {
             live.cooldown_until = Some(now + wait);
             warn!(agent_id = %agent, wait_s = wait.as_secs(), "usage limit reached; no new work for this agent until it resets");
         }
+    }
+
+    /// When the usage limit an agent reported at `wall` lifts, if it said.
+    /// The reset comes from the agent (from the CLI's output): it is
+    /// believed at most `rate_limit_cooldown_max` ahead, so that a bad clock
+    /// or a bogus value cannot park a task and its agent forever.
+    fn rate_limit_reset(
+        &self,
+        report: Option<&FinishedReport>,
+        wall: UnixMillis,
+    ) -> Option<UnixMillis> {
+        let reset = report
+            .map(|r| r.rate_limit_reset_unix_ms)
+            .filter(|&ms| ms > 0)?;
+        let latest = wall.saturating_add(self.config.rate_limit_cooldown_max);
+        Some(UnixMillis(reset.min(latest.0)))
     }
 
     // ---- time ----
@@ -727,10 +776,15 @@ impl Core {
         wall: UnixMillis,
     ) {
         self.live.remove(&id);
+        let rate_limit_until = if outcome == Outcome::RateLimited {
+            self.rate_limit_reset(report.as_ref(), wall)
+        } else {
+            None
+        };
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
         };
-        let disposition = disposition(outcome, report.as_ref());
+        let disposition = disposition(outcome, rate_limit_until);
         let Some(current) = task.current_mut() else {
             return;
         };

@@ -35,7 +35,7 @@ fn id(name: &str) -> AgentId {
     AgentId::new(name).expect("valid name")
 }
 
-fn spec(repo: &str, specialty: Specialty) -> TaskSpec {
+pub(crate) fn spec(repo: &str, specialty: Specialty) -> TaskSpec {
     TaskSpec {
         repo_url: repo.into(),
         base_branch: String::new(),
@@ -184,6 +184,29 @@ impl H {
             .collect()
     }
 
+    /// The output acknowledgements sent since the last call.
+    fn acks(&mut self) -> Vec<u64> {
+        self.sent()
+            .into_iter()
+            .filter_map(|(_, m)| match m {
+                ToAgent::OutputAck { seq, .. } => Some(seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The seqs of the output chunks written since the last call.
+    fn stored_seqs(&mut self) -> Vec<u64> {
+        self.core
+            .take_writes()
+            .into_iter()
+            .filter_map(|w| match w {
+                Write::Output { seq, .. } => Some(seq),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn state(&self, task: TaskId) -> TaskState {
         self.core.task(task).expect("task").state
     }
@@ -238,24 +261,9 @@ fn a_task_runs_from_queue_to_success() {
     h.core.take_writes();
     h.msg("a", output(t, 1, 1, "one"));
     h.msg("a", output(t, 1, 2, "two"));
-    let stored: Vec<u64> = h
-        .core
-        .take_writes()
-        .into_iter()
-        .filter_map(|w| match w {
-            Write::Output { seq, .. } => Some(seq),
-            _ => None,
-        })
-        .collect();
+    let stored: Vec<u64> = h.stored_seqs();
     assert_eq!(stored, vec![1, 2]);
-    let acks: Vec<u64> = h
-        .sent()
-        .into_iter()
-        .filter_map(|(_, m)| match m {
-            ToAgent::OutputAck { seq, .. } => Some(seq),
-            _ => None,
-        })
-        .collect();
+    let acks: Vec<u64> = h.acks();
     assert_eq!(acks, vec![2], "acknowledgements are coalesced per batch");
     h.msg("a", finished(t, 1, Outcome::Succeeded));
     assert_eq!(h.state(t), TaskState::Succeeded);
@@ -487,15 +495,7 @@ fn duplicates_and_gaps_in_output_are_harmless() {
     for seq in [1, 2, 2, 1, 4, 3, 4] {
         h.msg("a", output(t, 1, seq, "z"));
     }
-    let stored: Vec<u64> = h
-        .core
-        .take_writes()
-        .into_iter()
-        .filter_map(|w| match w {
-            Write::Output { seq, .. } => Some(seq),
-            _ => None,
-        })
-        .collect();
+    let stored: Vec<u64> = h.stored_seqs();
     assert_eq!(stored, vec![1, 2, 3, 4]);
     h.msg("a", finished(t, 1, Outcome::Succeeded));
     h.sent();
@@ -540,14 +540,7 @@ fn output_past_the_cap_is_replaced_by_one_marker() {
             (3, OutputKind::System)
         ]
     );
-    let acks: Vec<u64> = h
-        .sent()
-        .into_iter()
-        .filter_map(|(_, m)| match m {
-            ToAgent::OutputAck { seq, .. } => Some(seq),
-            _ => None,
-        })
-        .collect();
+    let acks: Vec<u64> = h.acks();
     assert_eq!(acks, vec![5], "dropped output is still acknowledged");
 }
 
@@ -685,4 +678,71 @@ fn a_restarted_core_resumes_live_attempts_from_the_store() {
     assert_eq!(held, Some(vec![(t, Attempt(1), 7)]));
     let next = h2.submit("r", Specialty::Backend, 0);
     assert_eq!(next, TaskId(3), "ids continue after the stored ones");
+}
+
+#[test]
+fn a_reset_far_in_the_future_waits_only_the_maximum_cool_down() {
+    let mut h = H::new();
+    let t = h.submit("r", Specialty::Backend, 0);
+    h.connect("a", Specialty::Backend, 2);
+    h.msg("a", accepted(t, 1));
+    // A reset a thousand years away: believed only up to the maximum (1h here).
+    h.msg("a", rate_limited(t, 1, 1000 * 365 * 86_400_000));
+    let (_, wall) = h.now();
+    let max = config().rate_limit_cooldown_max;
+    assert_eq!(
+        h.core.task(t).expect("task").not_before,
+        Some(wall.saturating_add(max)),
+        "the task waits at most the maximum cool-down"
+    );
+    h.sent();
+    let other = h.submit("r", Specialty::Backend, 0);
+    assert!(h.assigned().is_empty(), "the agent cools down");
+    h.advance(max.as_secs() - 1);
+    assert!(h.assigned().is_empty());
+    h.advance(1);
+    let placed: Vec<TaskId> = h.assigned().into_iter().map(|(_, t, _)| t).collect();
+    assert_eq!(
+        placed,
+        vec![t, other],
+        "both the task and the agent are free again"
+    );
+}
+
+#[test]
+fn past_the_cap_any_seq_is_acknowledged_without_overflow() {
+    let mut h = H::new();
+    let t = h.submit("r", Specialty::Backend, 0);
+    h.connect("a", Specialty::Backend, 1);
+    h.msg("a", accepted(t, 1));
+    h.msg("a", output(t, 1, 1, &"x".repeat(2000)));
+    // Truncated now: later seqs are acknowledged, however far they jump.
+    for seq in [u64::MAX, 5, u64::MAX] {
+        h.msg("a", output(t, 1, seq, "z"));
+    }
+    assert_eq!(h.core.acked_seq(t), Some(u64::MAX));
+    let acks: Vec<u64> = h.acks();
+    assert_eq!(acks, vec![u64::MAX], "the position never moves back");
+}
+
+#[test]
+fn a_retried_task_gets_a_fresh_output_budget() {
+    let mut h = H::new();
+    let t = h.submit("r", Specialty::Backend, 0);
+    h.connect("a", Specialty::Backend, 1);
+    h.msg("a", accepted(t, 1));
+    h.msg("a", output(t, 1, 1, &"x".repeat(2000)));
+    h.msg("a", finished(t, 1, Outcome::NoChanges));
+    assert_eq!(h.state(t), TaskState::Failed);
+    let (now, wall) = h.now();
+    h.core.retry(t, now, wall).expect("retry");
+    assert_eq!(
+        h.core.task(t).expect("task").output_since,
+        Attempt(2),
+        "persisted, so that a restart restores the same budget"
+    );
+    h.msg("a", accepted(t, 2));
+    h.core.take_writes();
+    h.msg("a", output(t, 2, 1, "fresh"));
+    assert_eq!(h.stored_seqs(), vec![1], "the retry's output is stored");
 }

@@ -12,7 +12,7 @@ use proptest::prelude::*;
 
 use super::*;
 
-pub(super) fn config() -> CoreConfig {
+pub(crate) fn config() -> CoreConfig {
     CoreConfig {
         heartbeat_interval: Duration::from_secs(5),
         heartbeat_timeout: Duration::from_secs(15),
@@ -26,6 +26,7 @@ pub(super) fn config() -> CoreConfig {
         general_fallback_after: Duration::from_secs(120),
         output_cap_bytes: 1000,
         rate_limit_cooldown: Duration::from_secs(30),
+        rate_limit_cooldown_max: Duration::from_secs(3600),
     }
 }
 
@@ -269,11 +270,32 @@ fn revoked_agents_are_cut_off_and_refused() {
             reason: "stolen".into()
         })
     );
+}
+
+#[test]
+fn an_agent_never_seen_can_be_revoked_before_it_connects() {
+    let mut h = Harness::new();
+    let (now, wall) = h.at(1);
+    let view = h
+        .core
+        .revoke(&id("leaked"), "key leaked".into(), now, wall)
+        .expect("a name never seen is revoked too");
+    assert_eq!(view.record.state, AgentState::Revoked);
+    assert_eq!(view.record.connections, 0);
+    assert!(
+        h.core
+            .take_writes()
+            .iter()
+            .any(|w| matches!(w, Write::Agent(r) if r.id == id("leaked") && r.state == AgentState::Revoked)),
+        "the revocation is durable"
+    );
     assert_eq!(
         h.core
-            .revoke(&id("nobody"), String::new(), now, wall)
-            .map(|_| ()),
-        Err(AdminError::UnknownAgent(id("nobody")))
+            .handle_open(ConnId(1), id("leaked"), String::new(), now),
+        Err(OpenRejected::Revoked {
+            agent: id("leaked"),
+            reason: "key leaked".into()
+        })
     );
 }
 

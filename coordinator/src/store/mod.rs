@@ -58,9 +58,15 @@ pub struct StoredChunk {
 pub trait Store: Send + Sync + 'static {
     fn load_agents(&self) -> Result<Vec<AgentRecord>, Error>;
     fn load_tasks(&self) -> Result<Vec<Task>, Error>;
-    /// How far the output of `task` goes: the last seq of `attempt`, the
-    /// bytes of all attempts, and whether it was truncated.
-    fn output_position(&self, task: TaskId, attempt: Attempt) -> Result<OutputPosition, Error>;
+    /// How far the output of `task` goes: the last seq of `attempt`, and the
+    /// bytes of the attempts from `since` on (the task's output budget) and
+    /// whether they were truncated.
+    fn output_position(
+        &self,
+        task: TaskId,
+        since: Attempt,
+        attempt: Attempt,
+    ) -> Result<OutputPosition, Error>;
     /// Up to `limit` chunks of `task` at or after `(attempt, seq)`, in order.
     fn read_output(
         &self,
@@ -200,11 +206,19 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn output_position(&self, task: TaskId, attempt: Attempt) -> Result<OutputPosition, Error> {
+    fn output_position(
+        &self,
+        task: TaskId,
+        since: Attempt,
+        attempt: Attempt,
+    ) -> Result<OutputPosition, Error> {
         let mut position = OutputPosition::default();
         for row in self.output.scan_prefix(task.0.to_be_bytes()) {
             let (key, value) = row?;
             let chunk = decode_chunk(&key, &value)?;
+            if chunk.attempt < since {
+                continue;
+            }
             position.stored_bytes += u64::try_from(chunk.data.len()).unwrap_or(u64::MAX);
             position.truncated |=
                 chunk.kind == OutputKind::System && chunk.data.starts_with(TRUNCATION_MARKER);

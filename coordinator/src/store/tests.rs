@@ -69,3 +69,37 @@ fn a_newer_schema_is_refused_and_corrupt_rows_are_named() {
     assert!(err.to_string().contains("\"x\""), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_output_budget_counts_the_attempts_since_the_last_retry() {
+    let chunk = |attempt: u32, seq: u64, kind: OutputKind, data: &[u8]| Write::Output {
+        task: TaskId(1),
+        attempt: Attempt(attempt),
+        seq,
+        kind,
+        data: Arc::from(data),
+    };
+    let store = SledStore::temporary().expect("store");
+    store
+        .commit(&[
+            chunk(1, 1, OutputKind::Stdout, b"0123456789"),
+            chunk(1, 2, OutputKind::System, TRUNCATION_MARKER),
+            chunk(2, 1, OutputKind::Stdout, b"fresh"),
+        ])
+        .expect("commit");
+    let all = store
+        .output_position(TaskId(1), Attempt(0), Attempt(2))
+        .expect("position");
+    assert_eq!((all.last_seq, all.truncated), (1, true));
+    let since_retry = store
+        .output_position(TaskId(1), Attempt(2), Attempt(2))
+        .expect("position");
+    assert_eq!(
+        since_retry,
+        OutputPosition {
+            last_seq: 1,
+            stored_bytes: 5,
+            truncated: false
+        }
+    );
+}

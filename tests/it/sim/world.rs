@@ -75,6 +75,7 @@ pub(super) fn config() -> CoreConfig {
         general_fallback_after: Duration::from_secs(4),
         output_cap_bytes: 2_000,
         rate_limit_cooldown: Duration::from_secs(5),
+        rate_limit_cooldown_max: Duration::from_secs(600),
     }
 }
 

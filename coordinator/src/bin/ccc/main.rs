@@ -46,6 +46,9 @@ enum Cmd {
         json: bool,
     },
     /// Revoke an agent: its stream is closed and it can never connect again.
+    ///
+    /// A name that has never connected can be revoked too, to block a leaked
+    /// certificate before its first use.
     Revoke {
         id: String,
         #[arg(long, default_value = "")]
@@ -120,7 +123,9 @@ enum Cmd {
         id: String,
         #[arg(short, long)]
         follow: bool,
-        /// Print the CLI's stream-json events as they are, not as readable lines.
+        /// Print the output as stored: the CLI's stream-json events as they
+        /// are, not as readable lines, and control characters kept even on a
+        /// terminal (which otherwise gets only newlines and tabs).
         #[arg(long)]
         raw: bool,
     },

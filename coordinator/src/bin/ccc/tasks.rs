@@ -217,8 +217,51 @@ pub fn render_event(data: &[u8]) -> Option<String> {
     }
 }
 
+/// What may reach a terminal of text that agents and their CLI wrote: no
+/// control characters but newline and tab. An escape sequence in a task's
+/// output (from the CLI, a test, or a hostile repository) could otherwise
+/// move the cursor, rewrite earlier lines, retitle the window or worse;
+/// a carriage return could hide a line behind another. Invalid UTF-8
+/// becomes U+FFFD (C1 controls are only recognisable once decoded).
+pub fn for_terminal(data: &[u8]) -> String {
+    String::from_utf8_lossy(data)
+        .chars()
+        .filter(|&c| !c.is_control() || c == '\n' || c == '\t')
+        .collect()
+}
+
+/// Standard output, cleaned with [`for_terminal`] when it is a terminal
+/// (unless `--raw`): a file or a pipe gets the bytes as stored.
+struct Out {
+    stdout: std::io::StdoutLock<'static>,
+    clean: bool,
+}
+
+impl Out {
+    fn new(raw: bool) -> Self {
+        use std::io::IsTerminal;
+        let stdout = std::io::stdout().lock();
+        let clean = !raw && stdout.is_terminal();
+        Self { stdout, clean }
+    }
+
+    /// Writes `data`, ending it with a newline if it has none.
+    fn line(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if self.clean {
+            self.stdout.write_all(for_terminal(data).as_bytes())?;
+        } else {
+            self.stdout.write_all(data)?;
+        }
+        if !data.ends_with(b"\n") {
+            self.stdout.write_all(b"\n")?;
+        }
+        self.stdout.flush()
+    }
+}
+
 /// Prints a task's output; with `follow`, live until the task ends. The
-/// CLI's stream-json events are shown as readable lines unless `raw`.
+/// CLI's stream-json events are shown as readable lines, and control
+/// characters are dropped on a terminal, unless `raw`.
 pub async fn logs(
     client: &mut AdminClient<Channel>,
     diagnosis: &Diagnosis,
@@ -237,7 +280,7 @@ pub async fn logs(
         .map_err(|s| diagnosis.explain(s))
         .context("WatchTask")?
         .into_inner();
-    let mut stdout = std::io::stdout().lock();
+    let mut out = Out::new(raw);
     let mut attempt = 0;
     while let Some(event) = stream
         .message()
@@ -246,23 +289,19 @@ pub async fn logs(
         .context("WatchTask")?
     {
         match event.event {
-            Some(task_event::Event::Output(out)) => {
-                if out.attempt != attempt {
-                    attempt = out.attempt;
-                    writeln!(stdout, "--- attempt {attempt} ---")?;
+            Some(task_event::Event::Output(chunk)) => {
+                if chunk.attempt != attempt {
+                    attempt = chunk.attempt;
+                    out.line(format!("--- attempt {attempt} ---").as_bytes())?;
                 }
-                let is_event = out.kind == proto::OutputKind::Event as i32;
+                let is_event = chunk.kind == proto::OutputKind::Event as i32;
                 if is_event && !raw {
-                    if let Some(line) = render_event(&out.data) {
-                        writeln!(stdout, "{line}")?;
+                    if let Some(line) = render_event(&chunk.data) {
+                        out.line(line.as_bytes())?;
                     }
                 } else {
-                    stdout.write_all(&out.data)?;
-                    if !out.data.ends_with(b"\n") {
-                        writeln!(stdout)?;
-                    }
+                    out.line(&chunk.data)?;
                 }
-                stdout.flush()?;
             }
             Some(task_event::Event::Task(task)) if follow => {
                 let state = TaskState::try_from(task.state).unwrap_or(TaskState::Unspecified);
@@ -270,17 +309,36 @@ pub async fn logs(
                     state,
                     TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
                 ) {
-                    writeln!(
-                        stdout,
+                    let line = format!(
                         "--- {} {}: {}",
                         task.task_id,
                         state_name(task.state),
                         task.state_reason
-                    )?;
+                    );
+                    out.line(line.as_bytes())?;
                 }
             }
             _ => {}
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::for_terminal;
+
+    #[test]
+    fn only_newlines_and_tabs_survive_for_a_terminal() {
+        let hostile =
+            b"ok\tfine\n\x1b]0;pwned\x07\x1b[2J\x1b[1Agone\rover\x08\x7f\xc2\x9b31m\xff!\n";
+        assert_eq!(
+            for_terminal(hostile),
+            "ok\tfine\n]0;pwned[2J[1Agoneover31m\u{fffd}!\n"
+        );
+        assert_eq!(
+            for_terminal("plain ünïcode\n".as_bytes()),
+            "plain ünïcode\n"
+        );
+    }
 }
