@@ -72,6 +72,10 @@ pub struct Args {
     /// On shutdown, how long running tasks get to stop and report [default: 10s].
     #[arg(long, env = "CCC_STOP_GRACE", value_parser = parse_duration)]
     pub stop_grace: Option<Duration>,
+    /// How long a git server may take to answer, when connecting or during
+    /// a fetch or push, before the attempt gives up [default: 2m].
+    #[arg(long, env = "CCC_GIT_NETWORK_TIMEOUT", value_parser = parse_duration)]
+    pub git_network_timeout: Option<Duration>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -153,6 +157,9 @@ pub struct GitFileConfig {
     /// How long the workspaces of failed attempts are kept (default 24h).
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub keep_failed_for: Option<Duration>,
+    /// How long a git server may take to answer (default 2m).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub network_timeout: Option<Duration>,
 }
 
 /// `[claude]`: how the CLI is run.
@@ -314,6 +321,7 @@ pub struct Config {
     pub author: crate::workspace::Author,
     pub push_incomplete: bool,
     pub keep_failed_for: Duration,
+    pub git_network_timeout: Duration,
 }
 
 impl Config {
@@ -462,6 +470,10 @@ impl Config {
                 .git
                 .keep_failed_for
                 .unwrap_or(Duration::from_secs(86_400)),
+            git_network_timeout: args
+                .git_network_timeout
+                .or(file.git.network_timeout)
+                .unwrap_or(Duration::from_secs(120)),
         })
     }
 }

@@ -72,6 +72,10 @@ impl Executor {
     }
 
     async fn attempt(&self, job: &Job, sink: &Sink, stop: &CancellationToken) -> FinishedReport {
+        // The task's deadline bounds preparing and the CLI together; the
+        // tests have their own timeout, and commit and push always run so
+        // that finished work is not lost.
+        let started = tokio::time::Instant::now();
         // Preparing: mirror and clone.
         sink.progress(Phase::Preparing).await;
         sink.system(format!(
@@ -86,11 +90,15 @@ impl Executor {
                 job.spec.clone(),
                 job.credential.clone(),
             );
-            let ws = self.workspaces.clone();
-            workspace::blocking(move || ws.prepare(task, attempt, &spec, cred.as_ref())).await
+            let (ws, stop) = (self.workspaces.clone(), stop.clone());
+            workspace::blocking(move || ws.prepare(task, attempt, &spec, cred.as_ref(), &stop))
+                .await
         };
         let prepared = match prepared {
             Ok(p) => p,
+            Err(_) if stop.is_cancelled() => {
+                return report(Outcome::Cancelled, "cancelled while preparing".into());
+            }
             Err(e) => {
                 return report(
                     Outcome::WorkspaceError,
@@ -129,7 +137,10 @@ impl Executor {
             env: self.claude.env.clone(),
             cwd: prepared.dir.clone(),
             input: Some(prompt.into_bytes()),
-            deadline: job.budget.min(self.claude.timeout),
+            deadline: job
+                .budget
+                .saturating_sub(started.elapsed())
+                .min(self.claude.timeout),
             grace: self.claude.kill_grace,
         };
         sink.system(format!("[ccc] running {}", self.claude.program))
@@ -198,18 +209,23 @@ impl Executor {
         // Push.
         sink.progress(Phase::Pushing).await;
         let pushed = {
-            let (ws, dir, url, branch, force, cred) = (
+            let (ws, dir, url, branch, force, cred, stop) = (
                 self.workspaces.clone(),
                 prepared.dir.clone(),
                 job.spec.repo_url.clone(),
                 prepared.branch.clone(),
                 !job.spec.follow_up,
                 job.credential.clone(),
+                stop.clone(),
             );
-            workspace::blocking(move || ws.push(&dir, &url, &branch, force, cred.as_ref())).await
+            workspace::blocking(move || ws.push(&dir, &url, &branch, force, cred.as_ref(), &stop))
+                .await
         };
         let mut r = match pushed {
             Err(e) if e.is_push_rejected() => report(Outcome::PushRejected, e.to_string()),
+            Err(_) if stop.is_cancelled() => {
+                report(Outcome::Cancelled, "cancelled before the push".into())
+            }
             Err(e) => report(Outcome::WorkspaceError, format!("cannot push: {e}")),
             Ok(()) => {
                 sink.system(format!(

@@ -32,6 +32,8 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let config = Config::resolve(args)?;
+    // Before the runtime: it sets libgit2 globals no thread may race with.
+    agent::workspace::set_network_timeout(config.git_network_timeout)?;
     common::telemetry::init(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

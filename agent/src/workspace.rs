@@ -17,6 +17,7 @@ use git2::{
     BranchType, Cred, CredentialType, FetchOptions, IndexAddOption, PushOptions, RemoteCallbacks,
     Repository, Signature, build::RepoBuilder,
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,22 @@ pub enum Error {
 impl Error {
     pub fn is_push_rejected(&self) -> bool {
         matches!(self, Self::PushRejected { .. })
+    }
+}
+
+/// Bounds libgit2's network waits (connecting, then each read or write), so
+/// a stalled fetch or push fails instead of holding its attempt (and its
+/// repository's mirror lock) forever. Call it once at start, before any
+/// other thread exists.
+#[allow(unsafe_code)]
+pub fn set_network_timeout(timeout: Duration) -> Result<(), Error> {
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: these set libgit2 globals without synchronization; the agent
+    // calls this from `main` before it starts a runtime or any thread.
+    unsafe {
+        git2::opts::set_server_connect_timeout_in_milliseconds(ms)
+            .and_then(|()| git2::opts::set_server_timeout_in_milliseconds(ms))
+            .map_err(git("set the git network timeout"))
     }
 }
 
@@ -171,6 +188,7 @@ impl Workspaces {
         attempt: Attempt,
         spec: &TaskSpec,
         credential: Option<&PushCredential>,
+        stop: &CancellationToken,
     ) -> Result<Prepared, Error> {
         let mirror_path = self.mirror_path(&spec.repo_url);
         let lock = self.mirror_lock(&mirror_path);
@@ -206,7 +224,7 @@ impl Workspaces {
         let head_branch = {
             let mut remote = mirror.find_remote("origin").map_err(git("mirror remote"))?;
             let mut options = FetchOptions::new();
-            options.remote_callbacks(callbacks(credential));
+            options.remote_callbacks(callbacks(credential, stop));
             options.prune(git2::FetchPrune::On);
             remote
                 .fetch(
@@ -364,6 +382,7 @@ impl Workspaces {
         branch: &str,
         force: bool,
         credential: Option<&PushCredential>,
+        stop: &CancellationToken,
     ) -> Result<(), Error> {
         let mirror_path = self.mirror_path(url);
         let staging = format!(
@@ -378,9 +397,6 @@ impl Workspaces {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let mirror = Repository::open_bare(&mirror_path).map_err(git("open mirror"))?;
-            mirror
-                .remote_set_url("origin", url)
-                .map_err(git("configure mirror"))?;
             let workspace = dir.to_string_lossy();
             mirror
                 .remote_anonymous(&workspace)
@@ -394,9 +410,11 @@ impl Workspaces {
                 .map_err(git(format!("take {branch} from the workspace")))?;
             mirror
         };
-        // Outside the lock: fetches into the mirror never touch the staging
-        // ref, and git's ref and pack writes are atomic.
-        let pushed = push_ref(&mirror, &staging, branch, force, credential);
+        // Outside the lock, so that a slow push does not hold up the next
+        // attempt's fetch: the push reads the staging ref and objects, and
+        // (through an anonymous remote, which has no fetch refspecs) writes
+        // no ref of the mirror; the fetch never touches the staging ref.
+        let pushed = push_ref(&mirror, url, &staging, branch, force, credential, stop);
         if let Ok(mut staged) = mirror.find_reference(&staging) {
             let _ = staged.delete();
         }
@@ -440,19 +458,21 @@ impl Workspaces {
     }
 }
 
-/// Pushes the mirror's `staging` ref to `refs/heads/<branch>` on `origin`.
+/// Pushes the mirror's `staging` ref to `refs/heads/<branch>` at `url`.
 fn push_ref(
     repo: &Repository,
+    url: &str,
     staging: &str,
     branch: &str,
     force: bool,
     credential: Option<&PushCredential>,
+    stop: &CancellationToken,
 ) -> Result<(), Error> {
-    let mut remote = repo.find_remote("origin").map_err(git("find origin"))?;
+    let mut remote = repo.remote_anonymous(url).map_err(git("open the remote"))?;
     let rejected = std::cell::RefCell::new(None::<String>);
     // What the remote prints (hooks, branch protection) explains a refusal.
     let remote_said = std::cell::RefCell::new(String::new());
-    let mut cbs = callbacks(credential);
+    let mut cbs = callbacks(credential, stop);
     cbs.push_update_reference(|refname, status| {
         if let Some(status) = status {
             *rejected.borrow_mut() = Some(format!("{refname}: {status}"));
@@ -512,8 +532,20 @@ fn touch(dir: &Path) -> std::io::Result<()> {
 /// there is one, else the PC's own git credentials (credential helper, SSH
 /// agent). Each kind is tried once, so a wrong credential fails instead of
 /// looping.
-fn callbacks(credential: Option<&PushCredential>) -> RemoteCallbacks<'_> {
+fn callbacks<'a>(
+    credential: Option<&'a PushCredential>,
+    stop: &'a CancellationToken,
+) -> RemoteCallbacks<'a> {
     let mut cbs = RemoteCallbacks::new();
+    // A cancelled attempt stops its transfer at the next progress report.
+    cbs.transfer_progress(move |_| !stop.is_cancelled());
+    cbs.push_negotiation(move |_| {
+        if stop.is_cancelled() {
+            Err(git2::Error::from_str("cancelled"))
+        } else {
+            Ok(())
+        }
+    });
     let mut tried = Vec::<CredentialType>::new();
     cbs.credentials(move |url, username, allowed| {
         if let Some(c) = credential

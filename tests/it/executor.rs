@@ -125,7 +125,7 @@ fn the_change_arrives_on_its_branch_and_the_mirror_is_reused() {
 
 #[test]
 fn each_way_an_attempt_can_end_has_its_own_outcome() {
-    let cluster = one_try_cluster("outcomes", &[]);
+    let cluster = one_try_cluster("outcomes", &["--git-network-timeout", "2s"]);
     let repo = git::bare_repo(cluster.dir.path(), "lib", &[("lib.txt", "v1\n")]);
     let url = repo.display().to_string();
     let guarded = git::bare_repo(
@@ -137,6 +137,7 @@ fn each_way_an_attempt_can_end_has_its_own_outcome() {
     git::reject_pushes(&frozen);
     // Served over git://, so the remote's pre-receive hook really runs.
     let daemon = git::Daemon::start(cluster.dir.path());
+    let stalled = git::SilentServer::start();
 
     let cases: Vec<(String, &str, &str)> = vec![
         (
@@ -183,6 +184,18 @@ fn each_way_an_attempt_can_end_has_its_own_outcome() {
             "turn_limit",
         ),
         (
+            // A git server that never answers: the fetch gives up.
+            cluster.submit_to(
+                &stalled.url("stalled.git"),
+                "backend",
+                "stalled remote",
+                "FAKE: write=c.txt",
+                &[],
+            ),
+            "failed",
+            "workspace_error",
+        ),
+        (
             // The CLI rewrites the repository's test command; the one at
             // the base still runs.
             cluster.submit_to(
@@ -219,7 +232,7 @@ fn each_way_an_attempt_can_end_has_its_own_outcome() {
         vec![format!("{}-a1", cases[1].0)],
         "a failed attempt's workspace is kept to look at"
     );
-    let guarded_logs = cluster.ccc_ok(&["logs", &cases[5].0]);
+    let guarded_logs = cluster.ccc_ok(&["logs", &cases[6].0]);
     assert!(
         guarded_logs.contains("running the tests: echo base tests ran"),
         "{guarded_logs}"

@@ -1,6 +1,7 @@
 //! Git fixtures: real bare repositories made with the `git` command, as a
 //! remote for agents to fetch from and push to.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -117,6 +118,8 @@ impl Daemon {
             .arg(base)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
+            // Its own group: the daemon forks, and all of it goes at drop.
+            .process_group(0)
             .spawn()
             .expect("git daemon");
         crate::process::eventually(std::time::Duration::from_secs(10), || {
@@ -133,10 +136,50 @@ impl Daemon {
     }
 }
 
+/// A git server on loopback that accepts connections and never answers: a
+/// stalled network, for timeouts.
+pub struct SilentServer {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SilentServer {
+    pub fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                if stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+                held.extend(conn.ok());
+            }
+        });
+        Self { port, stop }
+    }
+
+    pub fn url(&self, repo: &str) -> String {
+        format!("git://127.0.0.1:{}/{repo}", self.port)
+    }
+}
+
+impl Drop for SilentServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wakes the accept loop so that it sees the flag.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", "--", &format!("-{}", self.child.id())])
+            .stderr(std::process::Stdio::null())
             .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
