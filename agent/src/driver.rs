@@ -83,11 +83,15 @@ impl Driver {
             keep_failed_for: config.keep_failed_for,
             agent: config.name.clone(),
         });
-        let spool = Spool::open(&config.data_dir)?;
+        let (spool, finished) = Spool::open(&config.data_dir)?;
+        let mut session = Session::new(config.capacity);
+        for done in finished {
+            session.restore_finished(done.task, done.attempt, done.report, done.unacked);
+        }
         let mut driver = Self {
             spool,
             executor,
-            session: Session::new(config.capacity),
+            session,
             config,
             advert,
             stream: None,
@@ -261,7 +265,12 @@ impl Driver {
                 report,
             } => {
                 self.children.remove(&task);
-                self.session.handle_child_exit(task, attempt, *report);
+                if let Some(report) = self.session.handle_child_exit(task, attempt, *report)
+                    && let Err(e) = self.spool.save_result(task, attempt, &report)
+                {
+                    // Still sent; lost only if the agent dies before the ack.
+                    warn!(task_id = %task, error = %e, "cannot save the result");
+                }
             }
         }
     }

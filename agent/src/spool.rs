@@ -3,9 +3,14 @@
 //! a long time costs disk, not memory, and nothing is lost.
 //!
 //! Record: seq (u64, big-endian), kind (u8), length (u32, big-endian), data.
-//! A file is removed when the coordinator acknowledges the attempt's result
-//! or tells the agent to cancel it; files left by an earlier run of the
-//! agent belong to attempts it no longer runs and are removed at start.
+//! When an attempt ends, its result is saved beside its output
+//! (`<task>-a<n>.result`, JSON, written aside and renamed), so an agent that
+//! dies before the coordinator has the result still reports it after a
+//! restart, with the output the coordinator lacks, instead of the finished
+//! (and pushed) work being run again. Both files are removed when the
+//! coordinator acknowledges the result or tells the agent to cancel the
+//! attempt; at start, output without a result belongs to an attempt whose
+//! process died with the earlier run and is removed.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -14,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::ids::{Attempt, TaskId};
-use common::types::OutputKind;
+use common::types::{FinishedReport, OutputKind};
 
 use crate::session::Chunk;
 
@@ -38,23 +43,108 @@ pub struct Spool {
 }
 
 impl Spool {
-    /// Opens the spool directory, removing what an earlier run left.
-    pub fn open(data_dir: &Path) -> Result<Self, Error> {
+    /// Opens the spool directory. Attempts an earlier run finished but
+    /// could not hand over come back; everything else it left is removed.
+    pub fn open(data_dir: &Path) -> Result<(Self, Vec<Finished>), Error> {
         let dir = data_dir.join("spool");
-        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|source| Error {
             path: dir.clone(),
             source,
         })?;
-        Ok(Self {
+        let spool = Self {
             dir,
             open: HashMap::new(),
             unwritten: HashMap::new(),
+        };
+        let entries = std::fs::read_dir(&spool.dir).map_err(|source| Error {
+            path: spool.dir.clone(),
+            source,
+        })?;
+        let names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        let mut finished = Vec::new();
+        for name in &names {
+            let Some(key) = name.strip_suffix(".result").and_then(parse_key) else {
+                continue;
+            };
+            match spool.recover(key) {
+                Ok(done) => finished.push(done),
+                Err(e) => {
+                    tracing::warn!(file = %name, error = %e, "cannot recover a finished attempt")
+                }
+            }
+        }
+        for name in names {
+            let key = name
+                .strip_suffix(".result")
+                .or_else(|| name.strip_suffix(".spool"))
+                .and_then(parse_key);
+            let kept =
+                key.is_some_and(|(t, a)| finished.iter().any(|f| f.task == t && f.attempt == a));
+            if !kept {
+                let _ = std::fs::remove_file(spool.dir.join(&name));
+            }
+        }
+        Ok((spool, finished))
+    }
+
+    fn recover(&self, (task, attempt): (TaskId, Attempt)) -> Result<Finished, Error> {
+        let path = self.result_path(task, attempt);
+        let text = std::fs::read(&path).map_err(|source| Error {
+            path: path.clone(),
+            source,
+        })?;
+        let report: FinishedReport = serde_json::from_slice(&text).map_err(|e| Error {
+            path: path.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+        let unacked = self
+            .read_after(task, attempt, 0, usize::MAX)?
+            .iter()
+            .map(|c| (c.seq, c.data.len()))
+            .collect();
+        Ok(Finished {
+            task,
+            attempt,
+            report,
+            unacked,
         })
+    }
+
+    /// Saves an attempt's result (and makes its output durable first), so
+    /// that it survives the agent until the coordinator acknowledges it.
+    pub fn save_result(
+        &mut self,
+        task: TaskId,
+        attempt: Attempt,
+        report: &FinishedReport,
+    ) -> Result<(), Error> {
+        let path = self.result_path(task, attempt);
+        let err = |source| Error {
+            path: path.clone(),
+            source,
+        };
+        if let Some((file, _)) = self.open.get(&(task, attempt)) {
+            file.sync_data().map_err(err)?;
+        }
+        let json = serde_json::to_vec(report)
+            .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        let aside = path.with_extension("result-new");
+        let mut file = File::create(&aside).map_err(err)?;
+        file.write_all(&json)
+            .and_then(|()| file.sync_data())
+            .and_then(|()| std::fs::rename(&aside, &path))
+            .map_err(err)
     }
 
     fn path(&self, task: TaskId, attempt: Attempt) -> PathBuf {
         self.dir.join(format!("{task}-a{}.spool", attempt.0))
+    }
+
+    fn result_path(&self, task: TaskId, attempt: Attempt) -> PathBuf {
+        self.dir.join(format!("{task}-a{}.result", attempt.0))
     }
 
     /// Keeps `chunk` until its attempt is removed. On a write error the
@@ -214,7 +304,24 @@ impl Spool {
         self.open.remove(&(task, attempt));
         self.unwritten.remove(&(task, attempt));
         let _ = std::fs::remove_file(self.path(task, attempt));
+        let _ = std::fs::remove_file(self.result_path(task, attempt));
     }
+}
+
+/// An attempt an earlier run of the agent finished and had not handed over.
+#[derive(Debug)]
+pub struct Finished {
+    pub task: TaskId,
+    pub attempt: Attempt,
+    pub report: FinishedReport,
+    /// Seq and size of each spooled chunk (the coordinator says which it has).
+    pub unacked: Vec<(u64, usize)>,
+}
+
+/// `t-12-a3` → (t-12, 3).
+fn parse_key(stem: &str) -> Option<(TaskId, Attempt)> {
+    let (task, attempt) = stem.rsplit_once("-a")?;
+    Some((task.parse().ok()?, Attempt(attempt.parse().ok()?)))
 }
 
 #[cfg(test)]
@@ -236,9 +343,53 @@ mod tests {
     }
 
     #[test]
+    fn a_saved_result_and_its_output_outlive_the_agent_and_nothing_else_does() {
+        let dir = std::env::temp_dir().join(format!("ccc-spool-restart-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (mut spool, none) = Spool::open(&dir).expect("open");
+        assert!(none.is_empty());
+        for seq in 1..=3 {
+            spool.append(&chunk(1, seq, 10)).expect("append");
+            spool.append(&chunk(2, seq, 20)).expect("append");
+        }
+        let report = FinishedReport {
+            outcome: common::types::Outcome::Succeeded,
+            message: "pushed".into(),
+            branch: "ccc/x".into(),
+            commit: "abc".into(),
+            tests: None,
+            cli: None,
+            rate_limit_reset_unix_ms: 0,
+            last_output_seq: 3,
+        };
+        spool
+            .save_result(TaskId(1), Attempt(1), &report)
+            .expect("save");
+        drop(spool);
+
+        // Attempt 1 finished: it comes back. Attempt 2 was still running.
+        let (spool, finished) = Spool::open(&dir).expect("reopen");
+        assert_eq!(finished.len(), 1, "{finished:?}");
+        assert_eq!(
+            (finished[0].task, finished[0].attempt),
+            (TaskId(1), Attempt(1))
+        );
+        assert_eq!(finished[0].report, report);
+        assert_eq!(finished[0].unacked, vec![(1, 10), (2, 10), (3, 10)]);
+        assert!(
+            spool
+                .read_after(TaskId(1), Attempt(2), 0, usize::MAX)
+                .expect("read")
+                .is_empty(),
+            "the output of an attempt that died with the agent is gone"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_full_disk_keeps_output_in_memory_and_resends_come_in_consecutive_steps() {
         let dir = std::env::temp_dir().join(format!("ccc-spool-full-{}", std::process::id()));
-        let mut spool = Spool::open(&dir).expect("open");
+        let (mut spool, _) = Spool::open(&dir).expect("open");
         // Attempt 1 writes to a device that is always full.
         std::os::unix::fs::symlink("/dev/full", spool.path(TaskId(1), Attempt(1)))
             .expect("symlink");
@@ -279,7 +430,7 @@ mod tests {
     #[test]
     fn chunks_come_back_in_order_from_the_ack_on() {
         let dir = std::env::temp_dir().join(format!("ccc-spool-{}", std::process::id()));
-        let mut spool = Spool::open(&dir).expect("open");
+        let (mut spool, _) = Spool::open(&dir).expect("open");
         for seq in 1..=5u64 {
             let data: Vec<u8> = vec![0xff, u8::try_from(seq).unwrap_or(0), b'\n'];
             spool

@@ -125,6 +125,39 @@ fn a_network_blip_shorter_than_the_lease_requeues_nothing() {
 }
 
 #[test]
+fn an_agent_that_dies_before_handing_over_its_result_hands_it_over_after_restart() {
+    let mut cluster =
+        Cluster::new("result-restart").with_coordinator_args(&["--lease-timeout", "60s"]);
+    let coordinator = cluster.start_coordinator();
+    let proxy = tests::proxy::Proxy::start(coordinator);
+    cluster.agent_target = Some(proxy.addr);
+    let first = cluster.start_agent("pc-1", &["--specialties", "backend"]);
+    cluster.wait_agents(&["pc-1"], "connected");
+    let id = cluster.submit(
+        "backend",
+        "finish offline",
+        "FAKE: write=out.txt lines=40 interval_ms=50",
+    );
+    cluster.wait_task(&id, "running", READY);
+    std::thread::sleep(Duration::from_millis(500));
+    // The coordinator is out of reach while the attempt ends (pushed), and
+    // the agent dies before it can report that.
+    proxy.cut();
+    cluster.agents[first].wait_for_log(&format!("attempt over task_id={id}"), LONG);
+    cluster.agents[first].kill();
+    cluster.start_agent("pc-1", &["--specialties", "backend"]);
+    proxy.restore();
+
+    let done = cluster.wait_task(&id, "succeeded", LONG);
+    assert_eq!(
+        attempts(&done).len(),
+        1,
+        "the work is not run again: {done}"
+    );
+    assert_eq!(steps(&cluster, &id), (1..=40).collect::<Vec<_>>());
+}
+
+#[test]
 fn cancel_stops_a_running_task_on_its_agent() {
     let mut cluster = Cluster::new("cancel");
     cluster.start_coordinator();

@@ -169,6 +169,30 @@ impl Session {
         self.work.is_empty()
     }
 
+    /// Takes back an attempt an earlier run of the agent finished but had
+    /// not handed over: Hello lists it, and after Welcome its missing output
+    /// and its result are sent again.
+    pub fn restore_finished(
+        &mut self,
+        task: TaskId,
+        attempt: Attempt,
+        report: FinishedReport,
+        unacked: Vec<(u64, usize)>,
+    ) {
+        info!(task_id = %task, attempt = attempt.0, outcome = %report.outcome, "result of an earlier run to hand over");
+        self.work.insert(
+            task,
+            Work {
+                attempt,
+                last_seq: report.last_output_seq,
+                unacked_bytes: unacked.iter().map(|(_, size)| size).sum(),
+                unacked: unacked.into(),
+                result: Some(report),
+                stop_requested: false,
+            },
+        );
+    }
+
     // ---- the link ----
 
     /// A new stream is open: Hello goes first, and alone until Welcome.
@@ -376,18 +400,18 @@ impl Session {
     }
 
     /// The attempt's work ended with `report`. A stop the coordinator asked
-    /// for is reported as cancelled, whatever the process said.
+    /// for is reported as cancelled, whatever the process said. Returns the
+    /// result as it will be reported, for the driver to keep on disk until
+    /// the coordinator acknowledges it.
     pub fn handle_child_exit(
         &mut self,
         task: TaskId,
         attempt: Attempt,
         mut report: FinishedReport,
-    ) {
-        let Some(work) = self.work.get_mut(&task) else {
-            return;
-        };
+    ) -> Option<FinishedReport> {
+        let work = self.work.get_mut(&task)?;
         if work.attempt != attempt || work.result.is_some() {
-            return;
+            return None;
         }
         if work.stop_requested {
             report.outcome = Outcome::Cancelled;
@@ -399,8 +423,9 @@ impl Session {
         self.send(ToCoordinator::Finished {
             task,
             attempt,
-            report: Box::new(report),
+            report: Box::new(report.clone()),
         });
+        Some(report)
     }
 
     // ---- outputs ----

@@ -226,3 +226,48 @@ fn a_result_waiting_for_its_ack_does_not_take_a_slot() {
         "the next task is accepted"
     );
 }
+
+#[test]
+fn a_result_of_an_earlier_run_is_listed_in_hello_and_handed_over_after_welcome() {
+    let mut s = Session::new(1);
+    let mut done = report(Outcome::Succeeded);
+    done.last_output_seq = 4;
+    s.restore_finished(TaskId(1), Attempt(2), done.clone(), vec![(3, 5), (4, 5)]);
+    assert_eq!(s.free_slots(), 1, "a finished attempt takes no slot");
+    s.handle_connected();
+    assert_eq!(
+        out(&mut s),
+        vec![ToCoordinator::Hello {
+            running: vec![Held {
+                task: TaskId(1),
+                attempt: Attempt(2),
+                last_output_seq: 4,
+            }],
+        }]
+    );
+    s.handle_welcome(&[(TaskId(1), Attempt(2), 3)]);
+    assert_eq!(
+        out(&mut s),
+        vec![
+            ToCoordinator::Resend {
+                task: TaskId(1),
+                attempt: Attempt(2),
+                after: 3,
+            },
+            ToCoordinator::Finished {
+                task: TaskId(1),
+                attempt: Attempt(2),
+                report: Box::new(done),
+            },
+        ]
+    );
+    s.handle_finished_ack(TaskId(1), Attempt(2));
+    assert!(s.is_idle());
+    assert_eq!(
+        commands(&mut s),
+        vec![Command::Forget {
+            task: TaskId(1),
+            attempt: Attempt(2),
+        }]
+    );
+}
