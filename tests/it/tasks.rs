@@ -96,20 +96,31 @@ fn a_coordinator_killed_mid_task_resumes_the_same_attempt_without_gaps_or_duplic
     assert_eq!(steps(&cluster, &id), (1..=40).collect::<Vec<_>>());
 }
 
-#[test]
-fn a_network_blip_shorter_than_the_lease_requeues_nothing() {
-    let mut cluster = Cluster::new("blip").with_coordinator_args(&["--lease-timeout", "30s"]);
+/// A cluster whose one agent (`pc-1`, backend) reaches the coordinator
+/// through a cuttable proxy, with a 60 s lease, running task `title`.
+fn running_behind_a_proxy(
+    name: &str,
+    title: &str,
+    body: &str,
+) -> (Cluster, tests::proxy::Proxy, String) {
+    let mut cluster = Cluster::new(name).with_coordinator_args(&["--lease-timeout", "60s"]);
     let coordinator = cluster.start_coordinator();
     let proxy = tests::proxy::Proxy::start(coordinator);
     cluster.agent_target = Some(proxy.addr);
     cluster.start_agent("pc-1", &["--specialties", "backend"]);
     cluster.wait_agents(&["pc-1"], "connected");
-    let id = cluster.submit(
-        "backend",
+    let id = cluster.submit("backend", title, body);
+    cluster.wait_task(&id, "running", READY);
+    (cluster, proxy, id)
+}
+
+#[test]
+fn a_network_blip_shorter_than_the_lease_requeues_nothing() {
+    let (cluster, proxy, id) = running_behind_a_proxy(
+        "blip",
         "through a blip",
         "FAKE: write=out.txt lines=60 interval_ms=75",
     );
-    cluster.wait_task(&id, "running", READY);
     std::thread::sleep(Duration::from_millis(800));
     proxy.cut();
     // Longer than the coordinator's heartbeat timeout (3s): it sees the
@@ -126,19 +137,12 @@ fn a_network_blip_shorter_than_the_lease_requeues_nothing() {
 
 #[test]
 fn an_agent_that_dies_before_handing_over_its_result_hands_it_over_after_restart() {
-    let mut cluster =
-        Cluster::new("result-restart").with_coordinator_args(&["--lease-timeout", "60s"]);
-    let coordinator = cluster.start_coordinator();
-    let proxy = tests::proxy::Proxy::start(coordinator);
-    cluster.agent_target = Some(proxy.addr);
-    let first = cluster.start_agent("pc-1", &["--specialties", "backend"]);
-    cluster.wait_agents(&["pc-1"], "connected");
-    let id = cluster.submit(
-        "backend",
+    let (mut cluster, proxy, id) = running_behind_a_proxy(
+        "result-restart",
         "finish offline",
         "FAKE: write=out.txt lines=40 interval_ms=50",
     );
-    cluster.wait_task(&id, "running", READY);
+    let first = cluster.agents.len() - 1;
     std::thread::sleep(Duration::from_millis(500));
     // The coordinator is out of reach while the attempt ends (pushed), and
     // the agent dies before it can report that.
