@@ -237,7 +237,7 @@ async fn admin_command(conn: admin::ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
                 let all: Vec<_> = agents.iter().map(table::agent_json).collect();
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
-                print!("{}", table::agents_table(&agents));
+                tasks::print_text(&table::agents_table(&agents));
             }
         }
         Cmd::Agent { id, json } => {
@@ -253,7 +253,7 @@ async fn admin_command(conn: admin::ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
                     serde_json::to_string_pretty(&table::agent_json(&agent))?
                 );
             } else {
-                print!("{}", table::agent_detail(&agent));
+                tasks::print_text(&table::agent_detail(&agent));
             }
         }
         Cmd::Revoke { id, reason } => {
@@ -355,7 +355,7 @@ async fn admin_command(conn: admin::ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
                 let all: Vec<_> = all.iter().map(tasks::task_json).collect();
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
-                print!("{}", tasks::tasks_table(&all));
+                tasks::print_text(&tasks::tasks_table(&all));
             }
         }
         Cmd::Task { id, json } => {
@@ -371,7 +371,7 @@ async fn admin_command(conn: admin::ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
                     serde_json::to_string_pretty(&tasks::task_json(&task))?
                 );
             } else {
-                print!("{}", tasks::task_detail(&task));
+                tasks::print_text(&tasks::task_detail(&task));
             }
         }
         Cmd::Logs { id, follow, raw } => {

@@ -230,6 +230,17 @@ pub fn for_terminal(data: &[u8]) -> String {
         .collect()
 }
 
+/// Prints a table or a detail view, which hold text from issues and agents
+/// (titles, messages, labels), cleaned with [`for_terminal`] on a terminal.
+pub fn print_text(text: &str) {
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() {
+        print!("{}", for_terminal(text.as_bytes()));
+    } else {
+        print!("{text}");
+    }
+}
+
 /// Standard output, cleaned with [`for_terminal`] when it is a terminal
 /// (unless `--raw`): a file or a pipe gets the bytes as stored.
 struct Out {
