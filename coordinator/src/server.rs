@@ -3,8 +3,9 @@
 //! (agent gateway, admin, health, reflection v1 and v1alpha) on top of it,
 //! and the HTTP server.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,8 +31,56 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Handshakes in flight at once; more wait for the accept loop.
+/// Handshakes in flight at once; a connection beyond is refused at once
+/// (queueing it would let idle connections hold up every later one).
 const MAX_HANDSHAKES: usize = 256;
+/// Handshakes in flight from one address: one host that opens connections
+/// and never completes them cannot starve the others.
+const MAX_HANDSHAKES_PER_PEER: usize = 16;
+
+/// Counts handshakes in flight per peer address.
+#[derive(Clone, Default)]
+struct PerPeer(Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>);
+
+/// One handshake counted against its peer until dropped.
+struct PeerSlot {
+    table: PerPeer,
+    ip: IpAddr,
+}
+
+impl PerPeer {
+    fn take(&self, ip: IpAddr) -> Option<PeerSlot> {
+        let mut table = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = table.entry(ip).or_default();
+        if *count >= MAX_HANDSHAKES_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut table = self
+            .table
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = table.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                table.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// Accepts TCP connections and completes their TLS handshakes concurrently;
 /// yields only the connections whose client certificate the CA verified.
@@ -44,6 +93,7 @@ pub fn tls_incoming(
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let per_peer = PerPeer::default();
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -60,13 +110,18 @@ pub fn tls_incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-                return;
+            let Some(peer_slot) = per_peer.take(peer.ip()) else {
+                log_refused(peer, "too many handshakes in progress from this address");
+                continue;
+            };
+            let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                log_refused(peer, "too many handshakes in progress");
+                continue;
             };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _permit = (permit, peer_slot);
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         debug!(%peer, "TLS connection accepted");

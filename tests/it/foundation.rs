@@ -104,6 +104,41 @@ fn grpcurl_lists_describes_and_calls_the_admin_api() {
 }
 
 #[test]
+fn one_host_holding_handshakes_open_cannot_lock_out_the_others() {
+    let mut cluster = Cluster::new("handshake-flood");
+    let grpc = cluster.start_coordinator();
+    // A host (another loopback address) opens connections and never
+    // completes a handshake.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let idle: Vec<tokio::net::TcpStream> = runtime.block_on(async {
+        let mut idle = Vec::new();
+        for _ in 0..40 {
+            let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+                continue;
+            };
+            if socket.bind("127.0.0.2:0".parse().expect("address")).is_ok()
+                && let Ok(conn) = socket.connect(grpc).await
+            {
+                idle.push(conn);
+            }
+        }
+        idle
+    });
+    assert!(idle.len() >= 20, "{} idle connections", idle.len());
+    cluster.coordinator().wait_for_log(
+        "reason=too many handshakes in progress from this address",
+        READY,
+    );
+    // Everyone else still gets in.
+    let agents = cluster.ccc(&["agents"]);
+    assert!(agents.status.success(), "{}", text(&agents));
+    drop(idle);
+}
+
+#[test]
 fn refusals_are_clear_and_logged_on_the_coordinator() {
     let mut cluster = Cluster::new("refusals");
     cluster.start_coordinator();
