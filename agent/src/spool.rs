@@ -113,8 +113,11 @@ impl Spool {
         })
     }
 
-    /// Saves an attempt's result (and makes its output durable first), so
-    /// that it survives the agent until the coordinator acknowledges it.
+    /// Saves an attempt's result, so that it survives the agent process
+    /// until the coordinator acknowledges it. Written aside and renamed, but
+    /// not synced: a crash of the process loses nothing, and after a power
+    /// cut (rare, and costly to guard against on every attempt) the
+    /// coordinator runs the attempt again when its lease runs out.
     pub fn save_result(
         &mut self,
         task: TaskId,
@@ -126,15 +129,11 @@ impl Spool {
             path: path.clone(),
             source,
         };
-        if let Some((file, _)) = self.open.get(&(task, attempt)) {
-            file.sync_data().map_err(err)?;
-        }
         let json = serde_json::to_vec(report)
             .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         let aside = path.with_extension("result-new");
         let mut file = File::create(&aside).map_err(err)?;
         file.write_all(&json)
-            .and_then(|()| file.sync_data())
             .and_then(|()| std::fs::rename(&aside, &path))
             .map_err(err)
     }

@@ -32,6 +32,8 @@ pub enum Error {
     },
     #[error("branch {0} does not exist on the remote (a follow-up needs it)")]
     NoBranch(String),
+    #[error("{0:?} is not a valid branch name")]
+    InvalidBranch(String),
     #[error("git work stopped unexpectedly: {0}")]
     Interrupted(String),
     #[error("the remote rejected the push of {branch}: {reason}")]
@@ -221,30 +223,29 @@ impl Workspaces {
         mirror
             .remote_set_url("origin", &spec.repo_url)
             .map_err(git("configure mirror"))?;
-        let head_branch = {
-            let mut remote = mirror.find_remote("origin").map_err(git("mirror remote"))?;
-            let mut options = FetchOptions::new();
-            options.remote_callbacks(callbacks(credential, stop));
-            options.prune(git2::FetchPrune::On);
-            remote
-                .fetch(
-                    &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
-                    Some(&mut options),
+        // Only what the attempt needs is fetched: the base branch (and the
+        // branch a follow-up continues) and tags, not every branch of the
+        // remote; through an anonymous remote, so no remote-tracking refs
+        // are written. A busy repository has thousands of branches, and
+        // each would be a file to write in the mirror and in every clone.
+        let mut remote = mirror
+            .remote_anonymous(&spec.repo_url)
+            .map_err(git("mirror remote"))?;
+        let head_branch = if spec.base_branch.is_empty() {
+            // The remote's HEAD names the default branch.
+            let connection = remote
+                .connect_auth(
+                    git2::Direction::Fetch,
+                    Some(callbacks(credential, stop)),
                     None,
                 )
-                .map_err(git(format!("fetch {}", spec.repo_url)))?;
-            let stats = remote.stats();
-            info!(
-                task_id = %task,
-                repo = %spec.repo_url,
-                mirror_reused,
-                received_objects = stats.received_objects(),
-                "mirror updated"
-            );
-            remote
+                .map_err(git(format!("connect to {}", spec.repo_url)))?;
+            connection
                 .default_branch()
                 .ok()
                 .and_then(|b| b.as_str().ok().map(str::to_owned))
+        } else {
+            None
         };
         let base_branch = if spec.base_branch.is_empty() {
             head_branch
@@ -255,6 +256,31 @@ impl Workspaces {
         } else {
             spec.base_branch.clone()
         };
+        // Names from the task end up in refspecs: only valid branch names.
+        check_branch(&base_branch)?;
+        check_branch(&spec.branch)?;
+        let mut refspecs = vec![
+            format!("+refs/heads/{base_branch}:refs/heads/{base_branch}"),
+            "+refs/tags/*:refs/tags/*".to_owned(),
+        ];
+        if spec.follow_up {
+            refspecs.push(format!("+refs/heads/{0}:refs/heads/{0}", spec.branch));
+        }
+        let mut options = FetchOptions::new();
+        options.remote_callbacks(callbacks(credential, stop));
+        // A branch gone from the remote goes from the mirror too.
+        options.prune(git2::FetchPrune::On);
+        remote
+            .fetch(&refspecs, Some(&mut options), None)
+            .map_err(git(format!("fetch {}", spec.repo_url)))?;
+        info!(
+            task_id = %task,
+            repo = %spec.repo_url,
+            mirror_reused,
+            received_objects = remote.stats().received_objects(),
+            "mirror updated"
+        );
+        drop(remote);
         if let Some(head) = &head_branch {
             let _ = mirror.set_head(head);
         }
@@ -290,8 +316,11 @@ impl Workspaces {
             });
         }
         let mirror_url = mirror_path.to_string_lossy().into_owned();
+        // A single-branch clone: one remote-tracking ref, not one per branch.
+        let fetch = format!("+refs/heads/{checkout_branch}:refs/remotes/origin/{checkout_branch}");
         let repo = RepoBuilder::new()
             .branch(checkout_branch)
+            .remote_create(|repo, name, url| repo.remote_with_fetch(name, url, &fetch))
             .clone(&mirror_url, &dir)
             .map_err(git("clone the mirror"))?;
         repo.remote_set_url("origin", &spec.repo_url)
@@ -520,6 +549,16 @@ fn push_ref(
     })
 }
 
+/// A name that can be a branch: nothing that would change the meaning of a
+/// refspec it is put into (`:`, `*`, spaces, `..`, ...).
+fn check_branch(name: &str) -> Result<(), Error> {
+    if git2::Reference::is_valid_name(&format!("refs/heads/{name}")) {
+        Ok(())
+    } else {
+        Err(Error::InvalidBranch(name.to_owned()))
+    }
+}
+
 /// Sets a directory's modification time to now: a kept workspace's age
 /// counts from the end of its attempt.
 fn touch(dir: &Path) -> std::io::Result<()> {
@@ -598,6 +637,16 @@ mod tests {
             .and_then(|f| f.set_modified(then))
             .expect("date the dir");
         dir
+    }
+
+    #[test]
+    fn names_that_could_change_a_refspec_are_not_branches() {
+        for bad in ["a:b", "*", "ma*in", "a b", "x..y", "", "a/", "@{u}", "a^b"] {
+            assert!(check_branch(bad).is_err(), "{bad:?}");
+        }
+        for good in ["main", "release/2.0", "ccc/issue-7-add-a-greeting"] {
+            assert!(check_branch(good).is_ok(), "{good:?}");
+        }
     }
 
     #[test]

@@ -181,7 +181,7 @@ impl Drop for Process {
 }
 
 /// Retries `check` until it succeeds or `timeout` passes; returns the last
-/// error on timeout. Polls from every 20 ms backing off to every 400 ms:
+/// error on timeout. Polls from every 20 ms backing off to every 150 ms:
 /// waiting on a condition, never a fixed sleep.
 #[allow(clippy::disallowed_methods)]
 pub fn eventually<T>(
@@ -200,7 +200,7 @@ pub fn eventually<T>(
             }
             Err(_) => {
                 std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(400));
+                pause = (pause * 2).min(Duration::from_millis(150));
             }
         }
     }
