@@ -125,7 +125,7 @@ fn the_change_arrives_on_its_branch_and_the_mirror_is_reused() {
 
 #[test]
 fn each_way_an_attempt_can_end_has_its_own_outcome() {
-    let cluster = one_try_cluster("outcomes", &["--git-network-timeout", "2s"]);
+    let cluster = one_try_cluster("outcomes", &["--git-network-timeout", "5s"]);
     let repo = git::bare_repo(cluster.dir.path(), "lib", &[("lib.txt", "v1\n")]);
     let url = repo.display().to_string();
     let guarded = git::bare_repo(
@@ -257,7 +257,7 @@ fn non_utf8_and_fifty_megabytes_of_output_arrive_intact() {
         "FAKE: binary=1 bulk_kb=51200 write=out.txt",
         &[],
     );
-    cluster.wait_task(&id, "succeeded", LONG);
+    cluster.wait_task(&id, "succeeded", Duration::from_secs(180));
     let out = std::process::Command::new(tests::bin("ccc"))
         .arg("--coordinator")
         .arg(cluster.url())
@@ -311,7 +311,14 @@ fn gone(pid: u32) -> Result<(), String> {
 
 #[test]
 fn cancel_and_the_deadline_stop_the_whole_process_group() {
-    let cluster = one_try_cluster("kill-group", &["--claude-timeout", "3s"]);
+    // The cancel runs on pc-1, which has no short deadline (a slow machine
+    // must not reach it first); the deadline on pc-2.
+    let mut cluster = one_try_cluster("kill-group", &[]);
+    cluster.start_agent(
+        "pc-2",
+        &["--specialties", "devops", "--claude-timeout", "3s"],
+    );
+    cluster.wait_agents(&["pc-1", "pc-2"], "connected");
     let repo = git::bare_repo(cluster.dir.path(), "g", &[("a", "a\n")]);
     let url = repo.display().to_string();
 
@@ -325,7 +332,7 @@ fn cancel_and_the_deadline_stop_the_whole_process_group() {
 
     let late = cluster.submit_to(
         &url,
-        "backend",
+        "devops",
         "too slow",
         "FAKE: grandchild=1 write=half.txt hang=1",
         &[],

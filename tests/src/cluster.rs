@@ -91,11 +91,14 @@ impl Cluster {
             grpc_addr: None,
             http_addr: None,
             agents: Vec::new(),
+            // Frequent heartbeats, and a silence timeout a loaded machine
+            // does not reach by accident (a dropped connection is seen at
+            // once anyway).
             coordinator_args: vec![
                 "--heartbeat-interval".into(),
                 "500ms".into(),
                 "--heartbeat-timeout".into(),
-                "3s".into(),
+                "15s".into(),
             ],
             agent_target: None,
         }
@@ -236,8 +239,13 @@ impl Cluster {
             .arg(self.dir.join("coordinator"))
             .args(["--grpc-listen", &grpc, "--http-listen", "127.0.0.1:0"])
             .args(&self.coordinator_args);
-        let process = Process::spawn("coordinator", cmd, self.dir.join("coordinator.log"));
-        let already = process.log_text().matches("coordinator listening").count();
+        // Counted before the start, so that the new line cannot be among them.
+        let log = self.dir.join("coordinator.log");
+        let already = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("coordinator listening")
+            .count();
+        let process = Process::spawn("coordinator", cmd, log);
         let line = crate::process::eventually(READY, || {
             let text = process.log_text();
             let lines: Vec<&str> = text
@@ -360,7 +368,9 @@ impl Cluster {
 
     /// Waits until `ccc agents` shows each of `names` in `state`.
     pub fn wait_agents(&self, names: &[&str], state: &str) -> Vec<serde_json::Value> {
-        crate::process::eventually(READY, || {
+        // Agents probe their toolchains before they connect, which takes a
+        // while on a loaded machine.
+        crate::process::eventually(Duration::from_secs(60), || {
             let agents = self.agents_json()?;
             for name in names {
                 let found = agents

@@ -169,9 +169,13 @@ fn main() {
         std::thread::sleep(Duration::from_millis(num("interval_ms", 0)));
     }
     if num("hang", 0) == 1 {
-        loop {
-            std::thread::sleep(Duration::from_secs(60));
+        // Until stopped, or orphaned (its agent was killed): a test's
+        // stand-in never outlives the test.
+        let parent = std::os::unix::process::parent_id();
+        while std::os::unix::process::parent_id() == parent {
+            std::thread::sleep(Duration::from_millis(200));
         }
+        std::process::exit(1);
     }
     let exit = i32::try_from(num("exit", 0)).unwrap_or(1);
     let subtype = script.get("result").cloned().unwrap_or_else(|| {
