@@ -231,6 +231,7 @@ impl Driver {
             } => self.session.handle_cancel(task, attempt, &reason),
             FromCoordinator::OutputAck { task, attempt, seq } => {
                 self.session.handle_output_ack(task, attempt, seq);
+                self.spool.acknowledged(task, attempt, seq);
             }
             FromCoordinator::FinishedAck { task, attempt } => {
                 self.session.handle_finished_ack(task, attempt);

@@ -163,6 +163,10 @@ pub const MAX_CHUNK: usize = common::wire::MAX_OUTPUT_CHUNK;
 /// How long pipes may stay open, with nothing read, once the process group
 /// is gone.
 const PIPE_GIVE_UP: Duration = Duration::from_secs(5);
+/// What may still be read from the pipes once the process group is gone:
+/// their buffers and ours, with room to spare. More means a process outside
+/// the group writes to them.
+const MAX_AFTER_GROUP: usize = 1 << 20;
 /// Lines of output kept for a summary (e.g. the tests' tail).
 const TAIL_LINES: usize = 40;
 
@@ -247,21 +251,30 @@ pub async fn run_streaming(
     // Whatever the leader did, its group goes with it: grandchildren would
     // otherwise hold the pipes open (and keep working) after it ended.
     signal_group(pgid, libc::SIGKILL);
+    if let Ok(mut c) = collected.lock() {
+        c.group_gone = true;
+    }
     // What is still in the pipes is read to the end, however long the
-    // driver takes to accept it (backpressure, never loss). Only a pipe held
-    // open by a process that left the group, with no reader waiting on the
-    // driver, is given up after a while.
+    // driver takes to accept it (backpressure, never loss): once the group
+    // is gone that is at most a few pipe buffers. The readers are given up
+    // when a pipe stays open with nothing to read (a process that left the
+    // group holds it), when more than that arrives (such a process writes
+    // to it), or on a cancel that comes now.
+    let cancelled_before = stop.is_cancelled();
     loop {
-        match tokio::time::timeout(PIPE_GIVE_UP, readers.join_next()).await {
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(_) => {
-                let waiting_on_driver = collected.lock().is_ok_and(|c| c.sending > 0);
-                if !waiting_on_driver {
-                    readers.abort_all();
-                    break;
-                }
-            }
+        let give_up = tokio::select! {
+            joined = readers.join_next() => match joined {
+                Some(_) => continue,
+                None => break,
+            },
+            () = stop.cancelled(), if !cancelled_before => true,
+            () = tokio::time::sleep(PIPE_GIVE_UP) => collected
+                .lock()
+                .map_or(true, |c| c.sending == 0 || c.after_group > MAX_AFTER_GROUP),
+        };
+        if give_up {
+            readers.abort_all();
+            break;
         }
     }
     let collected = collected
@@ -281,6 +294,10 @@ struct Collected {
     tail: std::collections::VecDeque<String>,
     /// Readers waiting for the driver to take a chunk.
     sending: usize,
+    /// Set once the process group is killed.
+    group_gone: bool,
+    /// Bytes read since then.
+    after_group: usize,
 }
 
 /// The longest stdout line still read as a stream-json event when it is cut
@@ -396,6 +413,11 @@ async fn send_chunk(
             c.tail.pop_front();
         }
     }
+    if let Ok(mut c) = collected.lock()
+        && c.group_gone
+    {
+        c.after_group += chunk.len();
+    }
     let sending = |delta: isize| {
         if let Ok(mut c) = collected.lock() {
             c.sending = c.sending.saturating_add_signed(delta);
@@ -454,15 +476,34 @@ pub fn exit_text(status: Option<std::process::ExitStatus>) -> String {
 mod tests {
     use super::*;
 
-    /// Runs `forward` over `input` as stdout; the chunks sent and what was
-    /// collected.
-    async fn read_stdout(input: &[u8]) -> (Vec<(OutputKind, Vec<u8>)>, Collected) {
-        let (tx, mut rx) = mpsc::channel(1024);
+    /// A sink for task t-1, attempt 1, and what it receives.
+    fn sink(capacity: usize) -> (Sink, mpsc::Receiver<ChildEvent>) {
+        let (tx, rx) = mpsc::channel(capacity);
         let sink = Sink {
             task: TaskId(1),
             attempt: Attempt(1),
             events: tx,
         };
+        (sink, rx)
+    }
+
+    /// `sh -c script`, with a minute to run.
+    fn sh(script: &str) -> Invocation {
+        Invocation {
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: Vec::new(),
+            cwd: std::env::temp_dir(),
+            input: None,
+            deadline: Duration::from_secs(60),
+            grace: Duration::from_secs(1),
+        }
+    }
+
+    /// Runs `forward` over `input` as stdout; the chunks sent and what was
+    /// collected.
+    async fn read_stdout(input: &[u8]) -> (Vec<(OutputKind, Vec<u8>)>, Collected) {
+        let (sink, mut rx) = sink(1024);
         let collected = Arc::new(std::sync::Mutex::new(Collected::default()));
         forward(input, true, sink, Arc::clone(&collected)).await;
         let mut chunks = Vec::new();
@@ -478,21 +519,8 @@ mod tests {
 
     #[tokio::test]
     async fn output_waits_for_a_slow_driver_instead_of_being_dropped() {
-        let (tx, mut rx) = mpsc::channel(1);
-        let sink = Sink {
-            task: TaskId(1),
-            attempt: Attempt(1),
-            events: tx,
-        };
-        let inv = Invocation {
-            program: "sh".into(),
-            args: vec!["-c".into(), "seq 1 500".into()],
-            env: Vec::new(),
-            cwd: std::env::temp_dir(),
-            input: None,
-            deadline: Duration::from_secs(60),
-            grace: Duration::from_secs(1),
-        };
+        let (sink, mut rx) = sink(1);
+        let inv = sh("seq 1 500");
         let run = tokio::spawn(async move {
             run_streaming(&inv, &sink, &CancellationToken::new())
                 .await
@@ -509,6 +537,23 @@ mod tests {
         }
         assert!(matches!(run.await, Ok(Ok(true))));
         assert_eq!(lines, 500, "every line arrives");
+    }
+
+    #[tokio::test]
+    async fn a_process_that_left_the_group_cannot_hold_the_run_open() {
+        let (sink, mut rx) = sink(64);
+        // `yes` in a session of its own keeps writing to the stdout it
+        // inherited after the CLI and its group are gone.
+        let inv = sh("setsid yes & sleep 0.2");
+        let consumer = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let run = tokio::time::timeout(
+            Duration::from_secs(60),
+            run_streaming(&inv, &sink, &CancellationToken::new()),
+        )
+        .await;
+        assert!(matches!(run, Ok(Ok(_))), "the run ends: {run:?}");
+        drop(sink);
+        let _ = consumer.await;
     }
 
     #[tokio::test]

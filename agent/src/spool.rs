@@ -38,8 +38,11 @@ pub struct Spool {
     /// Each attempt's open file and the length of its whole records.
     open: HashMap<(TaskId, Attempt), (File, u64)>,
     /// Chunks that could not be written (disk full, I/O error), kept in
-    /// memory instead: owed output is never dropped.
+    /// memory instead, until acknowledged: owed output is never dropped.
     unwritten: HashMap<(TaskId, Attempt), Vec<Chunk>>,
+    /// Attempts whose file could not be cut back after a failed write:
+    /// nothing more is appended to it (it would be misread).
+    broken: std::collections::HashSet<(TaskId, Attempt)>,
 }
 
 impl Spool {
@@ -55,6 +58,7 @@ impl Spool {
             dir,
             open: HashMap::new(),
             unwritten: HashMap::new(),
+            broken: std::collections::HashSet::new(),
         };
         let entries = std::fs::read_dir(&spool.dir).map_err(|source| Error {
             path: spool.dir.clone(),
@@ -100,11 +104,17 @@ impl Spool {
             path: path.clone(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         })?;
-        let unacked = self
-            .read_after(task, attempt, 0, usize::MAX)?
+        let unacked: Vec<(u64, usize)> = self.record_sizes(task, attempt)?;
+        let whole = unacked
             .iter()
-            .map(|c| (c.seq, c.data.len()))
-            .collect();
+            .enumerate()
+            .all(|(i, (seq, _))| *seq == i as u64 + 1)
+            && unacked.len() as u64 == report.last_output_seq;
+        if !whole {
+            // Chunks kept in memory died with the process: the coordinator
+            // will have the output up to the first gap.
+            tracing::warn!(task_id = %task, attempt = attempt.0, "the saved output of a finished attempt has gaps");
+        }
         Ok(Finished {
             task,
             attempt,
@@ -151,7 +161,14 @@ impl Spool {
     /// memory; the error is returned for the log, the chunk is not lost.
     pub fn append(&mut self, chunk: &Chunk) -> Result<(), Error> {
         let key = (chunk.task, chunk.attempt);
-        let written = self.write(chunk);
+        let written = if self.broken.contains(&key) {
+            Err(Error {
+                path: self.path(chunk.task, chunk.attempt),
+                source: std::io::Error::other("the file is damaged; kept in memory"),
+            })
+        } else {
+            self.write(chunk)
+        };
         if written.is_err() {
             self.unwritten.entry(key).or_default().push(chunk.clone());
         }
@@ -191,7 +208,9 @@ impl Spool {
             }
             Err(source) => {
                 // A torn record would make every later one unreadable.
-                let _ = file.set_len(*len);
+                if file.set_len(*len).is_err() {
+                    self.broken.insert((chunk.task, chunk.attempt));
+                }
                 Err(err(source))
             }
         }
@@ -236,6 +255,47 @@ impl Spool {
         Ok(chunks)
     }
 
+    /// The attempt's file for reading; `None` when it has none.
+    fn open_file(&self, task: TaskId, attempt: Attempt) -> Result<Option<File>, Error> {
+        let path = self.path(task, attempt);
+        match File::open(&path) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(Error { path, source }),
+        }
+    }
+
+    /// Seq and size of every record in the attempt's file, read from the
+    /// headers alone (a large file is not loaded).
+    fn record_sizes(&self, task: TaskId, attempt: Attempt) -> Result<Vec<(u64, usize)>, Error> {
+        let Some(file) = self.open_file(task, attempt)? else {
+            return Ok(Vec::new());
+        };
+        let end = file
+            .metadata()
+            .map_err(|source| Error {
+                path: self.path(task, attempt),
+                source,
+            })?
+            .len();
+        let mut reader = BufReader::new(file);
+        let (mut at, mut sizes) = (0u64, Vec::new());
+        let mut header = [0u8; 13];
+        while reader.read_exact(&mut header).is_ok() {
+            let seq = u64::from_be_bytes(header[..8].try_into().unwrap_or([0; 8]));
+            let len = u32::from_be_bytes(header[9..].try_into().unwrap_or([0; 4]));
+            at += 13 + u64::from(len);
+            if len > MAX_RECORD || seq == 0 || at > end {
+                break; // Damaged or torn: nothing after this counts.
+            }
+            if reader.seek_relative(i64::from(len)).is_err() {
+                break;
+            }
+            sizes.push((seq, len as usize));
+        }
+        Ok(sizes)
+    }
+
     fn read_file(
         &self,
         task: TaskId,
@@ -243,15 +303,12 @@ impl Spool {
         after: u64,
         max_bytes: usize,
     ) -> Result<(Vec<Chunk>, bool), Error> {
-        let path = self.path(task, attempt);
         let err = |source| Error {
-            path: path.clone(),
+            path: self.path(task, attempt),
             source,
         };
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), true)),
-            Err(e) => return Err(err(e)),
+        let Some(file) = self.open_file(task, attempt)? else {
+            return Ok((Vec::new(), true));
         };
         let mut reader = BufReader::new(file);
         let mut chunks = Vec::new();
@@ -299,9 +356,18 @@ impl Spool {
         Ok((chunks, whole_file))
     }
 
+    /// The coordinator has the attempt's chunks up to `acked`: those kept
+    /// in memory go. (The file is append-only; it goes with the attempt.)
+    pub fn acknowledged(&mut self, task: TaskId, attempt: Attempt, acked: u64) {
+        if let Some(kept) = self.unwritten.get_mut(&(task, attempt)) {
+            kept.retain(|c| c.seq > acked);
+        }
+    }
+
     pub fn remove(&mut self, task: TaskId, attempt: Attempt) {
         self.open.remove(&(task, attempt));
         self.unwritten.remove(&(task, attempt));
+        self.broken.remove(&(task, attempt));
         let _ = std::fs::remove_file(self.path(task, attempt));
         let _ = std::fs::remove_file(self.result_path(task, attempt));
     }
@@ -403,6 +469,12 @@ mod tests {
             .read_after(TaskId(1), Attempt(1), 1, usize::MAX)
             .expect("read");
         assert_eq!(seqs(&back), vec![2, 3], "nothing is lost");
+        spool.acknowledged(TaskId(1), Attempt(1), 2);
+        assert_eq!(
+            spool.unwritten[&(TaskId(1), Attempt(1))].len(),
+            1,
+            "acknowledged chunks leave memory"
+        );
 
         // Attempt 2: seqs 1, 2 and 4..=6 on disk, 3 in memory (its write
         // failed); read in steps of about two chunks.

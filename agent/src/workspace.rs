@@ -317,10 +317,18 @@ impl Workspaces {
         }
         let mirror_url = mirror_path.to_string_lossy().into_owned();
         // A single-branch clone: one remote-tracking ref, not one per branch.
-        let fetch = format!("+refs/heads/{checkout_branch}:refs/remotes/origin/{checkout_branch}");
+        // (A follow-up also gets the base branch, to compare against.)
+        let tracked = |branch: &str| format!("+refs/heads/{branch}:refs/remotes/origin/{branch}");
         let repo = RepoBuilder::new()
             .branch(checkout_branch)
-            .remote_create(|repo, name, url| repo.remote_with_fetch(name, url, &fetch))
+            .remote_create(|repo, name, url| {
+                let remote = repo.remote_with_fetch(name, url, &tracked(checkout_branch))?;
+                if checkout_branch != &base_branch {
+                    repo.remote_add_fetch(name, &tracked(&base_branch))?;
+                    return repo.find_remote(name);
+                }
+                Ok(remote)
+            })
             .clone(&mirror_url, &dir)
             .map_err(git("clone the mirror"))?;
         repo.remote_set_url("origin", &spec.repo_url)
@@ -430,9 +438,12 @@ impl Workspaces {
             mirror
                 .remote_anonymous(&workspace)
                 .and_then(|mut local| {
+                    // Tags the CLI made stay in the workspace.
+                    let mut options = FetchOptions::new();
+                    options.download_tags(git2::AutotagOption::None);
                     local.fetch(
                         &[format!("+refs/heads/{branch}:{staging}").as_str()],
-                        None,
+                        Some(&mut options),
                         None,
                     )
                 })

@@ -110,7 +110,7 @@ pub fn tls_incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let Some(peer_slot) = per_peer.take(peer.ip()) else {
+            let Some(peer_slot) = per_peer.take(peer_key(peer.ip())) else {
                 log_refused(peer, "too many handshakes in progress from this address");
                 continue;
             };
@@ -134,6 +134,20 @@ pub fn tls_incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// What counts as one peer for the per-peer bound: an IPv4 address (also
+/// when mapped into IPv6), or an IPv6 /64 (one host can use a whole /64).
+fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+    }
 }
 
 fn log_refused(peer: SocketAddr, reason: &str) {
@@ -179,4 +193,18 @@ pub async fn serve_http(listener: TcpListener, shutdown: CancellationToken) -> i
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_is_an_ipv4_address_or_an_ipv6_slash_64() {
+        let key = |s: &str| peer_key(s.parse().expect("address"));
+        assert_eq!(key("10.0.0.7"), key("::ffff:10.0.0.7"));
+        assert_ne!(key("10.0.0.7"), key("10.0.0.8"));
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
 }

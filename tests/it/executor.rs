@@ -373,4 +373,23 @@ fn a_follow_up_continues_the_existing_branch() {
         files.contains(&"one.txt".to_owned()) && files.contains(&"two.txt".to_owned()),
         "{files:?}"
     );
+    // A follow-up's workspace (kept here: the CLI fails) also has the base
+    // branch, to compare the work against.
+    let failing = cluster.submit_to(
+        &url,
+        "backend",
+        "first pass",
+        "FAKE: exit=3 result=none",
+        &["--issue", "3", "--follow-up-branch", branch],
+    );
+    cluster.wait_task(&failing, "failed", LONG);
+    let workspace = cluster
+        .dir
+        .join("agent-pc-1")
+        .join("work")
+        .join(format!("{failing}-a1"));
+    assert_eq!(
+        git::branch_files(&workspace, "origin/main"),
+        Some(vec!["a".to_owned()])
+    );
 }

@@ -123,6 +123,8 @@ pub struct Session {
     /// A stream is open and the coordinator has answered its Hello.
     welcomed: bool,
     draining: bool,
+    /// Why the agent is stopping, once it is: said again on each new stream.
+    shutting_down: Option<String>,
     outbound: VecDeque<ToCoordinator>,
     commands: VecDeque<Command>,
 }
@@ -134,6 +136,7 @@ impl Session {
             work: BTreeMap::new(),
             welcomed: false,
             draining: false,
+            shutting_down: None,
             outbound: VecDeque::new(),
             commands: VecDeque::new(),
         }
@@ -210,6 +213,9 @@ impl Session {
     /// a Cancel for them too).
     pub fn handle_welcome(&mut self, held: &[(TaskId, Attempt, u64)]) {
         self.welcomed = true;
+        if let Some(reason) = self.shutting_down.clone() {
+            self.outbound.push_back(ToCoordinator::Draining { reason });
+        }
         let mine: Vec<TaskId> = self.work.keys().copied().collect();
         for task in mine {
             let Some(&(_, attempt, acked)) = held.iter().find(|(t, _, _)| *t == task) else {
@@ -314,6 +320,9 @@ impl Session {
             return;
         }
         info!(task_id = %task, attempt = attempt.0, %reason, "cancel received");
+        // The coordinator has closed the attempt: it acknowledges none of its
+        // output any more, which must not count against the unacked bound.
+        trim(work, u64::MAX);
         if work.result.is_some() {
             // Already over: nothing to stop, nothing more to report.
             self.forget(task, attempt);
@@ -349,6 +358,7 @@ impl Session {
     /// The agent is stopping: tell the coordinator and take no more work.
     pub fn begin_shutdown(&mut self, reason: &str) {
         self.draining = true;
+        self.shutting_down = Some(reason.to_owned());
         self.send(ToCoordinator::Draining {
             reason: reason.to_owned(),
         });
@@ -367,7 +377,7 @@ impl Session {
         data: Arc<[u8]>,
     ) -> Option<Chunk> {
         let work = self.work.get_mut(&task)?;
-        if work.attempt != attempt || work.result.is_some() {
+        if work.attempt != attempt || work.result.is_some() || work.stop_requested {
             return None;
         }
         work.last_seq += 1;

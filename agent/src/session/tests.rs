@@ -271,3 +271,31 @@ fn a_result_of_an_earlier_run_is_listed_in_hello_and_handed_over_after_welcome()
         }]
     );
 }
+
+#[test]
+fn a_cancelled_attempt_owes_no_output_and_a_shutdown_is_said_on_every_stream() {
+    let mut s = Session::new(2);
+    welcomed(&mut s);
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
+    line(&mut s, "a");
+    assert!(s.unacked_bytes() > 0);
+    s.handle_cancel(TaskId(1), Attempt(1), "no longer wanted");
+    line(&mut s, "b");
+    assert_eq!(
+        s.unacked_bytes(),
+        0,
+        "nothing the coordinator will never ack"
+    );
+
+    // Stopping between a new stream and its Welcome: said after Welcome.
+    s.handle_disconnected();
+    s.handle_connected();
+    s.begin_shutdown("agent shutting down");
+    s.handle_welcome(&[]);
+    assert!(
+        out(&mut s)
+            .iter()
+            .any(|m| matches!(m, ToCoordinator::Draining { .. })),
+        "the coordinator hears of the shutdown"
+    );
+}
