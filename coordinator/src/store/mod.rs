@@ -121,9 +121,13 @@ fn decode_chunk(key: &[u8], value: &[u8]) -> Result<StoredChunk, Error> {
 impl SledStore {
     /// Opens (or creates) the store in `dir`, checking its schema version.
     pub fn open(dir: &Path) -> Result<Self, Error> {
+        // No periodic background flush: the driver flushes every batch
+        // before it answers, so sled's own flusher thread would only add a
+        // second writer racing the first.
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None)
             .open()
             .map_err(|source| Error::Open {
                 path: dir.display().to_string(),
