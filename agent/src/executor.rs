@@ -97,10 +97,10 @@ impl Executor {
         let prepared = match prepared {
             Ok(p) => p,
             Err(_) if stop.is_cancelled() => {
-                return report(Outcome::Cancelled, "cancelled while preparing".into());
+                return FinishedReport::new(Outcome::Cancelled, "cancelled while preparing");
             }
             Err(e) => {
-                return report(
+                return FinishedReport::new(
                     Outcome::WorkspaceError,
                     format!("cannot prepare the workspace: {e}"),
                 );
@@ -118,10 +118,7 @@ impl Executor {
         ))
         .await;
         if stop.is_cancelled() {
-            return report(
-                Outcome::Cancelled,
-                "cancelled before the CLI started".into(),
-            );
+            return FinishedReport::new(Outcome::Cancelled, "cancelled before the CLI started");
         }
 
         // Chosen before the CLI runs: what the repository configures is read
@@ -147,7 +144,12 @@ impl Executor {
             .await;
         let run = match runner::run_streaming(&inv, sink, stop).await {
             Ok(run) => run,
-            Err(e) => return report(Outcome::CliFailed, format!("cannot start the CLI: {e}")),
+            Err(e) => {
+                return FinishedReport::new(
+                    Outcome::CliFailed,
+                    format!("cannot start the CLI: {e}"),
+                );
+            }
         };
         let (cli_outcome, cli_message, cli) = cli_outcome(&run, inv.deadline);
         let partial = matches!(
@@ -155,7 +157,7 @@ impl Executor {
             Outcome::TurnLimit | Outcome::BudgetExceeded | Outcome::TimedOut
         );
         if !(cli_outcome == Outcome::Succeeded || (partial && self.push_incomplete)) {
-            let mut r = report(cli_outcome, cli_message);
+            let mut r = FinishedReport::new(cli_outcome, cli_message);
             r.cli = cli;
             r.rate_limit_reset_unix_ms = rate_limit_reset(run.result_event.as_ref());
             return r;
@@ -172,7 +174,7 @@ impl Executor {
             }
         };
         if stop.is_cancelled() {
-            return report(Outcome::Cancelled, "cancelled during the tests".into());
+            return FinishedReport::new(Outcome::Cancelled, "cancelled during the tests");
         }
 
         // Commit.
@@ -190,19 +192,21 @@ impl Executor {
         let commit = match commit {
             Ok(Some(id)) => id,
             Ok(None) => {
-                let mut r = report(
+                let mut r = FinishedReport::new(
                     Outcome::NoChanges,
                     if partial {
                         format!("{cli_message}; it changed nothing")
                     } else {
-                        "the CLI finished without changing anything".into()
+                        "the CLI finished without changing anything".to_owned()
                     },
                 );
                 r.cli = cli;
                 r.tests = tests;
                 return r;
             }
-            Err(e) => return report(Outcome::WorkspaceError, format!("cannot commit: {e}")),
+            Err(e) => {
+                return FinishedReport::new(Outcome::WorkspaceError, format!("cannot commit: {e}"));
+            }
         };
         sink.system(format!("[ccc] committed {commit}")).await;
 
@@ -222,11 +226,13 @@ impl Executor {
                 .await
         };
         let mut r = match pushed {
-            Err(e) if e.is_push_rejected() => report(Outcome::PushRejected, e.to_string()),
-            Err(_) if stop.is_cancelled() => {
-                report(Outcome::Cancelled, "cancelled before the push".into())
+            Err(e) if e.is_push_rejected() => {
+                FinishedReport::new(Outcome::PushRejected, e.to_string())
             }
-            Err(e) => report(Outcome::WorkspaceError, format!("cannot push: {e}")),
+            Err(_) if stop.is_cancelled() => {
+                FinishedReport::new(Outcome::Cancelled, "cancelled before the push")
+            }
+            Err(e) => FinishedReport::new(Outcome::WorkspaceError, format!("cannot push: {e}")),
             Ok(()) => {
                 sink.system(format!(
                     "[ccc] pushed {} to {}",
@@ -235,7 +241,7 @@ impl Executor {
                 .await;
                 let tests_failed = tests.as_ref().is_some_and(|t| t.ran && !t.passed);
                 if partial {
-                    report(
+                    FinishedReport::new(
                         cli_outcome,
                         format!(
                             "{cli_message}; the partial work is pushed to {} at {commit}",
@@ -243,7 +249,7 @@ impl Executor {
                         ),
                     )
                 } else if tests_failed {
-                    report(
+                    FinishedReport::new(
                         Outcome::TestsFailed,
                         format!(
                             "the tests failed; the work is pushed to {} at {commit}",
@@ -251,7 +257,7 @@ impl Executor {
                         ),
                     )
                 } else {
-                    report(
+                    FinishedReport::new(
                         Outcome::Succeeded,
                         format!("pushed {} at {commit}", prepared.branch),
                     )
@@ -375,19 +381,6 @@ pub fn detect_test_command(dir: &Path) -> Option<String> {
         return Some("make test".into());
     }
     None
-}
-
-fn report(outcome: Outcome, message: String) -> FinishedReport {
-    FinishedReport {
-        outcome,
-        message,
-        branch: String::new(),
-        commit: String::new(),
-        tests: None,
-        cli: None,
-        rate_limit_reset_unix_ms: 0,
-        last_output_seq: 0,
-    }
 }
 
 fn commit_message(

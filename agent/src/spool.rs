@@ -418,14 +418,10 @@ mod tests {
             spool.append(&chunk(2, seq, 20)).expect("append");
         }
         let report = FinishedReport {
-            outcome: common::types::Outcome::Succeeded,
-            message: "pushed".into(),
             branch: "ccc/x".into(),
             commit: "abc".into(),
-            tests: None,
-            cli: None,
-            rate_limit_reset_unix_ms: 0,
             last_output_seq: 3,
+            ..FinishedReport::new(common::types::Outcome::Succeeded, "pushed")
         };
         spool
             .save_result(TaskId(1), Attempt(1), &report)

@@ -230,6 +230,22 @@ pub struct FinishedReport {
     pub last_output_seq: u64,
 }
 
+impl FinishedReport {
+    /// A report of `outcome` with nothing pushed, no tests and no CLI result.
+    pub fn new(outcome: Outcome, message: impl Into<String>) -> Self {
+        Self {
+            outcome,
+            message: message.into(),
+            branch: String::new(),
+            commit: String::new(),
+            tests: None,
+            cli: None,
+            rate_limit_reset_unix_ms: 0,
+            last_output_seq: 0,
+        }
+    }
+}
+
 /// The branch an attempt pushes: `ccc/issue-<n>-<slug>` for an issue,
 /// `ccc/<task>-<slug>` for a manual task. The slug keeps ASCII letters and
 /// digits of the title, lowercased, joined by '-', at most 40 characters, so

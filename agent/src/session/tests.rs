@@ -27,16 +27,7 @@ fn spec() -> TaskSpec {
 }
 
 fn report(outcome: Outcome) -> FinishedReport {
-    FinishedReport {
-        outcome,
-        message: String::new(),
-        branch: String::new(),
-        commit: String::new(),
-        tests: None,
-        cli: None,
-        rate_limit_reset_unix_ms: 0,
-        last_output_seq: 0,
-    }
+    FinishedReport::new(outcome, "")
 }
 
 fn out(s: &mut Session) -> Vec<ToCoordinator> {

@@ -473,6 +473,24 @@ impl Core {
         self.actions.push_back(Action::Send { conn, msg });
     }
 
+    /// Tells an agent to stop (and forget) an attempt.
+    fn send_cancel(
+        &mut self,
+        conn: ConnId,
+        task: TaskId,
+        attempt: Attempt,
+        reason: impl Into<String>,
+    ) {
+        self.send(
+            conn,
+            ToAgent::Cancel {
+                task,
+                attempt,
+                reason: reason.into(),
+            },
+        );
+    }
+
     /// Records the time of an input.
     fn tick(&mut self, now: Instant, wall: UnixMillis) {
         self.last_now = self.last_now.max(now);

@@ -798,18 +798,12 @@ fn new_task(specialty: usize, priority: i32, repo: u8) -> NewTask {
 
 fn report(outcome: Outcome, wall: UnixMillis) -> FinishedReport {
     FinishedReport {
-        outcome,
-        message: outcome.to_string(),
-        branch: String::new(),
-        commit: String::new(),
-        tests: None,
-        cli: None,
         rate_limit_reset_unix_ms: if outcome == Outcome::RateLimited {
             wall.0 + 20_000
         } else {
             0
         },
-        last_output_seq: 0,
+        ..FinishedReport::new(outcome, outcome.to_string())
     }
 }
 

@@ -303,14 +303,7 @@ impl Core {
             Some(conn) => {
                 self.persist_task(id);
                 self.publish_state(id);
-                self.send(
-                    conn,
-                    ToAgent::Cancel {
-                        task: id,
-                        attempt,
-                        reason,
-                    },
-                );
+                self.send_cancel(conn, id, attempt, reason);
             }
             // Nobody to tell now: end it here; if the agent comes back with
             // this attempt, fencing tells it to cancel.
@@ -373,14 +366,7 @@ impl Core {
                 self.handle_accepted(conn, agent, id, attempt, wall);
                 // A cancel sent on a stream that then dropped is sent again.
                 if let Some(reason) = self.tasks.get(&id).and_then(|t| t.cancel_requested.clone()) {
-                    self.send(
-                        conn,
-                        ToAgent::Cancel {
-                            task: id,
-                            attempt,
-                            reason,
-                        },
-                    );
+                    self.send_cancel(conn, id, attempt, reason);
                 }
             } else if self.is_reported_attempt(id, attempt) {
                 // We hold its result but our acknowledgement was lost: the
@@ -388,14 +374,7 @@ impl Core {
                 held.push((id, attempt, u64::MAX));
             } else {
                 debug!(task_id = %id, attempt = attempt.0, agent_id = %agent, "agent holds a stale attempt");
-                self.send(
-                    conn,
-                    ToAgent::Cancel {
-                        task: id,
-                        attempt,
-                        reason: "this attempt is no longer current".into(),
-                    },
-                );
+                self.send_cancel(conn, id, attempt, "this attempt is no longer current");
             }
         }
         // Live attempts the agent no longer knows about: lost (an agent
@@ -477,14 +456,7 @@ impl Core {
             return true;
         }
         warn!(task_id = %id, attempt = attempt.0, agent_id = %agent, "dropped {what} of a stale attempt");
-        self.send(
-            conn,
-            ToAgent::Cancel {
-                task: id,
-                attempt,
-                reason: "this attempt is no longer current".into(),
-            },
-        );
+        self.send_cancel(conn, id, attempt, "this attempt is no longer current");
         false
     }
 
@@ -729,14 +701,7 @@ impl Core {
                 .map(|a| (a.attempt, a.agent.clone()))
                 && let Some(conn) = self.agent_conn(&agent)
             {
-                self.send(
-                    conn,
-                    ToAgent::Cancel {
-                        task: id,
-                        attempt,
-                        reason: why.into(),
-                    },
-                );
+                self.send_cancel(conn, id, attempt, why);
             }
             warn!(task_id = %id, outcome = %outcome, "{why}");
             self.end_attempt(id, outcome, why.into(), None, now, wall);

@@ -54,16 +54,7 @@ pub(crate) fn spec(repo: &str, specialty: Specialty) -> TaskSpec {
 }
 
 fn report(outcome: Outcome) -> FinishedReport {
-    FinishedReport {
-        outcome,
-        message: outcome.to_string(),
-        branch: String::new(),
-        commit: String::new(),
-        tests: None,
-        cli: None,
-        rate_limit_reset_unix_ms: 0,
-        last_output_seq: 0,
-    }
+    FinishedReport::new(outcome, outcome.to_string())
 }
 
 impl H {

@@ -284,13 +284,7 @@ impl SimAgent {
 
 fn report(outcome: Outcome, last_output_seq: u64) -> FinishedReport {
     FinishedReport {
-        outcome,
-        message: format!("simulated {outcome}"),
-        branch: String::new(),
-        commit: String::new(),
-        tests: None,
-        cli: None,
-        rate_limit_reset_unix_ms: 0,
         last_output_seq,
+        ..FinishedReport::new(outcome, format!("simulated {outcome}"))
     }
 }
