@@ -210,6 +210,8 @@ impl Workspaces {
                 source,
             })?;
             let repo = Repository::init_bare(&fresh).map_err(git("create mirror"))?;
+            // Records where the mirror comes from, for a person looking at
+            // it; fetches and pushes go through anonymous remotes.
             repo.remote("origin", &spec.repo_url)
                 .map_err(git("configure mirror"))?;
             drop(repo);
@@ -220,9 +222,6 @@ impl Workspaces {
             })?;
             Repository::open_bare(&mirror_path).map_err(git("open mirror"))?
         };
-        mirror
-            .remote_set_url("origin", &spec.repo_url)
-            .map_err(git("configure mirror"))?;
         // Only what the attempt needs is fetched: the base branch (and the
         // branch a follow-up continues) and tags, not every branch of the
         // remote; through an anonymous remote, so no remote-tracking refs
