@@ -406,24 +406,21 @@ async fn send_chunk(
     };
     if event.is_some() {
         note_event(event, collected);
-    } else if let Ok(mut c) = collected.lock() {
-        c.tail
-            .push_back(String::from_utf8_lossy(&chunk).into_owned());
-        if c.tail.len() > TAIL_LINES {
-            c.tail.pop_front();
-        }
     }
-    if let Ok(mut c) = collected.lock()
-        && c.group_gone
-    {
-        c.after_group += chunk.len();
-    }
-    let sending = |delta: isize| {
-        if let Ok(mut c) = collected.lock() {
-            c.sending = c.sending.saturating_add_signed(delta);
+    // One lock per chunk for the bookkeeping before the send.
+    if let Ok(mut c) = collected.lock() {
+        if kind != OutputKind::Event {
+            c.tail
+                .push_back(String::from_utf8_lossy(&chunk).into_owned());
+            if c.tail.len() > TAIL_LINES {
+                c.tail.pop_front();
+            }
         }
-    };
-    sending(1);
+        if c.group_gone {
+            c.after_group += chunk.len();
+        }
+        c.sending += 1;
+    }
     let sent = sink
         .events
         .send(ChildEvent::Output {
@@ -434,7 +431,9 @@ async fn send_chunk(
         })
         .await
         .is_ok();
-    sending(-1);
+    if let Ok(mut c) = collected.lock() {
+        c.sending = c.sending.saturating_sub(1);
+    }
     sent
 }
 
