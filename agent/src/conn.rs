@@ -366,6 +366,7 @@ pub fn to_proto(msg: ToCoordinator, advert: &AgentAdvert, name: &str) -> Option<
         } => Msg::Heartbeat(proto::Heartbeat {
             running: running(&held),
             free_slots,
+            unhealthy_reason: String::new(),
         }),
         ToCoordinator::Accepted { task, attempt } => Msg::TaskAccepted(proto::TaskAccepted {
             task_id: task.to_string(),
@@ -405,6 +406,7 @@ pub fn to_proto(msg: ToCoordinator, advert: &AgentAdvert, name: &str) -> Option<
             task_id: task.to_string(),
             attempt: attempt.0,
             outcome: wire::outcome_to_proto(report.outcome) as i32,
+            permanent: report.permanent,
             message: report.message.clone(),
             branch: report.branch.clone(),
             commit: report.commit.clone(),

@@ -72,6 +72,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         labels: config.labels.clone(),
         toolchains,
         hostname: hostname(),
+        // One per process, kept across reconnects: the coordinator tells a
+        // reconnect of this process from a second process with our certificate.
+        instance_id: {
+            use rand::{Rng, SeedableRng};
+            format!(
+                "{:016x}",
+                rand::rngs::SmallRng::from_os_rng().random::<u64>()
+            )
+        },
     };
     driver::Driver::run(config, advert, shutdown).await?;
     info!("agent stopped");

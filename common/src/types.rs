@@ -76,6 +76,10 @@ pub struct AgentAdvert {
     pub labels: BTreeMap<String, String>,
     pub toolchains: Vec<Toolchain>,
     pub hostname: String,
+    /// Chosen at process start and kept across reconnects: tells the same
+    /// process reconnecting from a second process with the same certificate.
+    #[serde(default)]
+    pub instance_id: String,
 }
 
 /// How an attempt ended, as the agent reports it.
@@ -93,6 +97,9 @@ pub enum Outcome {
     PushRejected,
     Cancelled,
     WorkspaceError,
+    /// The PC could not work (CLI missing, not logged in, invalid API key):
+    /// requeued without spending the attempt; the agent is unhealthy.
+    AgentFault,
     /// Set by the coordinator: the agent vanished and the lease ran out.
     LeaseExpired,
     /// Set by the coordinator: the agent did not accept the assignment in time.
@@ -117,6 +124,7 @@ impl Outcome {
             Self::PushRejected => "push_rejected",
             Self::Cancelled => "cancelled",
             Self::WorkspaceError => "workspace_error",
+            Self::AgentFault => "agent_fault",
             Self::LeaseExpired => "lease_expired",
             Self::NotAccepted => "not_accepted",
             Self::Rejected => "rejected",
@@ -228,6 +236,10 @@ pub struct FinishedReport {
     pub cli: Option<CliResult>,
     pub rate_limit_reset_unix_ms: u64,
     pub last_output_seq: u64,
+    /// The failure will recur on every attempt (repository or branch not
+    /// found, authentication refused, an invalid URL): no retry.
+    #[serde(default)]
+    pub permanent: bool,
 }
 
 impl FinishedReport {
@@ -242,6 +254,7 @@ impl FinishedReport {
             cli: None,
             rate_limit_reset_unix_ms: 0,
             last_output_seq: 0,
+            permanent: false,
         }
     }
 }

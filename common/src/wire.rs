@@ -129,6 +129,7 @@ pub fn advert_from_hello(hello: &proto::Hello) -> Result<AgentAdvert, Error> {
         labels,
         toolchains,
         hostname: short("hostname", &hello.hostname)?,
+        instance_id: short("instance_id", &hello.instance_id)?,
     })
 }
 
@@ -146,6 +147,7 @@ pub fn outcome_from_proto(value: i32) -> Result<Outcome, Error> {
         Ok(P::PushRejected) => Outcome::PushRejected,
         Ok(P::Cancelled) => Outcome::Cancelled,
         Ok(P::WorkspaceError) => Outcome::WorkspaceError,
+        Ok(P::AgentFault) => Outcome::AgentFault,
         Ok(P::Unspecified) | Err(_) => {
             return Err(Error::invalid(
                 "outcome",
@@ -171,6 +173,7 @@ pub fn outcome_to_proto(o: Outcome) -> proto::Outcome {
         Outcome::PushRejected => P::PushRejected,
         Outcome::Cancelled => P::Cancelled,
         Outcome::WorkspaceError => P::WorkspaceError,
+        Outcome::AgentFault => P::AgentFault,
         Outcome::LeaseExpired | Outcome::NotAccepted | Outcome::Rejected | Outcome::LostByAgent => {
             P::Unspecified
         }
@@ -265,6 +268,8 @@ pub fn hello_from_advert(advert: &AgentAdvert, claimed_name: &str) -> proto::Hel
         running: Vec::new(),
         claimed_name: claimed_name.to_owned(),
         hostname: advert.hostname.clone(),
+        instance_id: advert.instance_id.clone(),
+        unhealthy_reason: String::new(),
     }
 }
 

@@ -233,6 +233,7 @@ fn bounded(s: String, max: usize) -> String {
 
 fn report_from_proto(f: proto::TaskFinished) -> Result<FinishedReport, String> {
     Ok(FinishedReport {
+        permanent: f.permanent,
         outcome: wire::outcome_from_proto(f.outcome).map_err(|e| e.to_string())?,
         message: bounded(f.message, 4096),
         branch: bounded(f.branch, 256),
@@ -565,6 +566,15 @@ pub fn task_info(task: &Task) -> proto::TaskInfo {
         updated_at: Some(task.updated_at.to_timestamp()),
         not_before: task.not_before.map(|t| t.to_timestamp()),
         cancel_requested: task.cancel_requested.clone().unwrap_or_default(),
+        test_command: task.spec.test_command.clone(),
+        outcome: task
+            .attempts
+            .iter()
+            .rev()
+            .find_map(|a| a.outcome)
+            .map(|o| o.to_string())
+            .unwrap_or_default(),
+        waiting_reason: String::new(),
     }
 }
 
@@ -691,6 +701,7 @@ fn agent_info(view: AgentView) -> AgentInfo {
         labels: Default::default(),
         toolchains: Vec::new(),
         hostname: String::new(),
+        instance_id: String::new(),
     });
     AgentInfo {
         agent_id: record.id.to_string(),
@@ -724,6 +735,10 @@ fn agent_info(view: AgentView) -> AgentInfo {
             .collect(),
         last_disconnect_reason: record.last_disconnect_reason.unwrap_or_default(),
         peer_address: record.peer_address,
+        revoked_reason: record.revoked_reason.unwrap_or_default(),
+        instance_id: advert.instance_id,
+        assigned: view.assigned.iter().map(ToString::to_string).collect(),
+        ..AgentInfo::default()
     }
 }
 
@@ -732,6 +747,54 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::TaskEvent, Status>> +
 #[tonic::async_trait]
 impl admin_server::Admin for Admin {
     type WatchTaskStream = WatchStream;
+
+    async fn undrain_agent(
+        &self,
+        _req: Request<proto::UndrainAgentRequest>,
+    ) -> Result<Response<AgentInfo>, Status> {
+        Err(Status::unimplemented("undrain is not implemented yet"))
+    }
+
+    async fn unrevoke_agent(
+        &self,
+        _req: Request<proto::UnrevokeAgentRequest>,
+    ) -> Result<Response<AgentInfo>, Status> {
+        Err(Status::unimplemented("unrevoke is not implemented yet"))
+    }
+
+    async fn forget_agent(
+        &self,
+        _req: Request<proto::ForgetAgentRequest>,
+    ) -> Result<Response<proto::ForgetAgentResponse>, Status> {
+        Err(Status::unimplemented("forget is not implemented yet"))
+    }
+
+    async fn list_admins(
+        &self,
+        _req: Request<proto::ListAdminsRequest>,
+    ) -> Result<Response<proto::ListAdminsResponse>, Status> {
+        Err(Status::unimplemented(
+            "admin revocation is not implemented yet",
+        ))
+    }
+
+    async fn revoke_admin(
+        &self,
+        _req: Request<proto::RevokeAdminRequest>,
+    ) -> Result<Response<proto::AdminInfo>, Status> {
+        Err(Status::unimplemented(
+            "admin revocation is not implemented yet",
+        ))
+    }
+
+    async fn unrevoke_admin(
+        &self,
+        _req: Request<proto::UnrevokeAdminRequest>,
+    ) -> Result<Response<proto::AdminInfo>, Status> {
+        Err(Status::unimplemented(
+            "admin revocation is not implemented yet",
+        ))
+    }
 
     async fn submit_task(
         &self,
@@ -792,6 +855,7 @@ impl admin_server::Admin for Admin {
         Ok(Response::new(proto::ListTasksResponse {
             tasks: tasks.iter().map(task_info).collect(),
             next_page_token,
+            ..proto::ListTasksResponse::default()
         }))
     }
 

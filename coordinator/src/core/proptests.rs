@@ -74,6 +74,7 @@ fn advert(agent: usize) -> AgentAdvert {
         labels: Default::default(),
         toolchains: vec![],
         hostname: String::new(),
+        instance_id: String::new(),
     }
 }
 

@@ -208,8 +208,9 @@ fn disposition(outcome: Outcome, rate_limit_until: Option<UnixMillis>) -> Dispos
         | Outcome::BudgetExceeded
         | Outcome::PushRejected => Disposition::Terminal(TaskState::Failed),
         Outcome::RateLimited => Disposition::RequeueFree(rate_limit_until),
-        // The agent stopped it on its own (shutdown): not the task's fault.
-        Outcome::Cancelled => Disposition::RequeueFree(None),
+        // The agent stopped it on its own (shutdown), or the PC could not
+        // work at all: not the task's fault.
+        Outcome::Cancelled | Outcome::AgentFault => Disposition::RequeueFree(None),
         Outcome::CliFailed
         | Outcome::TimedOut
         | Outcome::WorkspaceError

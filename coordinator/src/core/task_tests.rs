@@ -113,6 +113,7 @@ impl H {
                 })
                 .collect(),
             hostname: String::new(),
+            instance_id: String::new(),
         };
         self.core
             .handle_message(conn, FromAgent::Hello { advert, running }, now, wall);

@@ -38,6 +38,7 @@ fn advert() -> AgentAdvert {
         labels: Default::default(),
         toolchains: vec![],
         hostname: "pc".into(),
+        instance_id: "i-1".into(),
     }
 }
 

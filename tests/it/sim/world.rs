@@ -1121,6 +1121,7 @@ fn random_agent(rng: &mut StdRng, index: usize) -> SimAgent {
         labels: BTreeMap::new(),
         toolchains,
         hostname: format!("pc-{index}"),
+        instance_id: format!("sim-{index}"),
     };
     let id = AgentId::new(format!("sim-{index}")).expect("a valid agent name");
     SimAgent::new(id, advert)

@@ -339,6 +339,7 @@ async fn admin_command(conn: admin::ConnArgs, cmd: Cmd) -> anyhow::Result<()> {
                         repo: repo.clone().unwrap_or_default(),
                         page_size: 1000,
                         page_token,
+                        ..Default::default()
                     })
                     .await
                     .map_err(|s| diagnosis.explain(s))
