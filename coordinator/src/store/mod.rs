@@ -10,6 +10,19 @@
 //! attempt, seq, all big-endian; value: kind byte + raw bytes), tree `meta`
 //! (key `schema_version`). Record values are one version byte followed by
 //! JSON, so a later schema can read older rows.
+//!
+//! Every flush goes through [`flush`], which holds a crossbeam-epoch guard
+//! across `Db::flush`. sled 0.34.7's flush path (`Tree::flush` →
+//! `iobuf::flush` → `make_stable_inner` → `IoBufs::current_iobuf`) turns the
+//! current IO-buffer pointer into an `Arc` without a guard of its own; when
+//! another thread seals that buffer meanwhile (a write that rolls it, or
+//! sled's periodic flusher), the buffer's deferred drop can run and the flush
+//! bumps a refcount on freed memory, which glibc later reports as "double
+//! free or corruption". A guard pinned for the whole flush keeps the
+//! deferred drop from running until the flush is done. The periodic flusher
+//! stays off too (`flush_every_ms(None)`): the driver flushes every batch.
+//! sled 0.34 is no longer developed; keeping every sled call here lets the
+//! store move to another engine without touching anything else.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -157,7 +170,7 @@ impl SledStore {
         match meta.get(b"schema_version")? {
             None => {
                 meta.insert(b"schema_version", &SCHEMA_VERSION.to_be_bytes())?;
-                db.flush()?;
+                flush(&db)?;
             }
             Some(raw) => {
                 let found = <[u8; 4]>::try_from(raw.as_ref())
@@ -298,9 +311,17 @@ impl Store for SledStore {
                 TransactionError::Storage(e) => Error::Io(e),
                 TransactionError::Abort(()) => Error::Task("transaction aborted".into()),
             })?;
-        self.db.flush()?;
+        flush(&self.db)?;
         Ok(())
     }
+}
+
+/// `Db::flush` with an epoch guard held across it (see the module docs:
+/// without it, sled 0.34.7's flush can touch an IO buffer that a concurrent
+/// writer has already sealed and freed).
+fn flush(db: &sled::Db) -> Result<usize, sled::Error> {
+    let _guard = sled::pin();
+    db.flush()
 }
 
 #[cfg(test)]
