@@ -122,7 +122,7 @@ fn flushes_race_concurrent_writers_and_readers_safely() {
         others.push(std::thread::spawn(move || {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let key = (thread << 32 | n % 512).to_be_bytes();
+                let key = ((thread << 32) | (n % 512)).to_be_bytes();
                 if thread == 0 {
                     let _ = store.output.get(key).expect("read");
                 } else {
