@@ -10,6 +10,7 @@ pub mod config;
 pub mod ids;
 pub mod pki;
 pub mod proto;
+pub mod repo;
 pub mod signal;
 pub mod telemetry;
 pub mod time;

@@ -133,6 +133,29 @@ pub fn advert_from_hello(hello: &proto::Hello) -> Result<AgentAdvert, Error> {
     })
 }
 
+/// The longest unhealthy reason kept; the rest is cut.
+pub const MAX_UNHEALTHY_REASON: usize = 1024;
+
+/// An agent's `unhealthy_reason`: `None` when empty (the agent can work).
+/// The text is for people, so it is cut to a bound and control characters
+/// become spaces rather than failing the whole message.
+pub fn unhealthy_reason(reason: &str) -> Option<String> {
+    let reason = reason.trim();
+    if reason.is_empty() {
+        return None;
+    }
+    let mut end = reason.len().min(MAX_UNHEALTHY_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(
+        reason[..end]
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect(),
+    )
+}
+
 pub fn outcome_from_proto(value: i32) -> Result<Outcome, Error> {
     use proto::Outcome as P;
     Ok(match P::try_from(value) {
@@ -358,6 +381,19 @@ mod tests {
             let err = output_seq(bad).expect_err("rejected");
             assert!(err.to_string().starts_with("field seq: "), "{err}");
         }
+    }
+
+    #[test]
+    fn unhealthy_reasons_are_bounded_and_printable() {
+        assert_eq!(unhealthy_reason(""), None);
+        assert_eq!(unhealthy_reason("  "), None);
+        assert_eq!(
+            unhealthy_reason("claude: not found\n\x1b[31m").as_deref(),
+            Some("claude: not found  [31m")
+        );
+        let long = "é".repeat(MAX_UNHEALTHY_REASON);
+        let cut = unhealthy_reason(&long).expect("a reason");
+        assert!(cut.len() <= MAX_UNHEALTHY_REASON && cut.chars().all(|c| c == 'é'));
     }
 
     #[test]

@@ -256,11 +256,7 @@ impl Driver {
             }
             Command::Submit { task, reply } => {
                 let id = self.core.submit(task, now, wall);
-                let task = self
-                    .core
-                    .task(id)
-                    .cloned()
-                    .expect("invariant: just submitted");
+                let task = self.task_view(id).expect("invariant: just submitted");
                 self.reply(reply, task);
             }
             Command::ListTasks { query, reply } => {
@@ -268,7 +264,7 @@ impl Driver {
                 self.reply(reply, page);
             }
             Command::GetTask { task, reply } => {
-                let task = self.core.task(task).cloned();
+                let task = self.task_view(task);
                 self.reply(reply, task);
             }
             Command::Watch {
@@ -289,21 +285,17 @@ impl Driver {
                 reason,
                 reply,
             } => {
-                let result = self.core.cancel(task, reason, now, wall).map(|()| {
-                    self.core
-                        .task(task)
-                        .cloned()
-                        .expect("invariant: task exists")
-                });
+                let result = self
+                    .core
+                    .cancel(task, reason, now, wall)
+                    .map(|()| self.task_view(task).expect("invariant: task exists"));
                 self.reply(reply, result);
             }
             Command::Retry { task, reply } => {
-                let result = self.core.retry(task, now, wall).map(|()| {
-                    self.core
-                        .task(task)
-                        .cloned()
-                        .expect("invariant: task exists")
-                });
+                let result = self
+                    .core
+                    .retry(task, now, wall)
+                    .map(|()| self.task_view(task).expect("invariant: task exists"));
                 self.reply(reply, result);
             }
         }
@@ -322,9 +314,21 @@ impl Driver {
                     .as_ref()
                     .is_none_or(|a| t.attempts.iter().any(|at| &at.agent == a))
             });
-        let page: Vec<Task> = matching.by_ref().take(q.limit).cloned().collect();
+        let page: Vec<Task> = matching
+            .by_ref()
+            .take(q.limit)
+            .filter_map(|t| self.task_view(t.id))
+            .collect();
         let more = matching.next().is_some();
         (page, more)
+    }
+
+    /// A task as answered to admins: with why it waits, if queued.
+    fn task_view(&self, id: TaskId) -> Option<Task> {
+        let mut task = self.core.task(id)?.clone();
+        let (now, wall) = clock();
+        task.waiting_reason = self.core.waiting_reason(id, now, wall);
+        Some(task)
     }
 
     fn reply<T: Send + 'static>(&mut self, reply: Reply<T>, value: T) {

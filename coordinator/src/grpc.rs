@@ -277,11 +277,13 @@ fn from_proto(msg: AgentMessage) -> Result<Option<FromAgent>, String> {
             Ok(Some(FromAgent::Hello {
                 advert,
                 running: reported(&hello.running).map_err(|e| format!("Hello: {e}"))?,
+                unhealthy: wire::unhealthy_reason(&hello.unhealthy_reason),
             }))
         }
         Some(Msg::Heartbeat(hb)) => Ok(Some(FromAgent::Heartbeat {
             free_slots: hb.free_slots,
             running: reported(&hb.running).map_err(|e| format!("Heartbeat: {e}"))?,
+            unhealthy: wire::unhealthy_reason(&hb.unhealthy_reason),
         })),
         Some(Msg::Draining(d)) => Ok(Some(FromAgent::Draining {
             reason: bounded(d.reason, 1024),
@@ -424,6 +426,7 @@ fn close_status(reason: CloseReason) -> Status {
             Status::permission_denied(format!("agent revoked ({reason})"))
         }
         CloseReason::Protocol(why) => Status::invalid_argument(why),
+        CloseReason::Duplicate(why) => Status::already_exists(why),
     }
 }
 
@@ -574,7 +577,7 @@ pub fn task_info(task: &Task) -> proto::TaskInfo {
             .find_map(|a| a.outcome)
             .map(|o| o.to_string())
             .unwrap_or_default(),
-        waiting_reason: String::new(),
+        waiting_reason: task.waiting_reason.clone().unwrap_or_default(),
     }
 }
 
@@ -602,20 +605,6 @@ fn state_event(task: &Task) -> proto::TaskEvent {
     }
 }
 
-/// A branch name git accepts and that cannot escape `refs/heads/`.
-fn valid_branch(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with(['-', '/', '.'])
-        && !name.ends_with(['/', '.'])
-        && !name.contains("..")
-        && !name.contains("//")
-        && !name.ends_with(".lock")
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'))
-}
-
-/// Validates a manual submission.
 fn new_task(req: proto::SubmitTaskRequest, admin: &PeerIdentity) -> Result<NewTask, Status> {
     let field = |name: &str, value: &str, max: usize, required: bool| -> Result<(), Status> {
         if required && value.trim().is_empty() {
@@ -634,17 +623,16 @@ fn new_task(req: proto::SubmitTaskRequest, admin: &PeerIdentity) -> Result<NewTa
     field("base_branch", &req.base_branch, 256, false)?;
     field("test_command", &req.test_command, 4096, false)?;
     field("follow_up_branch", &req.follow_up_branch, 256, false)?;
-    let follow_up = !req.follow_up_branch.is_empty();
-    if follow_up && !valid_branch(&req.follow_up_branch) {
-        return Err(Status::invalid_argument(format!(
-            "follow_up_branch {:?} is not a valid branch name",
-            req.follow_up_branch
-        )));
+    let invalid =
+        |name: &str, e: &dyn std::fmt::Display| Status::invalid_argument(format!("{name}: {e}"));
+    common::repo::check_repo_url(&req.repo).map_err(|e| invalid("repo", &e))?;
+    if !req.base_branch.is_empty() {
+        common::repo::check_branch(&req.base_branch).map_err(|e| invalid("base_branch", &e))?;
     }
-    if req.repo.chars().any(char::is_control) || req.base_branch.chars().any(char::is_control) {
-        return Err(Status::invalid_argument(
-            "repo and base_branch must not contain control characters",
-        ));
+    let follow_up = !req.follow_up_branch.is_empty();
+    if follow_up {
+        common::repo::check_branch(&req.follow_up_branch)
+            .map_err(|e| invalid("follow_up_branch", &e))?;
     }
     if req.technologies.len() > 32 {
         return Err(Status::invalid_argument("at most 32 technologies"));

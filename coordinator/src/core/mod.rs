@@ -17,16 +17,24 @@ use std::time::{Duration, Instant};
 
 use common::ids::{AgentId, Attempt, TaskId};
 use common::time::UnixMillis;
-use common::types::{AgentAdvert, FinishedReport, OutputKind, Phase, TaskSpec};
+use common::types::{AgentAdvert, FinishedReport, Outcome, OutputKind, Phase, TaskSpec};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+mod queue;
 pub mod schedule;
 pub mod task;
 
+use queue::{Queue, Queued};
 pub use task::{AttemptRecord, NewTask, OutputPosition, Task, TaskError, TaskSource, TaskState};
 use task::{LiveAttempt, OutputBudget};
 
+/// How often an agent's `last_seen` is written while only heartbeats come:
+/// a heartbeat itself writes nothing durable.
+pub const LAST_SEEN_PERSIST_EVERY: Duration = Duration::from_secs(60);
+
+#[cfg(test)]
+mod hardening_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
@@ -97,6 +105,10 @@ pub struct AgentRecord {
     pub peer_address: String,
     pub last_disconnect_reason: Option<String>,
     pub revoked_reason: Option<String>,
+    /// Why the agent cannot work (its CLI is missing, not logged in, ...):
+    /// it gets no work until it reports healthy again.
+    #[serde(default)]
+    pub unhealthy: Option<String>,
 }
 
 /// A task an agent says it holds (running, or finished but unacknowledged).
@@ -113,10 +125,13 @@ pub enum FromAgent {
     Hello {
         advert: AgentAdvert,
         running: Vec<ReportedTask>,
+        /// `None`: the agent can work.
+        unhealthy: Option<String>,
     },
     Heartbeat {
         free_slots: u32,
         running: Vec<ReportedTask>,
+        unhealthy: Option<String>,
     },
     Draining {
         reason: String,
@@ -221,6 +236,8 @@ pub enum CloseReason {
     HelloTimeout,
     Revoked(String),
     Protocol(String),
+    /// Another process with the same certificate is connected.
+    Duplicate(String),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -280,6 +297,10 @@ pub struct AgentView {
 #[derive(Debug)]
 struct Live {
     conn: ConnId,
+    /// The agent process's instance id (from Hello).
+    instance: String,
+    /// When the stream said Hello.
+    since: UnixMillis,
     last_heard: Instant,
     next_heartbeat: Instant,
     running: Vec<ReportedTask>,
@@ -304,9 +325,17 @@ struct AgentEntry {
     idle_since: Instant,
     /// Repositories it has worked on: its mirror cache is warm for them.
     repos: BTreeSet<String>,
+    /// The `last_seen` last written to the store.
+    seen_persisted: UnixMillis,
 }
 
 impl AgentEntry {
+    /// The write that persists the record as it is now.
+    fn record_write(&mut self) -> Write {
+        self.seen_persisted = self.record.last_seen;
+        Write::Agent(Box::new(self.record.clone()))
+    }
+
     /// An agent the coordinator has not heard of before.
     fn new(id: AgentId, now: Instant, wall: UnixMillis) -> Self {
         Self {
@@ -320,11 +349,13 @@ impl AgentEntry {
                 peer_address: String::new(),
                 last_disconnect_reason: None,
                 revoked_reason: None,
+                unhealthy: None,
             },
             live: None,
             load: BTreeSet::new(),
             idle_since: now,
             repos: BTreeSet::new(),
+            seen_persisted: wall,
         }
     }
 }
@@ -340,8 +371,10 @@ pub struct Core {
     /// The live attempts (tasks `Assigned` or `Running`).
     live: BTreeMap<TaskId, LiveAttempt>,
     output: BTreeMap<TaskId, OutputBudget>,
-    /// When each queued task entered the queue (for the general fallback).
-    queued_since: BTreeMap<TaskId, Instant>,
+    /// The queued tasks, indexed for placement.
+    queue: Queue,
+    /// Live attempts per repository (fairness between repositories).
+    repo_live: BTreeMap<String, usize>,
     next_task_id: u64,
     /// Output acknowledgements, coalesced per attempt until actions are polled.
     pending_acks: BTreeMap<(ConnId, TaskId, Attempt), u64>,
@@ -375,7 +408,8 @@ impl Core {
             tasks: BTreeMap::new(),
             live: BTreeMap::new(),
             output: BTreeMap::new(),
-            queued_since: BTreeMap::new(),
+            queue: Queue::default(),
+            repo_live: BTreeMap::new(),
             next_task_id: 0,
             pending_acks: BTreeMap::new(),
             last_now: now,
@@ -392,6 +426,7 @@ impl Core {
             core.agents.insert(
                 record.id.clone(),
                 AgentEntry {
+                    seen_persisted: record.last_seen,
                     record,
                     live: None,
                     load: BTreeSet::new(),
@@ -402,7 +437,7 @@ impl Core {
         }
         for task in restored.tasks {
             core.next_task_id = core.next_task_id.max(task.id.0);
-            for attempt in &task.attempts {
+            for attempt in task.attempts.iter().filter(|a| warms_mirror(a.outcome)) {
                 if let Some(entry) = core.agents.get_mut(&attempt.agent) {
                     entry.repos.insert(task.spec.repo_url.clone());
                 }
@@ -418,7 +453,8 @@ impl Core {
             }
             if task.state == TaskState::Queued {
                 let since = core.instant_of(task.queued_at);
-                core.queued_since.insert(task.id, since);
+                core.queue
+                    .insert(Queued::of(&task, since), core.config.general_fallback_after);
             }
             if task.state.is_live()
                 && let Some(current) = task.current()
@@ -435,6 +471,10 @@ impl Core {
                 if let Some(entry) = core.agents.get_mut(&current.agent) {
                     entry.load.insert(task.id);
                 }
+                *core
+                    .repo_live
+                    .entry(task.spec.repo_url.clone())
+                    .or_default() += 1;
             }
             core.tasks.insert(task.id, task);
         }
@@ -547,8 +587,13 @@ impl Core {
 
     pub fn handle_message(&mut self, conn: ConnId, msg: FromAgent, now: Instant, wall: UnixMillis) {
         self.tick(now, wall);
-        if let FromAgent::Hello { advert, running } = msg {
-            self.handle_hello(conn, advert, running, now, wall);
+        if let FromAgent::Hello {
+            advert,
+            running,
+            unhealthy,
+        } = msg
+        {
+            self.handle_hello(conn, advert, running, unhealthy, now, wall);
             return;
         }
         let Some(agent) = self.conn_agent.get(&conn).cloned() else {
@@ -567,19 +612,31 @@ impl Core {
         live.last_heard = now;
         match msg {
             FromAgent::Hello { .. } => {}
-            FromAgent::Heartbeat { running, .. } => {
+            FromAgent::Heartbeat {
+                running, unhealthy, ..
+            } => {
                 live.running = running.clone();
                 entry.record.last_seen = wall;
-                self.writes
-                    .push(Write::Agent(Box::new(entry.record.clone())));
+                let recovered = entry.record.unhealthy.is_some() && unhealthy.is_none();
+                let health_changed = set_health(&agent, &mut entry.record, unhealthy);
+                // A heartbeat writes nothing durable by itself: `last_seen`
+                // lives in memory and goes to the store with the agent's
+                // other changes, or at most once a minute.
+                let stale = Duration::from_millis(wall.0.saturating_sub(entry.seen_persisted.0))
+                    >= LAST_SEEN_PERSIST_EVERY;
+                if health_changed || stale {
+                    self.writes.push(entry.record_write());
+                }
                 self.renew_leases(&agent, &running, now);
+                if recovered {
+                    self.schedule(now, wall);
+                }
             }
             FromAgent::Draining { reason } => {
                 info!(agent_id = %agent, %reason, "agent is draining");
                 entry.record.state = AgentState::Draining;
                 entry.record.last_seen = wall;
-                self.writes
-                    .push(Write::Agent(Box::new(entry.record.clone())));
+                self.writes.push(entry.record_write());
             }
             FromAgent::Accepted { task, attempt } => {
                 self.handle_accepted(conn, &agent, task, attempt, wall);
@@ -620,6 +677,7 @@ impl Core {
         conn: ConnId,
         advert: AgentAdvert,
         running: Vec<ReportedTask>,
+        unhealthy: Option<String>,
         now: Instant,
         wall: UnixMillis,
     ) {
@@ -640,27 +698,46 @@ impl Core {
             self.close(conn, CloseReason::Revoked(reason));
             return;
         }
+        // A second process with the same certificate is refused while the
+        // first one's stream is live (heard within the heartbeat timeout);
+        // the same process reconnecting replaces its old stream.
+        if let Some(old) = entry.live.as_ref()
+            && old.instance != advert.instance_id
+        {
+            let why = format!(
+                "agent {agent} is already connected from {} since {} (another process with the same certificate)",
+                entry.record.peer_address,
+                old.since.to_rfc3339(),
+            );
+            warn!(agent_id = %agent, peer = %pending.peer, %why, "second agent process refused");
+            self.close(conn, CloseReason::Duplicate(why));
+            return;
+        }
         let replaced = entry.live.take().map(|old| old.conn);
         entry.record.state = AgentState::Connected;
+        let instance = advert.instance_id.clone();
         entry.record.advert = Some(advert);
+        set_health(&agent, &mut entry.record, unhealthy);
         entry.record.last_seen = wall;
         entry.record.connections += 1;
         entry.record.peer_address = pending.peer;
         entry.live = Some(Live {
             conn,
+            instance,
+            since: wall,
             last_heard: now,
             next_heartbeat: now + self.config.heartbeat_interval,
             running: running.clone(),
             cooldown_until: None,
         });
-        let record = entry.record.clone();
         info!(
             agent_id = %agent,
-            peer = %record.peer_address,
-            connections = record.connections,
+            peer = %entry.record.peer_address,
+            connections = entry.record.connections,
             "agent connected"
         );
-        self.writes.push(Write::Agent(Box::new(record)));
+        let write = entry.record_write();
+        self.writes.push(write);
         if let Some(old) = replaced {
             self.conn_agent.remove(&old);
             self.close(old, CloseReason::Replaced);
@@ -713,8 +790,7 @@ impl Core {
         entry.record.last_seen = wall;
         entry.record.last_disconnect_reason = Some(reason.clone());
         info!(agent_id = %agent, %reason, "agent disconnected");
-        self.writes
-            .push(Write::Agent(Box::new(entry.record.clone())));
+        self.writes.push(entry.record_write());
     }
 
     /// Time passed: close silent streams, send due heartbeats.
@@ -779,8 +855,7 @@ impl Core {
         if live_conn.is_some() {
             entry.record.last_disconnect_reason = Some(format!("revoked: {reason}"));
         }
-        self.writes
-            .push(Write::Agent(Box::new(entry.record.clone())));
+        self.writes.push(entry.record_write());
         warn!(agent_id = %agent, %reason, "agent revoked");
         let pending: Vec<ConnId> = self
             .pending
@@ -833,8 +908,7 @@ impl Core {
         let conn = live.conn;
         entry.record.state = AgentState::Draining;
         entry.record.last_seen = entry.record.last_seen.max(wall);
-        self.writes
-            .push(Write::Agent(Box::new(entry.record.clone())));
+        self.writes.push(entry.record_write());
         info!(agent_id = %agent, %reason, "agent asked to drain");
         self.send(conn, ToAgent::Drain { reason });
         Ok(self.agent(agent).expect("invariant: drained agent exists"))
@@ -883,4 +957,29 @@ impl Core {
         self.pending_acks.retain(|(c, _, _), _| *c != conn);
         self.actions.push_back(Action::Close { conn, reason });
     }
+}
+
+/// Records what an agent says of its health; returns whether it changed.
+fn set_health(agent: &AgentId, record: &mut AgentRecord, unhealthy: Option<String>) -> bool {
+    if record.unhealthy == unhealthy {
+        return false;
+    }
+    match &unhealthy {
+        Some(reason) => {
+            warn!(agent_id = %agent, %reason, "agent cannot work; it gets no work until it recovers")
+        }
+        None => info!(agent_id = %agent, "agent healthy again"),
+    }
+    record.unhealthy = unhealthy;
+    true
+}
+
+/// Whether an attempt that ended with `outcome` left the agent's mirror of
+/// the repository warm: one that failed by the agent's own fault, or never
+/// started, did not.
+fn warms_mirror(outcome: Option<Outcome>) -> bool {
+    !matches!(
+        outcome,
+        Some(Outcome::AgentFault | Outcome::NotAccepted | Outcome::Rejected)
+    )
 }

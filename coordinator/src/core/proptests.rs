@@ -383,6 +383,7 @@ impl Harness {
         let hello = FromAgent::Hello {
             advert: advert(agent),
             running: running.clone(),
+            unhealthy: None,
         };
         self.core.handle_message(conn, hello, now, wall);
         if self.core.conn_agent.get(&conn) != Some(&id) {
@@ -459,6 +460,7 @@ impl Harness {
                         FromAgent::Heartbeat {
                             free_slots: 0,
                             running,
+                            unhealthy: None,
                         },
                     );
                 }
@@ -713,6 +715,13 @@ impl Harness {
                 );
             }
             let on = holder.remove(&task.id);
+            prop_assert_eq!(
+                self.core.queue.contains(task.id),
+                task.state == TaskState::Queued,
+                "{} {:?}: in the placement queue or not as its state says",
+                task.id,
+                task.state
+            );
             match task.state {
                 TaskState::Assigned | TaskState::Running => {
                     let current = task.current().map(|a| (a.attempt, a.agent.clone()));
@@ -768,6 +777,21 @@ impl Harness {
             holder.is_empty(),
             "slots taken by unknown tasks {:?}",
             holder
+        );
+        let queued = self
+            .core
+            .tasks()
+            .filter(|t| t.state == TaskState::Queued)
+            .count();
+        prop_assert_eq!(self.core.queue.len(), queued, "the queue holds other tasks");
+        let mut live_per_repo: BTreeMap<String, usize> = BTreeMap::new();
+        for task in self.core.tasks().filter(|t| t.state.is_live()) {
+            *live_per_repo.entry(task.spec.repo_url.clone()).or_default() += 1;
+        }
+        prop_assert_eq!(
+            &self.core.repo_live,
+            &live_per_repo,
+            "live attempts per repository"
         );
         Ok(())
     }

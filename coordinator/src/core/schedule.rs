@@ -12,13 +12,15 @@
 //! placement records these reasons.
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::ids::{AgentId, TaskId};
 use common::time::UnixMillis;
 use common::types::{Specialty, Toolchain};
 
+use tracing::warn;
+
+use super::queue::FreeAgents;
 use super::task::TaskState;
 use super::{AgentState, Core};
 
@@ -71,45 +73,40 @@ struct Rank {
 }
 
 impl Core {
-    /// Assigns queued tasks to free agents until nothing more fits.
+    /// Assigns queued tasks to free agents until nothing more fits. One
+    /// round looks only at the agents and at one queued task per
+    /// repository lane that a free agent can serve (see `queue`).
     pub(super) fn schedule(&mut self, now: Instant, wall: UnixMillis) {
+        self.queue.advance(now, wall);
         loop {
-            if !self.any_free_agent() {
+            let free = self.free_agents();
+            if free.specialties.is_empty() {
                 return;
             }
-            let mut repo_load: BTreeMap<&str, usize> = BTreeMap::new();
-            for t in self.tasks.values().filter(|t| t.state.is_live()) {
-                *repo_load.entry(t.spec.repo_url.as_str()).or_default() += 1;
-            }
-            let mut ready: Vec<(Reverse<i32>, usize, TaskId)> = self
-                .tasks
-                .values()
-                .filter(|t| t.state == TaskState::Queued)
-                .filter(|t| t.not_before.is_none_or(|nb| nb <= wall))
-                .map(|t| {
-                    let load = repo_load
-                        .get(t.spec.repo_url.as_str())
-                        .copied()
-                        .unwrap_or(0);
-                    (Reverse(t.priority), load, t.id)
-                })
-                .collect();
-            if ready.is_empty() {
-                return;
-            }
-            ready.sort();
-            let choice = ready
-                .iter()
-                .find_map(|&(_, _, id)| self.place(id, now).map(|c| (id, c)));
-            let Some((id, (agent, reason))) = choice else {
+            let Some(candidate) = self.queue.next(&free, &self.repo_live) else {
                 return;
             };
-            self.assign(id, agent, reason, now, wall);
+            let Some((agent, reason)) = self.place(candidate.id) else {
+                // The queue offered it because a free agent serves it, so
+                // `place` finds one; if not, wait for the next event.
+                warn!(task_id = %candidate.id, "no agent found for a task a free agent should serve");
+                return;
+            };
+            self.assign(candidate.id, agent, reason, now, wall);
         }
     }
 
-    fn any_free_agent(&self) -> bool {
-        self.agents.values().any(|e| self.free_slots(e) > 0)
+    /// What the agents with a free slot advertise.
+    fn free_agents(&self) -> FreeAgents {
+        let mut free = FreeAgents::default();
+        for entry in self.agents.values() {
+            if self.free_slots(entry) > 0
+                && let Some(advert) = entry.record.advert.as_ref()
+            {
+                free.specialties.extend(advert.specialties.iter().copied());
+            }
+        }
+        free
     }
 
     /// Slots an agent can take new work in: zero unless connected, not
@@ -119,6 +116,7 @@ impl Core {
             return 0;
         };
         if entry.record.state != AgentState::Connected
+            || entry.record.unhealthy.is_some()
             || live.cooldown_until.is_some_and(|c| c > self.last_now)
         {
             return 0;
@@ -128,12 +126,10 @@ impl Core {
     }
 
     /// The best agent for task `id` now, with the reasons.
-    fn place(&self, id: TaskId, now: Instant) -> Option<(AgentId, String)> {
+    fn place(&self, id: TaskId) -> Option<(AgentId, String)> {
         let task = self.tasks.get(&id)?;
         let wanted = task.spec.specialty;
-        let waited = self.queued_since.get(&id).is_some_and(|since| {
-            now.saturating_duration_since(*since) >= self.config.general_fallback_after
-        });
+        let waited = self.queue.in_fallback(id);
         let mut best: Option<(Rank, &AgentId)> = None;
         for (agent_id, entry) in &self.agents {
             let free = self.free_slots(entry);
@@ -186,30 +182,123 @@ impl Core {
         Some((agent.clone(), reasons.join("; ")))
     }
 
-    /// When queued tasks become eligible for `general` agents.
-    pub(super) fn fallback_deadlines(&self) -> impl Iterator<Item = Instant> + '_ {
-        self.queued_since.iter().filter_map(|(id, since)| {
-            let task = self.tasks.get(id)?;
-            let at = *since + self.config.general_fallback_after;
-            (task.state == TaskState::Queued
-                && task.spec.specialty != Specialty::General
-                && at > self.last_now)
-                .then_some(at)
-        })
+    /// Queue entries looked at by scheduling so far: what one event costs,
+    /// for tests that count work instead of timing it.
+    pub fn schedule_work(&self) -> u64 {
+        self.queue.examined()
+    }
+
+    /// Why a queued task is not placed yet, in words (`None` when it is
+    /// not queued). Read by people through `ccc submit` and `ccc task`.
+    pub fn waiting_reason(&self, id: TaskId, now: Instant, wall: UnixMillis) -> Option<String> {
+        let (now, wall) = (now.max(self.last_now), wall.max(self.last_wall));
+        let task = self.tasks.get(&id)?;
+        if task.state != TaskState::Queued {
+            return None;
+        }
+        if let Some(nb) = task.not_before.filter(|nb| nb.0 > wall.0) {
+            let wait = Duration::from_secs((nb.0 - wall.0).div_ceil(1000));
+            return Some(format!(
+                "waiting {} before its next attempt (until {})",
+                humantime::format_duration(wait),
+                nb.to_rfc3339()
+            ));
+        }
+        let wanted = task.spec.specialty;
+        let connected = || {
+            self.agents
+                .values()
+                .filter(|e| e.live.is_some())
+                .filter_map(|e| Some((e, e.record.advert.as_ref()?)))
+        };
+        let able: Vec<&super::AgentEntry> = connected()
+            .filter(|(_, a)| wanted == Specialty::General || a.specialties.contains(&wanted))
+            .map(|(e, _)| e)
+            .collect();
+        if !able.is_empty() {
+            return Some(format!(
+                "every {wanted} agent is busy or unavailable: {}",
+                self.unavailability(&able, now)
+            ));
+        }
+        if wanted == Specialty::General {
+            return Some("no agent is connected".into());
+        }
+        let mut why = format!("no connected agent has specialty {wanted}");
+        let generals: Vec<&super::AgentEntry> = connected()
+            .filter(|(_, a)| a.specialties.contains(&Specialty::General))
+            .map(|(e, _)| e)
+            .collect();
+        match self.queue.fallback_at(id) {
+            Some(at) if at > now => {
+                let wait = Duration::from_secs(at.duration_since(now).as_secs_f64().ceil() as u64);
+                why.push_str(&format!(
+                    "; general agents may take it after {}",
+                    humantime::format_duration(wait)
+                ));
+                if generals.is_empty() {
+                    why.push_str(" (none is connected now)");
+                }
+            }
+            _ if generals.is_empty() => why.push_str("; no general agent is connected either"),
+            _ => why.push_str(&format!(
+                "; the general agents are busy or unavailable: {}",
+                self.unavailability(&generals, now)
+            )),
+        }
+        Some(why)
+    }
+
+    /// Why each of `agents` takes no new work now, e.g. "pc-01 (2 of 2
+    /// slots taken), pc-02 (draining)"; a few named, the rest counted.
+    fn unavailability(&self, agents: &[&super::AgentEntry], now: Instant) -> String {
+        const NAMED: usize = 5;
+        let mut parts: Vec<String> = agents
+            .iter()
+            .take(NAMED)
+            .map(|e| {
+                let why = if let Some(reason) = &e.record.unhealthy {
+                    format!("unhealthy: {reason}")
+                } else if e.record.state == AgentState::Draining {
+                    "draining".into()
+                } else if e
+                    .live
+                    .as_ref()
+                    .and_then(|l| l.cooldown_until)
+                    .is_some_and(|c| c > now)
+                {
+                    "cooling down after a usage limit".into()
+                } else {
+                    let capacity = e.record.advert.as_ref().map_or(0, |a| a.capacity);
+                    format!("{} of {capacity} slots taken", e.load.len())
+                };
+                format!("{} ({why})", e.record.id)
+            })
+            .collect();
+        if agents.len() > NAMED {
+            parts.push(format!("and {} more", agents.len() - NAMED));
+        }
+        parts.join(", ")
     }
 
     pub(super) fn take_slot(&mut self, agent: &AgentId, task: TaskId, repo: &str) {
         if let Some(entry) = self.agents.get_mut(agent) {
             entry.load.insert(task);
-            entry.repos.insert(repo.to_owned());
         }
+        *self.repo_live.entry(repo.to_owned()).or_default() += 1;
     }
 
-    pub(super) fn release_slot(&mut self, agent: &AgentId, task: TaskId, now: Instant) {
+    pub(super) fn release_slot(&mut self, agent: &AgentId, task: TaskId, repo: &str, now: Instant) {
         if let Some(entry) = self.agents.get_mut(agent) {
             entry.load.remove(&task);
             if entry.load.is_empty() {
                 entry.idle_since = now;
+            }
+        }
+        if let Some(n) = self.repo_live.get_mut(repo) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.repo_live.remove(repo);
             }
         }
     }

@@ -17,6 +17,7 @@ use common::types::{FinishedReport, Outcome, OutputKind, Phase, TaskSpec};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
+use super::queue::Queued;
 use super::{Action, Core, TaskEvent, ToAgent, Write};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -105,6 +106,11 @@ pub struct Task {
     /// attempts. Kept so that a restart restores the same budget.
     #[serde(default = "every_attempt")]
     pub output_since: Attempt,
+    /// Why a queued task is not placed yet, filled by the driver in answers
+    /// to admins from `Core::waiting_reason`; never set in the core's own
+    /// copy and never persisted (it changes as agents come and go).
+    #[serde(skip)]
+    pub waiting_reason: Option<String>,
 }
 
 /// Records written before `output_since` existed: every attempt counts.
@@ -125,14 +131,19 @@ impl Task {
         Attempt(self.current().map_or(1, |a| a.attempt.0 + 1))
     }
 
-    /// Attempts that count against `max_attempts`: a rate limit or a
+    /// Attempts that count against `max_attempts`: a rate limit, a
     /// cancelled attempt that nobody asked to cancel (agent shutting down)
-    /// is not the task's fault.
+    /// or a PC that could not work is not the task's fault.
     pub fn counted_attempts(&self) -> u32 {
         let n = self
             .attempts
             .iter()
-            .filter(|a| !matches!(a.outcome, Some(Outcome::RateLimited | Outcome::Cancelled)))
+            .filter(|a| {
+                !matches!(
+                    a.outcome,
+                    Some(Outcome::RateLimited | Outcome::Cancelled | Outcome::AgentFault)
+                )
+            })
             .count();
         u32::try_from(n).unwrap_or(u32::MAX)
     }
@@ -200,8 +211,16 @@ enum Disposition {
 
 /// `rate_limit_until`: when a rate limit lifts, already bounded by
 /// [`Core::rate_limit_reset`].
-fn disposition(outcome: Outcome, rate_limit_until: Option<UnixMillis>) -> Disposition {
+fn disposition(
+    outcome: Outcome,
+    rate_limit_until: Option<UnixMillis>,
+    permanent: bool,
+) -> Disposition {
     match outcome {
+        // The agent says another attempt would fail the same way.
+        _ if permanent && matches!(disposition(outcome, None, false), Disposition::Retry) => {
+            Disposition::Terminal(TaskState::Failed)
+        }
         Outcome::Succeeded | Outcome::TestsFailed => Disposition::Terminal(TaskState::Succeeded),
         Outcome::NoChanges
         | Outcome::TurnLimit
@@ -264,9 +283,11 @@ impl Core {
             not_before: None,
             cancel_requested: None,
             output_since: every_attempt(),
+            waiting_reason: None,
         };
         info!(task_id = %id, repo = %task.spec.repo_url, specialty = %task.spec.specialty, "task submitted");
-        self.queued_since.insert(id, now);
+        self.queue
+            .insert(Queued::of(&task, now), self.config.general_fallback_after);
         self.tasks.insert(id, task);
         self.persist_task(id);
         self.schedule(now, wall);
@@ -289,7 +310,7 @@ impl Core {
             task.state = TaskState::Cancelled;
             task.state_reason = format!("cancelled: {reason}");
             task.updated_at = wall;
-            self.queued_since.remove(&id);
+            self.queue.remove(id);
             self.persist_task(id);
             self.publish_state(id);
             return Ok(());
@@ -379,19 +400,24 @@ impl Core {
             }
         }
         // Live attempts the agent no longer knows about: lost (an agent
-        // restart, or an Assign that never arrived).
+        // restart, or an Assign that never arrived). Its load is exactly
+        // the tasks whose live attempt is on it.
         let lost: Vec<TaskId> = self
-            .tasks
-            .values()
-            .filter(|t| t.state.is_live())
-            .filter(|t| t.current().is_some_and(|a| &a.agent == agent))
-            .filter(|t| {
-                let current = t.current().map(|a| a.attempt);
+            .agents
+            .get(agent)
+            .map(|e| e.load.iter().copied().collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|id| {
+                let current = self
+                    .tasks
+                    .get(id)
+                    .and_then(|t| t.current())
+                    .map(|a| a.attempt);
                 !running
                     .iter()
-                    .any(|r| r.task == t.id && Some(r.attempt) == current)
+                    .any(|r| r.task == *id && Some(r.attempt) == current)
             })
-            .map(|t| t.id)
             .collect();
         for id in lost {
             self.end_attempt(
@@ -626,9 +652,24 @@ impl Core {
         if outcome == Outcome::RateLimited {
             self.cool_down(agent, &report, now, wall);
         }
+        if outcome == Outcome::AgentFault {
+            // At once, not at its next heartbeat: the scheduler runs right
+            // after this report. The agent's own heartbeats say when it
+            // has recovered.
+            self.mark_unhealthy(agent, report.message.clone());
+        }
         let message = report.message.clone();
         self.end_attempt(id, outcome, message, Some(report), now, wall);
         self.send(conn, ToAgent::FinishedAck { task: id, attempt });
+    }
+
+    fn mark_unhealthy(&mut self, agent: &AgentId, reason: String) {
+        if let Some(entry) = self.agents.get_mut(agent)
+            && super::set_health(agent, &mut entry.record, Some(reason))
+        {
+            let write = entry.record_write();
+            self.writes.push(write);
+        }
     }
 
     /// Gives an agent that hit the API's usage limit no work until the
@@ -714,18 +755,13 @@ impl Core {
             l.accept_deadline
                 .map_or(l.lease_deadline, |a| a.min(l.lease_deadline))
         });
-        // Only backoffs still ahead: a passed one has nothing left to wake
-        // for (the task waits for an agent), and returning it would make the
-        // driver spin.
-        let backoff = self
-            .tasks
-            .values()
-            .filter(|t| t.state == TaskState::Queued)
-            .filter_map(|t| t.not_before)
-            .filter(|nb| *nb > self.last_wall)
-            .map(|nb| self.instant_of(nb));
-        let fallback = self.fallback_deadlines();
-        live.chain(backoff).chain(fallback).min()
+        // A passed backoff or fallback is still returned until the queue
+        // has advanced past it (at the next `handle_timeout`), and then it
+        // is gone: the driver cannot spin on it.
+        let (backoff, fallback) = self.queue.next_due();
+        live.chain(backoff.map(|nb| self.instant_of(nb)))
+            .chain(fallback)
+            .min()
     }
 
     // ---- transitions ----
@@ -750,7 +786,8 @@ impl Core {
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
         };
-        let disposition = disposition(outcome, rate_limit_until);
+        let permanent = report.as_ref().is_some_and(|r| r.permanent);
+        let disposition = disposition(outcome, rate_limit_until, permanent);
         let Some(current) = task.current_mut() else {
             return;
         };
@@ -759,7 +796,13 @@ impl Core {
         current.message = message.clone();
         current.report = report;
         let agent = current.agent.clone();
-        self.release_slot(&agent, id, now);
+        let repo = task.spec.repo_url.clone();
+        self.release_slot(&agent, id, &repo, now);
+        if super::warms_mirror(Some(outcome))
+            && let Some(entry) = self.agents.get_mut(&agent)
+        {
+            entry.repos.insert(repo);
+        }
         let task = self.tasks.get_mut(&id).expect("invariant: task exists");
         task.updated_at = wall;
         if let Some(reason) = task.cancel_requested.clone() {
@@ -776,7 +819,11 @@ impl Core {
         match disposition {
             Disposition::Terminal(state) => {
                 task.state = state;
-                task.state_reason = format!("{outcome}: {message}");
+                task.state_reason = if permanent && state == TaskState::Failed {
+                    format!("{outcome}: {message} (permanent: not retried)")
+                } else {
+                    format!("{outcome}: {message}")
+                };
                 info!(task_id = %id, state = state.as_str(), "task finished");
                 self.persist_task(id);
                 self.publish_state(id);
@@ -839,7 +886,8 @@ impl Core {
         task.not_before = not_before;
         task.queued_at = wall;
         task.updated_at = wall;
-        self.queued_since.insert(id, now);
+        self.queue
+            .insert(Queued::of(task, now), self.config.general_fallback_after);
         self.persist_task(id);
         self.publish_state(id);
     }
@@ -877,7 +925,7 @@ impl Core {
         task.not_before = None;
         task.updated_at = wall;
         let spec = task.spec.clone();
-        self.queued_since.remove(&id);
+        self.queue.remove(id);
         self.live.insert(
             id,
             LiveAttempt {

@@ -23,15 +23,15 @@ fn config() -> CoreConfig {
     }
 }
 
-struct H {
-    core: Core,
+pub(super) struct H {
+    pub(super) core: Core,
     t0: Instant,
-    secs: u64,
-    next_conn: u64,
-    conns: BTreeMap<String, ConnId>,
+    pub(super) secs: u64,
+    pub(super) next_conn: u64,
+    pub(super) conns: BTreeMap<String, ConnId>,
 }
 
-fn id(name: &str) -> AgentId {
+pub(super) fn id(name: &str) -> AgentId {
     AgentId::new(name).expect("valid name")
 }
 
@@ -53,19 +53,23 @@ pub(crate) fn spec(repo: &str, specialty: Specialty) -> TaskSpec {
     }
 }
 
-fn report(outcome: Outcome) -> FinishedReport {
+pub(super) fn report(outcome: Outcome) -> FinishedReport {
     FinishedReport::new(outcome, outcome.to_string())
 }
 
 impl H {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self::restored(Restored::default())
     }
 
-    fn restored(restored: Restored) -> Self {
+    pub(super) fn restored(restored: Restored) -> Self {
+        Self::with_config(config(), restored)
+    }
+
+    pub(super) fn with_config(config: CoreConfig, restored: Restored) -> Self {
         let t0 = Instant::now();
         Self {
-            core: Core::new(config(), restored, t0, UnixMillis(1_000_000)),
+            core: Core::new(config, restored, t0, UnixMillis(1_000_000)),
             t0,
             secs: 0,
             next_conn: 0,
@@ -73,20 +77,20 @@ impl H {
         }
     }
 
-    fn now(&self) -> (Instant, UnixMillis) {
+    pub(super) fn now(&self) -> (Instant, UnixMillis) {
         (
             self.t0 + Duration::from_secs(self.secs),
             UnixMillis(1_000_000 + self.secs * 1000),
         )
     }
 
-    fn advance(&mut self, secs: u64) {
+    pub(super) fn advance(&mut self, secs: u64) {
         self.secs += secs;
         let (now, wall) = self.now();
         self.core.handle_timeout(now, wall);
     }
 
-    fn connect_with(
+    pub(super) fn connect_with(
         &mut self,
         name: &str,
         specialties: &[Specialty],
@@ -115,17 +119,25 @@ impl H {
             hostname: String::new(),
             instance_id: String::new(),
         };
-        self.core
-            .handle_message(conn, FromAgent::Hello { advert, running }, now, wall);
+        self.core.handle_message(
+            conn,
+            FromAgent::Hello {
+                advert,
+                running,
+                unhealthy: None,
+            },
+            now,
+            wall,
+        );
         self.conns.insert(name.into(), conn);
         conn
     }
 
-    fn connect(&mut self, name: &str, specialty: Specialty, capacity: u32) -> ConnId {
+    pub(super) fn connect(&mut self, name: &str, specialty: Specialty, capacity: u32) -> ConnId {
         self.connect_with(name, &[specialty], capacity, &[], vec![])
     }
 
-    fn submit(&mut self, repo: &str, specialty: Specialty, priority: i32) -> TaskId {
+    pub(super) fn submit(&mut self, repo: &str, specialty: Specialty, priority: i32) -> TaskId {
         let (now, wall) = self.now();
         self.core.submit(
             NewTask {
@@ -140,20 +152,20 @@ impl H {
         )
     }
 
-    fn msg(&mut self, agent: &str, msg: FromAgent) {
+    pub(super) fn msg(&mut self, agent: &str, msg: FromAgent) {
         let conn = self.conns[agent];
         let (now, wall) = self.now();
         self.core.handle_message(conn, msg, now, wall);
     }
 
-    fn close(&mut self, agent: &str) {
+    pub(super) fn close(&mut self, agent: &str) {
         let conn = self.conns[agent];
         let (now, wall) = self.now();
         self.core.handle_closed(conn, "gone".into(), now, wall);
     }
 
     /// The messages sent since the last call, as (agent, message).
-    fn sent(&mut self) -> Vec<(String, ToAgent)> {
+    pub(super) fn sent(&mut self) -> Vec<(String, ToAgent)> {
         let by_conn: BTreeMap<ConnId, String> =
             self.conns.iter().map(|(n, c)| (*c, n.clone())).collect();
         std::iter::from_fn(|| self.core.poll_action())
@@ -166,7 +178,7 @@ impl H {
             .collect()
     }
 
-    fn assigned(&mut self) -> Vec<(String, TaskId, Attempt)> {
+    pub(super) fn assigned(&mut self) -> Vec<(String, TaskId, Attempt)> {
         self.sent()
             .into_iter()
             .filter_map(|(agent, m)| match m {
@@ -177,7 +189,7 @@ impl H {
     }
 
     /// The output acknowledgements sent since the last call.
-    fn acks(&mut self) -> Vec<u64> {
+    pub(super) fn acks(&mut self) -> Vec<u64> {
         self.sent()
             .into_iter()
             .filter_map(|(_, m)| match m {
@@ -188,7 +200,7 @@ impl H {
     }
 
     /// The seqs of the output chunks written since the last call.
-    fn stored_seqs(&mut self) -> Vec<u64> {
+    pub(super) fn stored_seqs(&mut self) -> Vec<u64> {
         self.core
             .take_writes()
             .into_iter()
@@ -199,19 +211,19 @@ impl H {
             .collect()
     }
 
-    fn state(&self, task: TaskId) -> TaskState {
+    pub(super) fn state(&self, task: TaskId) -> TaskState {
         self.core.task(task).expect("task").state
     }
 }
 
-fn accepted(task: TaskId, attempt: u32) -> FromAgent {
+pub(super) fn accepted(task: TaskId, attempt: u32) -> FromAgent {
     FromAgent::Accepted {
         task,
         attempt: Attempt(attempt),
     }
 }
 
-fn finished(task: TaskId, attempt: u32, outcome: Outcome) -> FromAgent {
+pub(super) fn finished(task: TaskId, attempt: u32, outcome: Outcome) -> FromAgent {
     FromAgent::Finished {
         task,
         attempt: Attempt(attempt),

@@ -50,6 +50,7 @@ fn hello() -> FromAgent {
     FromAgent::Hello {
         advert: advert(),
         running: vec![],
+        unhealthy: None,
     }
 }
 
@@ -133,6 +134,7 @@ fn anything_before_hello_closes_the_stream() {
         FromAgent::Heartbeat {
             free_slots: 1,
             running: vec![],
+            unhealthy: None,
         },
         now,
         wall,
@@ -214,6 +216,7 @@ fn heartbeats_keep_the_stream_alive() {
             FromAgent::Heartbeat {
                 free_slots: 1,
                 running: vec![],
+                unhealthy: None,
             },
             now,
             wall,
@@ -410,7 +413,7 @@ proptest! {
                     h.core.handle_message(ConnId(c), hello(), now, wall);
                 }
                 Step::Heartbeat(slot) => if let Some(c) = slot_conn[usize::from(slot)] {
-                    h.core.handle_message(ConnId(c), FromAgent::Heartbeat { free_slots: 1, running: vec![] }, now, wall);
+                    h.core.handle_message(ConnId(c), FromAgent::Heartbeat { free_slots: 1, running: vec![], unhealthy: None }, now, wall);
                 }
                 Step::Close(slot) => if let Some(c) = slot_conn[usize::from(slot)].take() {
                     h.core.handle_closed(ConnId(c), "closed".into(), now, wall);

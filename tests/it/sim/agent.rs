@@ -148,6 +148,7 @@ impl SimAgent {
         FromAgent::Hello {
             advert: self.advert.clone(),
             running: self.reported(),
+            unhealthy: None,
         }
     }
 
@@ -155,6 +156,7 @@ impl SimAgent {
         FromAgent::Heartbeat {
             free_slots: self.advert.capacity.saturating_sub(self.running()),
             running: self.reported(),
+            unhealthy: None,
         }
     }
 

@@ -120,6 +120,7 @@ fn from_agent(msg: &FromAgent) -> String {
         FromAgent::Heartbeat {
             free_slots,
             running,
+            ..
         } => format!("Heartbeat free={free_slots} {}", reported(running)),
         FromAgent::Draining { .. } => "Draining".into(),
         FromAgent::Accepted { task, attempt } => format!("Accepted {task}#{attempt}"),
