@@ -118,6 +118,54 @@ fn a_second_stream_with_the_same_certificate_replaces_the_first() {
 }
 
 #[test]
+fn a_second_process_with_the_same_certificate_is_refused_while_the_first_is_connected() {
+    let mut cluster = Cluster::new("duplicate");
+    cluster.start_coordinator();
+    let certs = cluster.pki.agent_certs("pc-02", &cluster.dir.join("raw"));
+    let as_instance = |instance: &str| AgentMessage {
+        msg: Some(agent_message::Msg::Hello(proto::Hello {
+            agent_version: "raw".into(),
+            specialties: vec![proto::Specialty::Backend as i32],
+            capacity: 1,
+            instance_id: instance.into(),
+            ..Default::default()
+        })),
+    };
+    runtime().block_on(async {
+        let mut first = open(&cluster, &certs, as_instance("first")).await;
+        assert!(matches!(next(&mut first).await, Ok(Some(_))), "welcome");
+        let mut second = open(&cluster, &certs, as_instance("second")).await;
+        let status = next(&mut second).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status:?}");
+        assert!(
+            status
+                .message()
+                .starts_with("agent pc-02 is already connected from 127.0.0.1:"),
+            "{status:?}"
+        );
+        let agents = cluster.wait_agents(&["pc-02"], "connected");
+        assert_eq!(agents[0]["connections"], 1, "the first stream was replaced");
+        // Once the first process is gone, another may take its place.
+        drop(first);
+        let third = tokio::time::timeout(READY, async {
+            loop {
+                let mut third = open(&cluster, &certs, as_instance("third")).await;
+                match next(&mut third).await {
+                    Ok(Some(_)) => break third,
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+        .await
+        .expect("the third process was let in after the first left");
+        drop(third.tx);
+    });
+    cluster
+        .coordinator()
+        .wait_for_log("second agent process refused", Duration::from_secs(5));
+}
+
+#[test]
 fn a_hostile_hello_closes_the_stream_with_a_clear_status() {
     let mut cluster = Cluster::new("hostile").with_coordinator_args(&["--heartbeat-timeout", "3s"]);
     cluster.start_coordinator();
