@@ -11,6 +11,7 @@ pub mod driver;
 pub mod grpc;
 pub mod server;
 pub mod store;
+pub mod triage;
 
 use std::sync::Arc;
 use std::time::Duration;
