@@ -503,6 +503,7 @@ mod tests {
                 },
                 spec: crate::core::task_tests::spec("r", Specialty::Backend),
                 priority: 0,
+                triage: None,
             },
             reply,
         });

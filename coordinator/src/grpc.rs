@@ -26,12 +26,13 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::core::{
     AdminError, AgentState, AgentView, CloseReason, FromAgent, NewTask, OpenRejected, ReportedTask,
-    Task, TaskError, TaskEvent, TaskSource, TaskState, ToAgent,
+    Task, TaskError, TaskEvent, TaskSource, TaskState, TaskTriage, ToAgent,
 };
 use crate::driver::{
     Command, DriverGone, DriverHandle, OUTBOUND_QUEUE, Outbound, TaskQuery, WATCH_QUEUE,
 };
 use crate::store::Store;
+use crate::triage::{self, Rules};
 
 impl From<DriverGone> for Status {
     fn from(e: DriverGone) -> Self {
@@ -433,11 +434,16 @@ fn close_status(reason: CloseReason) -> Status {
 pub struct Admin {
     driver: DriverHandle,
     store: Arc<dyn Store>,
+    rules: Arc<Rules>,
 }
 
 impl Admin {
-    pub fn new(driver: DriverHandle, store: Arc<dyn Store>) -> Self {
-        Self { driver, store }
+    pub fn new(driver: DriverHandle, store: Arc<dyn Store>, rules: Arc<Rules>) -> Self {
+        Self {
+            driver,
+            store,
+            rules,
+        }
     }
 }
 
@@ -578,6 +584,7 @@ pub fn task_info(task: &Task) -> proto::TaskInfo {
             .map(|o| o.to_string())
             .unwrap_or_default(),
         waiting_reason: task.waiting_reason.clone().unwrap_or_default(),
+        triage: task.triage.as_ref().map(triage_report),
     }
 }
 
@@ -605,7 +612,11 @@ fn state_event(task: &Task) -> proto::TaskEvent {
     }
 }
 
-fn new_task(req: proto::SubmitTaskRequest, admin: &PeerIdentity) -> Result<NewTask, Status> {
+fn new_task(
+    req: proto::SubmitTaskRequest,
+    admin: &PeerIdentity,
+    rules: &Rules,
+) -> Result<NewTask, Status> {
     let field = |name: &str, value: &str, max: usize, required: bool| -> Result<(), Status> {
         if required && value.trim().is_empty() {
             return Err(Status::invalid_argument(format!("{name} is required")));
@@ -637,12 +648,35 @@ fn new_task(req: proto::SubmitTaskRequest, admin: &PeerIdentity) -> Result<NewTa
     if req.technologies.len() > 32 {
         return Err(Status::invalid_argument("at most 32 technologies"));
     }
-    let specialty = if req.specialty == 0 {
-        common::types::Specialty::General
+    let given = if req.specialty == 0 {
+        None
     } else {
-        wire::specialty_from_proto(req.specialty)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?
+        Some(
+            wire::specialty_from_proto(req.specialty)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+        )
     };
+    // Every task is triaged; the submitter's specialty, when given, wins.
+    let result = triage::triage(
+        &triage::Issue {
+            title: &req.title,
+            body: &req.body,
+            labels: &[],
+            languages: &[],
+        },
+        rules,
+    );
+    let specialty = given.unwrap_or(result.specialty);
+    let mut technologies: Vec<String> = req
+        .technologies
+        .into_iter()
+        .map(|t| bounded(t, 64))
+        .collect();
+    for tech in &result.technologies {
+        if !technologies.iter().any(|t| t.eq_ignore_ascii_case(tech)) {
+            technologies.push(tech.clone());
+        }
+    }
     Ok(NewTask {
         source: TaskSource::Manual {
             submitted_by: admin.name.clone(),
@@ -657,17 +691,46 @@ fn new_task(req: proto::SubmitTaskRequest, admin: &PeerIdentity) -> Result<NewTa
             author: admin.name.clone(),
             labels: Vec::new(),
             specialty,
-            technologies: req
-                .technologies
-                .into_iter()
-                .map(|t| bounded(t, 64))
-                .collect(),
+            technologies,
             branch: req.follow_up_branch,
             follow_up,
             test_command: req.test_command,
         },
         priority: req.priority.clamp(-1000, 1000),
+        triage: Some(TaskTriage {
+            result,
+            specialty_given: given.is_some(),
+        }),
     })
+}
+
+fn triage_report(t: &TaskTriage) -> proto::TriageReport {
+    let r = &t.result;
+    proto::TriageReport {
+        specialty: wire::specialty_to_proto(r.specialty) as i32,
+        confidence: r.confidence,
+        scores: r.scores.iter().map(|(s, v)| (s.to_string(), *v)).collect(),
+        complexity: r.complexity.as_str().to_owned(),
+        technologies: r.technologies.clone(),
+        keywords: r.keywords.clone(),
+        evidence: r
+            .evidence
+            .iter()
+            .map(|e| proto::TriageEvidence {
+                signal: e.signal.clone(),
+                source: e.source.as_str().to_owned(),
+                weight: e.weight,
+                specialty: e
+                    .specialty
+                    .map_or(proto::Specialty::Unspecified, wire::specialty_to_proto)
+                    as i32,
+                technology: e.technology.clone().unwrap_or_default(),
+            })
+            .collect(),
+        unclear: r.unclear,
+        missing: r.missing.clone(),
+        specialty_given: t.specialty_given,
+    }
 }
 
 fn agent_id(raw: &str) -> Result<AgentId, Status> {
@@ -789,7 +852,7 @@ impl admin_server::Admin for Admin {
         req: Request<proto::SubmitTaskRequest>,
     ) -> Result<Response<proto::TaskInfo>, Status> {
         let admin = authorize(&req, Role::Admin, "Admin API")?;
-        let task = new_task(req.into_inner(), &admin)?;
+        let task = new_task(req.into_inner(), &admin, &self.rules)?;
         let task = self
             .driver
             .call(|reply| Command::Submit { task, reply })

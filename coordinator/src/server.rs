@@ -171,7 +171,7 @@ pub async fn serve_grpc(
         .add_service(reflection().build_v1alpha()?)
         .add_service(AgentGatewayServer::new(Gateway::new(driver.clone())))
         .add_service(AdminServer::with_interceptor(
-            Admin::new(driver, store),
+            Admin::new(driver, store, Arc::new(crate::triage::Rules::defaults())),
             admin_only,
         ))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

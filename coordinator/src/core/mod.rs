@@ -26,7 +26,9 @@ pub mod schedule;
 pub mod task;
 
 use queue::{Queue, Queued};
-pub use task::{AttemptRecord, NewTask, OutputPosition, Task, TaskError, TaskSource, TaskState};
+pub use task::{
+    AttemptRecord, NewTask, OutputPosition, Task, TaskError, TaskSource, TaskState, TaskTriage,
+};
 use task::{LiveAttempt, OutputBudget};
 
 /// How often an agent's `last_seen` is written while only heartbeats come:

@@ -818,6 +818,7 @@ fn new_task(specialty: usize, priority: i32, repo: u8) -> NewTask {
             test_command: String::new(),
         },
         priority,
+        triage: None,
     }
 }
 

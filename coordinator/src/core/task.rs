@@ -111,6 +111,17 @@ pub struct Task {
     /// copy and never persisted (it changes as agents come and go).
     #[serde(skip)]
     pub waiting_reason: Option<String>,
+    /// What triage read in the issue (tasks from before triage have none).
+    #[serde(default)]
+    pub triage: Option<TaskTriage>,
+}
+
+/// A task's triage, and whether its specialty came from the submitter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskTriage {
+    pub result: crate::triage::Triage,
+    /// The submitter named the specialty; triage only informed.
+    pub specialty_given: bool,
 }
 
 /// Records written before `output_since` existed: every attempt counts.
@@ -163,6 +174,7 @@ pub struct NewTask {
     pub source: TaskSource,
     pub spec: TaskSpec,
     pub priority: i32,
+    pub triage: Option<TaskTriage>,
 }
 
 /// What the coordinator tracks of a live attempt, in memory only.
@@ -284,6 +296,7 @@ impl Core {
             cancel_requested: None,
             output_since: every_attempt(),
             waiting_reason: None,
+            triage: new.triage,
         };
         info!(task_id = %id, repo = %task.spec.repo_url, specialty = %task.spec.specialty, "task submitted");
         self.queue

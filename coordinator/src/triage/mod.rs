@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::types::Specialty;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub mod rules;
 mod text;
@@ -41,7 +41,7 @@ pub struct Issue<'a> {
     pub languages: &'a [String],
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Complexity {
     Low,
@@ -60,7 +60,7 @@ impl Complexity {
 }
 
 /// One signal that counted.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {
     /// The term, label, language or file as found.
     pub signal: String,
@@ -68,14 +68,15 @@ pub struct Evidence {
     /// What it added to the score, after the place's weight and the
     /// diminishing count of repeated signals.
     pub weight: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub specialty: Option<Specialty>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub technology: Option<String>,
 }
 
-/// The result. Field order is the JSON's (`ccc triage --json`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// The result. Field order is the JSON's (`ccc triage --json`); it is also
+/// stored with the task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Triage {
     pub specialty: Specialty,
     /// 0..=1: how clearly the chosen specialty stands out.

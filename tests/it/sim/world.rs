@@ -1155,5 +1155,6 @@ fn random_task(rng: &mut StdRng) -> NewTask {
             test_command: String::new(),
         },
         priority: rng.random_range(-2..=2),
+        triage: None,
     }
 }
