@@ -21,8 +21,11 @@ use common::types::{AgentAdvert, FinishedReport, OutputKind, Phase, TaskSpec};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+pub mod admin;
 pub mod schedule;
 pub mod task;
+
+pub use admin::AdminRecord;
 
 pub use task::{AttemptRecord, NewTask, OutputPosition, Task, TaskError, TaskSource, TaskState};
 use task::{LiveAttempt, OutputBudget};
@@ -97,6 +100,10 @@ pub struct AgentRecord {
     pub peer_address: String,
     pub last_disconnect_reason: Option<String>,
     pub revoked_reason: Option<String>,
+    /// Why an admin drained the agent; cleared by an undrain or when the
+    /// agent reconnects (a drain lasts for the stream it was sent on).
+    #[serde(default)]
+    pub drain_reason: Option<String>,
 }
 
 /// A task an agent says it holds (running, or finished but unacknowledged).
@@ -221,6 +228,8 @@ pub enum CloseReason {
     HelloTimeout,
     Revoked(String),
     Protocol(String),
+    /// An admin lifted the agent's drain: it reconnects and takes work.
+    Undrained,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -249,6 +258,10 @@ pub enum Write {
         kind: OutputKind,
         data: Arc<[u8]>,
     },
+    /// The agent's record is deleted.
+    ForgetAgent(AgentId),
+    /// An admin certificate's revocation record.
+    Admin(Box<AdminRecord>),
 }
 
 /// Why a new stream is refused.
@@ -263,6 +276,19 @@ pub enum AdminError {
     UnknownAgent(AgentId),
     NotConnected(AgentId),
     Revoked(AgentId),
+    /// Undrain of an agent that is not drained by an admin.
+    NotDrained(AgentId),
+    /// Unrevoke of an agent that is not revoked.
+    NotRevoked(AgentId),
+    /// Forget of an agent that is connected.
+    Connected(AgentId),
+    /// Forget of an agent that still holds live attempts.
+    HoldsTasks(AgentId, Vec<TaskId>),
+    /// An admin name no revocation was ever recorded for.
+    UnknownAdmin(String),
+    /// An admin may not revoke the certificate it is calling with.
+    OwnName(String),
+    InvalidName(String),
 }
 
 /// An agent as the Admin API shows it: the record plus its live session.
@@ -320,6 +346,7 @@ impl AgentEntry {
                 peer_address: String::new(),
                 last_disconnect_reason: None,
                 revoked_reason: None,
+                drain_reason: None,
             },
             live: None,
             load: BTreeSet::new(),
@@ -345,6 +372,8 @@ pub struct Core {
     next_task_id: u64,
     /// Output acknowledgements, coalesced per attempt until actions are polled.
     pending_acks: BTreeMap<(ConnId, TaskId, Attempt), u64>,
+    /// Admin certificate names with a revocation record.
+    admins: BTreeMap<String, AdminRecord>,
     /// The latest time given to the core.
     last_now: Instant,
     last_wall: UnixMillis,
@@ -378,6 +407,7 @@ impl Core {
             queued_since: BTreeMap::new(),
             next_task_id: 0,
             pending_acks: BTreeMap::new(),
+            admins: BTreeMap::new(),
             last_now: now,
             last_wall: wall,
             actions: VecDeque::new(),
@@ -642,6 +672,8 @@ impl Core {
         }
         let replaced = entry.live.take().map(|old| old.conn);
         entry.record.state = AgentState::Connected;
+        // A drain lasts for the stream it was sent on.
+        entry.record.drain_reason = None;
         entry.record.advert = Some(advert);
         entry.record.last_seen = wall;
         entry.record.connections += 1;
@@ -832,6 +864,7 @@ impl Core {
         };
         let conn = live.conn;
         entry.record.state = AgentState::Draining;
+        entry.record.drain_reason = Some(reason.clone());
         entry.record.last_seen = entry.record.last_seen.max(wall);
         self.writes
             .push(Write::Agent(Box::new(entry.record.clone())));

@@ -287,7 +287,7 @@ impl Core {
         info!(task_id = %id, %reason, "cancel requested");
         if !task.state.is_live() {
             task.state = TaskState::Cancelled;
-            task.state_reason = format!("cancelled: {reason}");
+            task.state_reason = reason;
             task.updated_at = wall;
             self.queued_since.remove(&id);
             self.persist_task(id);
@@ -767,7 +767,7 @@ impl Core {
                 matches!(disposition, Disposition::Terminal(TaskState::Succeeded));
             if !finished_anyway {
                 task.state = TaskState::Cancelled;
-                task.state_reason = format!("cancelled: {reason}");
+                task.state_reason = reason;
                 self.persist_task(id);
                 self.publish_state(id);
                 return;
@@ -776,7 +776,12 @@ impl Core {
         match disposition {
             Disposition::Terminal(state) => {
                 task.state = state;
-                task.state_reason = format!("{outcome}: {message}");
+                // The state names the outcome when they are the same word.
+                task.state_reason = if outcome.as_str() == state.as_str() {
+                    message
+                } else {
+                    format!("{outcome}: {message}")
+                };
                 info!(task_id = %id, state = state.as_str(), "task finished");
                 self.persist_task(id);
                 self.publish_state(id);

@@ -15,6 +15,7 @@ fn record(name: &str, connections: u64) -> AgentRecord {
         peer_address: "127.0.0.1:9".into(),
         last_disconnect_reason: None,
         revoked_reason: None,
+        drain_reason: None,
     }
 }
 
