@@ -3,6 +3,7 @@
 
 mod executor;
 mod foundation;
+mod operator;
 mod raw_stream;
 mod real_cli;
 mod sim;

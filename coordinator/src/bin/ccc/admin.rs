@@ -24,10 +24,10 @@ pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7443";
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct PkiArgs {
     /// TOML file with `coordinator`, `certs_dir`, `ca`, `cert`, `key` [env: CCC_CONFIG]
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
     /// Directory of the cluster PKI [env: CCC_CERTS_DIR] [default: certs]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     pub certs_dir: Option<PathBuf>,
 }
 

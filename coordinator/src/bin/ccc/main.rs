@@ -28,7 +28,7 @@ use crate::tasks::say;
 /// connection options may also come before the command.
 ///
 /// Exit codes: 0 success, 1 error, 2 usage; `ccc logs -f`: 3 the task
-/// failed, 4 the task was cancelled.
+/// failed (or its tests did), 4 the task was cancelled.
 #[derive(Parser, Debug)]
 #[command(name = "ccc", version)]
 struct Cli {
@@ -192,7 +192,7 @@ enum Cmd {
     /// Print a task's output; -f follows it live until the task ends.
     #[command(
         after_help = "Exit codes with --follow: 0 the task succeeded, 1 error, 2 usage, \
-                            3 the task failed, 4 the task was cancelled.\n\
+                            3 the task failed (or succeeded with failing tests), 4 the task was cancelled.\n\
                             A follow survives a coordinator restart: it reconnects and goes on \
                             from the last line it printed."
     )]
@@ -278,7 +278,7 @@ enum CertsCmd {
 /// How a successful run ends.
 pub enum Exit {
     Success,
-    /// `ccc logs -f`: the task failed.
+    /// `ccc logs -f`: the task failed, or its tests did.
     TaskFailed,
     /// `ccc logs -f`: the task was cancelled.
     TaskCancelled,

@@ -657,6 +657,10 @@ async fn watch_once(
             Some(task_event::Event::Task(task)) if follow => {
                 let state = TaskState::try_from(task.state).unwrap_or(TaskState::Unspecified);
                 let exit = match state {
+                    // Pushed, but its tests failed: not a success to a script.
+                    TaskState::Succeeded if !matches!(task.outcome.as_str(), "" | "succeeded") => {
+                        Exit::TaskFailed
+                    }
                     TaskState::Succeeded => Exit::Success,
                     TaskState::Failed => Exit::TaskFailed,
                     TaskState::Cancelled => Exit::TaskCancelled,
