@@ -524,7 +524,7 @@ fn is_transient(status: &tonic::Status) -> bool {
     use tonic::Code;
     matches!(
         status.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted | Code::Internal
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted
     )
 }
 
