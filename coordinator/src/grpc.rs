@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::core::{
     AdminError, AdminRecord, AgentState, AgentView, CloseReason, FromAgent, NewTask, OpenRejected,
@@ -57,7 +57,7 @@ impl From<AdminError> for Status {
                 Status::failed_precondition(format!("agent {id} is not revoked"))
             }
             AdminError::Connected(id) => Status::failed_precondition(format!(
-                "agent {id} is connected: stop it (or revoke it) before forgetting it"
+                "agent {id} is connected: stop it before forgetting it"
             )),
             AdminError::HoldsTasks(id, tasks) => Status::failed_precondition(format!(
                 "agent {id} holds {}: cancel them or wait for their leases to run out",
@@ -787,7 +787,9 @@ impl admin_server::Admin for Admin {
         &self,
         req: Request<proto::UndrainAgentRequest>,
     ) -> Result<Response<AgentInfo>, Status> {
+        let admin = authorize(&req, Role::Admin, "Admin API")?;
         let agent = agent_id(&req.get_ref().agent_id)?;
+        info!(admin = %admin.name, agent_id = %agent, "undrain requested");
         let view = self
             .driver
             .call(|reply| Command::Undrain { agent, reply })
@@ -799,7 +801,9 @@ impl admin_server::Admin for Admin {
         &self,
         req: Request<proto::UnrevokeAgentRequest>,
     ) -> Result<Response<AgentInfo>, Status> {
+        let admin = authorize(&req, Role::Admin, "Admin API")?;
         let agent = agent_id(&req.get_ref().agent_id)?;
+        info!(admin = %admin.name, agent_id = %agent, "unrevoke requested");
         let view = self
             .driver
             .call(|reply| Command::Unrevoke { agent, reply })
@@ -811,7 +815,9 @@ impl admin_server::Admin for Admin {
         &self,
         req: Request<proto::ForgetAgentRequest>,
     ) -> Result<Response<proto::ForgetAgentResponse>, Status> {
+        let admin = authorize(&req, Role::Admin, "Admin API")?;
         let agent = agent_id(&req.get_ref().agent_id)?;
+        info!(admin = %admin.name, agent_id = %agent, "forget requested");
         self.driver
             .call(|reply| Command::Forget { agent, reply })
             .await??;
@@ -854,7 +860,9 @@ impl admin_server::Admin for Admin {
         &self,
         req: Request<proto::UnrevokeAdminRequest>,
     ) -> Result<Response<proto::AdminInfo>, Status> {
+        let admin = authorize(&req, Role::Admin, "Admin API")?;
         let name = req.get_ref().name.clone();
+        info!(admin = %admin.name, name = %name, "admin unrevoke requested");
         let record = self
             .driver
             .call(|reply| Command::UnrevokeAdmin { name, reply })
