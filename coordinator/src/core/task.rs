@@ -811,7 +811,7 @@ impl Core {
             Disposition::RequeueFree(not_before) => {
                 self.requeue(
                     id,
-                    format!("{outcome}: {message}; queued again"),
+                    format!("{outcome}: {message} (not counted as an attempt)"),
                     not_before,
                     now,
                     wall,
