@@ -770,7 +770,13 @@ fn agent_info(view: AgentView) -> AgentInfo {
         last_disconnect_reason: record.last_disconnect_reason.unwrap_or_default(),
         peer_address: record.peer_address,
         revoked_reason: record.revoked_reason.unwrap_or_default(),
-        drain_reason: record.drain_reason.unwrap_or_default(),
+        // A drain ends with its stream; the record keeps the reason until the
+        // next Hello.
+        drain_reason: if record.state == AgentState::Draining {
+            record.drain_reason.unwrap_or_default()
+        } else {
+            String::new()
+        },
         instance_id: advert.instance_id,
         assigned: view.assigned.iter().map(ToString::to_string).collect(),
         ..AgentInfo::default()

@@ -66,16 +66,14 @@ impl Core {
         if entry.record.state == AgentState::Revoked {
             return Err(AdminError::Revoked(agent.clone()));
         }
-        if entry.record.drain_reason.is_none() {
+        // A drain ends with the stream it was sent on.
+        if entry.record.drain_reason.is_none() || entry.live.is_none() {
             return Err(AdminError::NotDrained(agent.clone()));
         }
         entry.record.drain_reason = None;
         let live = entry.live.take().map(|l| l.conn);
-        if live.is_some() {
-            entry.record.state = AgentState::Disconnected;
-            entry.record.last_disconnect_reason =
-                Some("undrained: reconnecting to take work".into());
-        }
+        entry.record.state = AgentState::Disconnected;
+        entry.record.last_disconnect_reason = Some("undrained: reconnecting to take work".into());
         entry.record.last_seen = entry.record.last_seen.max(wall);
         self.writes
             .push(Write::Agent(Box::new(entry.record.clone())));
