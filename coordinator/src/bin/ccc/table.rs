@@ -265,3 +265,48 @@ pub fn admin_json(a: &AdminInfo) -> serde_json::Value {
         "revoked_at": time(a.revoked_at.as_ref()),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(state: AgentState) -> AgentInfo {
+        AgentInfo {
+            agent_id: "pc-1".into(),
+            state: state as i32,
+            capacity: 2,
+            free_slots: 1,
+            assigned: vec!["t-3".into()],
+            ..AgentInfo::default()
+        }
+    }
+
+    #[test]
+    fn slots_add_up_or_say_why_none_is_free() {
+        let now = UnixMillis(1_000_000);
+        assert_eq!(
+            slots(&agent(AgentState::Connected), now),
+            "1 free of 2, 1 assigned (t-3)"
+        );
+        let mut sick = agent(AgentState::Connected);
+        sick.free_slots = 0;
+        sick.unhealthy_reason = "claude is not logged in".into();
+        sick.cooldown_until = Some(UnixMillis(1_060_000).to_timestamp());
+        assert_eq!(
+            slots(&sick, now),
+            format!(
+                "0 free of 2 (unhealthy: claude is not logged in; cooling down until {}), 1 assigned (t-3)",
+                UnixMillis(1_060_000).to_rfc3339()
+            )
+        );
+        let mut rested = agent(AgentState::Connected);
+        rested.cooldown_until = Some(UnixMillis(999_000).to_timestamp());
+        assert_eq!(slots(&rested, now), "1 free of 2, 1 assigned (t-3)");
+        let mut gone = agent(AgentState::Disconnected);
+        gone.assigned.clear();
+        assert_eq!(
+            slots(&gone, now),
+            "0 free of 2 (disconnected), none assigned"
+        );
+    }
+}

@@ -677,7 +677,38 @@ async fn watch_once(
 
 #[cfg(test)]
 mod tests {
-    use super::for_terminal;
+    use super::{TaskInfo, TaskState, for_terminal, state_line};
+
+    fn task(state: TaskState, outcome: &str, reason: &str) -> TaskInfo {
+        TaskInfo {
+            task_id: "t-1".into(),
+            state: state as i32,
+            outcome: outcome.into(),
+            state_reason: reason.into(),
+            ..TaskInfo::default()
+        }
+    }
+
+    #[test]
+    fn the_state_and_its_reason_are_said_once() {
+        assert_eq!(
+            state_line(&task(TaskState::Succeeded, "succeeded", "pushed b at 1a")),
+            "succeeded: pushed b at 1a"
+        );
+        assert_eq!(
+            state_line(&task(
+                TaskState::Failed,
+                "tests_failed",
+                "tests_failed: the tests failed"
+            )),
+            "failed (tests_failed): the tests failed"
+        );
+        assert_eq!(
+            state_line(&task(TaskState::Cancelled, "", "by admin root")),
+            "cancelled: by admin root"
+        );
+        assert_eq!(state_line(&task(TaskState::Queued, "", "")), "queued");
+    }
 
     #[test]
     fn only_newlines_and_tabs_survive_for_a_terminal() {
