@@ -288,6 +288,7 @@ pub enum AdminError {
     UnknownAdmin(String),
     /// An admin may not revoke the certificate it is calling with.
     OwnName(String),
+    /// Not a valid admin certificate name (the reason says why).
     InvalidName(String),
 }
 
