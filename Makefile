@@ -26,6 +26,8 @@ build-deps:
 		apt-get update -qq && apt-get install -y -qq $$missing; \
 	fi
 
+# Every binary of the workspace (the demo and the CLI stand-in included) in
+# one cargo call: `make demo` right after it rebuilds nothing.
 build: build-deps
 	$(CARGO) build --workspace --bins
 
@@ -50,15 +52,16 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
+# The demo binary is built by `build` with the same feature set as the rest.
 demo: build
-	$(CARGO) build -p tests --bin demo
 	./target/debug/demo
 
-# A PKI for running the binaries by hand with their defaults.
+# A PKI for running the binaries by hand with their defaults; what exists is
+# kept (and said so), so running it again is harmless.
 certs: build
-	./target/debug/ccc certs init
-	./target/debug/ccc certs server --san 127.0.0.1,localhost,$$(hostname)
-	./target/debug/ccc certs admin $$(id -un)
+	./target/debug/ccc certs init --keep-existing
+	./target/debug/ccc certs server --keep-existing --san 127.0.0.1,localhost,$$(hostname)
+	./target/debug/ccc certs admin --keep-existing $$(id -un)
 
 clean:
 	$(CARGO) clean

@@ -1,6 +1,9 @@
-//! The coordinator's settings. Each is a flag, a `CCC_...` environment
-//! variable and a key of the TOML file given with `--config`; the flag wins,
-//! then the environment, then the file, then the default.
+//! The coordinator's settings. Each is a flag, a `CCC_COORDINATOR_...`
+//! environment variable (distinct from `ccc`'s `CCC_...` and the agent's
+//! `CCC_AGENT_...`, so one shell can hold all three) and a key of the TOML
+//! file given with `--config`; the flag wins, then the environment, then the
+//! file, then the default. Settings that make no sense are refused at start
+//! with the setting named.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,67 +24,67 @@ pub const DEFAULT_RATE_LIMIT_COOLDOWN_MAX: Duration = Duration::from_secs(24 * 3
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// TOML file with any of the settings below (keys in snake_case).
-    #[arg(long, env = "CCC_CONFIG")]
+    #[arg(long, env = "CCC_COORDINATOR_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address of the gRPC server (agents and admins) [default: 127.0.0.1:7443].
-    #[arg(long, env = "CCC_GRPC_LISTEN")]
+    #[arg(long, env = "CCC_COORDINATOR_GRPC_LISTEN")]
     pub grpc_listen: Option<SocketAddr>,
     /// Address of the HTTP server (webhooks, health) [default: 127.0.0.1:8080].
-    #[arg(long, env = "CCC_HTTP_LISTEN")]
+    #[arg(long, env = "CCC_COORDINATOR_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
     /// Where the coordinator keeps its sled store [default: ./data/coordinator].
-    #[arg(long, env = "CCC_DATA_DIR")]
+    #[arg(long, env = "CCC_COORDINATOR_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Directory of the cluster PKI made by `ccc certs` [default: certs].
-    #[arg(long, env = "CCC_CERTS_DIR")]
+    #[arg(long, env = "CCC_COORDINATOR_CERTS_DIR")]
     pub certs_dir: Option<PathBuf>,
     /// Cluster CA certificate [default: <certs-dir>/ca.pem].
-    #[arg(long, env = "CCC_CA")]
+    #[arg(long, env = "CCC_COORDINATOR_CA")]
     pub ca: Option<PathBuf>,
     /// Server certificate [default: <certs-dir>/coordinator.pem].
-    #[arg(long, env = "CCC_CERT")]
+    #[arg(long, env = "CCC_COORDINATOR_CERT")]
     pub cert: Option<PathBuf>,
     /// Server private key [default: <certs-dir>/coordinator-key.pem].
-    #[arg(long, env = "CCC_KEY")]
+    #[arg(long, env = "CCC_COORDINATOR_KEY")]
     pub key: Option<PathBuf>,
     /// Interval of heartbeats on agent streams [default: 5s].
-    #[arg(long, env = "CCC_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
+    #[arg(long, env = "CCC_COORDINATOR_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
     pub heartbeat_interval: Option<Duration>,
     /// A stream silent this long is closed [default: 20s].
-    #[arg(long, env = "CCC_HEARTBEAT_TIMEOUT", value_parser = parse_duration)]
+    #[arg(long, env = "CCC_COORDINATOR_HEARTBEAT_TIMEOUT", value_parser = parse_duration)]
     pub heartbeat_timeout: Option<Duration>,
     /// How long a running task survives its agent's silence [default: 10m].
-    #[arg(long, env = "CCC_LEASE_TIMEOUT", value_parser = parse_duration)]
+    #[arg(long, env = "CCC_COORDINATOR_LEASE_TIMEOUT", value_parser = parse_duration)]
     pub lease_timeout: Option<Duration>,
     /// An assignment not accepted within this time is requeued [default: 30s].
-    #[arg(long, env = "CCC_ACCEPT_TIMEOUT", value_parser = parse_duration)]
+    #[arg(long, env = "CCC_COORDINATOR_ACCEPT_TIMEOUT", value_parser = parse_duration)]
     pub accept_timeout: Option<Duration>,
     /// How long one attempt may run on an agent [default: 60m].
-    #[arg(long, env = "CCC_TASK_DEADLINE", value_parser = parse_duration)]
+    #[arg(long, env = "CCC_COORDINATOR_TASK_DEADLINE", value_parser = parse_duration)]
     pub task_deadline: Option<Duration>,
     /// Attempts a task may spend before it fails for good [default: 3].
-    #[arg(long, env = "CCC_MAX_ATTEMPTS")]
+    #[arg(long, env = "CCC_COORDINATOR_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
     /// Wait before retrying a failed attempt; doubles per failure [default: 10s].
-    #[arg(long, env = "CCC_RETRY_BACKOFF", value_parser = parse_duration)]
+    #[arg(long, env = "CCC_COORDINATOR_RETRY_BACKOFF", value_parser = parse_duration)]
     pub retry_backoff: Option<Duration>,
     /// Longest wait between attempts [default: 5m].
-    #[arg(long, env = "CCC_RETRY_BACKOFF_MAX", value_parser = parse_duration)]
+    #[arg(long, env = "CCC_COORDINATOR_RETRY_BACKOFF_MAX", value_parser = parse_duration)]
     pub retry_backoff_max: Option<Duration>,
     /// After this long in the queue, `general` agents may take any task [default: 2m].
-    #[arg(long, env = "CCC_GENERAL_FALLBACK_AFTER", value_parser = parse_duration)]
+    #[arg(long, env = "CCC_COORDINATOR_GENERAL_FALLBACK_AFTER", value_parser = parse_duration)]
     pub general_fallback_after: Option<Duration>,
     /// Output stored per task; past it a truncation marker is stored [default: 64MiB].
-    #[arg(long, env = "CCC_OUTPUT_CAP", value_parser = parse_size)]
+    #[arg(long, env = "CCC_COORDINATOR_OUTPUT_CAP", value_parser = parse_size)]
     pub output_cap: Option<u64>,
     /// An agent that hit the API's usage limit gets no work for this long, or until the reset it reported [default: 5m].
-    #[arg(long, env = "CCC_RATE_LIMIT_COOLDOWN", value_parser = parse_duration)]
+    #[arg(long, env = "CCC_COORDINATOR_RATE_LIMIT_COOLDOWN", value_parser = parse_duration)]
     pub rate_limit_cooldown: Option<Duration>,
     /// The longest an agent-reported usage-limit reset is honoured; a reset further away is cut to this [default: 24h].
-    #[arg(long, env = "CCC_RATE_LIMIT_COOLDOWN_MAX", value_parser = parse_duration)]
+    #[arg(long, env = "CCC_COORDINATOR_RATE_LIMIT_COOLDOWN_MAX", value_parser = parse_duration)]
     pub rate_limit_cooldown_max: Option<Duration>,
     /// Log format: pretty or json [default: pretty].
-    #[arg(long, env = "CCC_LOG_FORMAT")]
+    #[arg(long, env = "CCC_COORDINATOR_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
 }
 
@@ -168,11 +171,6 @@ impl Config {
             .heartbeat_timeout
             .or(file.heartbeat_timeout)
             .unwrap_or(Duration::from_secs(20));
-        if heartbeat_interval.is_zero() || heartbeat_timeout <= heartbeat_interval {
-            return Err(Error::Invalid(format!(
-                "heartbeat_timeout ({heartbeat_timeout:?}) must be longer than a non-zero heartbeat_interval ({heartbeat_interval:?})"
-            )));
-        }
         let retry_backoff = args
             .retry_backoff
             .or(file.retry_backoff)
@@ -181,7 +179,7 @@ impl Config {
             .rate_limit_cooldown
             .or(file.rate_limit_cooldown)
             .unwrap_or(Duration::from_secs(300));
-        Ok(Self {
+        let config = Self {
             grpc_listen: args
                 .grpc_listen
                 .or(file.grpc_listen)
@@ -216,13 +214,12 @@ impl Config {
                     .task_deadline
                     .or(file.task_deadline)
                     .unwrap_or(Duration::from_secs(3600)),
-                max_attempts: args.max_attempts.or(file.max_attempts).unwrap_or(3).max(1),
+                max_attempts: args.max_attempts.or(file.max_attempts).unwrap_or(3),
                 retry_backoff_initial: retry_backoff,
                 retry_backoff_max: args
                     .retry_backoff_max
                     .or(file.retry_backoff_max)
-                    .unwrap_or(Duration::from_secs(300))
-                    .max(retry_backoff),
+                    .unwrap_or(Duration::from_secs(300)),
                 general_fallback_after: args
                     .general_fallback_after
                     .or(file.general_fallback_after)
@@ -232,14 +229,84 @@ impl Config {
                 rate_limit_cooldown_max: args
                     .rate_limit_cooldown_max
                     .or(file.rate_limit_cooldown_max)
-                    .unwrap_or(DEFAULT_RATE_LIMIT_COOLDOWN_MAX)
-                    .max(rate_limit_cooldown),
+                    .unwrap_or(DEFAULT_RATE_LIMIT_COOLDOWN_MAX),
             },
             log_format: args
                 .log_format
                 .or(file.log_format)
                 .unwrap_or(LogFormat::Pretty),
             handshake_timeout: Duration::from_secs(10),
-        })
+        };
+        config.core.check().map_err(Error::Invalid)?;
+        Ok(config)
+    }
+}
+
+/// `--flag` / `key` of a setting, for messages.
+fn named(key: &str) -> String {
+    format!("{} (--{})", key, key.replace('_', "-"))
+}
+
+impl CoreConfig {
+    /// Refuses settings that make no sense, naming them.
+    pub fn check(&self) -> Result<(), String> {
+        for (key, value) in [
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("heartbeat_timeout", self.heartbeat_timeout),
+            ("lease_timeout", self.lease_timeout),
+            ("accept_timeout", self.accept_timeout),
+            ("task_deadline", self.task_deadline),
+            ("retry_backoff", self.retry_backoff_initial),
+            ("retry_backoff_max", self.retry_backoff_max),
+            ("rate_limit_cooldown", self.rate_limit_cooldown),
+            ("rate_limit_cooldown_max", self.rate_limit_cooldown_max),
+        ] {
+            if value.is_zero() {
+                return Err(format!("{} must be longer than 0", named(key)));
+            }
+        }
+        if self.heartbeat_timeout <= self.heartbeat_interval {
+            return Err(format!(
+                "{} ({:?}) must be longer than {} ({:?})",
+                named("heartbeat_timeout"),
+                self.heartbeat_timeout,
+                named("heartbeat_interval"),
+                self.heartbeat_interval
+            ));
+        }
+        if self.lease_timeout <= self.heartbeat_interval {
+            return Err(format!(
+                "{} ({:?}) must be longer than {} ({:?}): heartbeats renew leases",
+                named("lease_timeout"),
+                self.lease_timeout,
+                named("heartbeat_interval"),
+                self.heartbeat_interval
+            ));
+        }
+        if self.max_attempts == 0 {
+            return Err(format!("{} must be at least 1", named("max_attempts")));
+        }
+        if self.retry_backoff_max < self.retry_backoff_initial {
+            return Err(format!(
+                "{} ({:?}) must not be shorter than {} ({:?})",
+                named("retry_backoff_max"),
+                self.retry_backoff_max,
+                named("retry_backoff"),
+                self.retry_backoff_initial
+            ));
+        }
+        if self.rate_limit_cooldown_max < self.rate_limit_cooldown {
+            return Err(format!(
+                "{} ({:?}) must not be shorter than {} ({:?})",
+                named("rate_limit_cooldown_max"),
+                self.rate_limit_cooldown_max,
+                named("rate_limit_cooldown"),
+                self.rate_limit_cooldown
+            ));
+        }
+        if self.output_cap_bytes == 0 {
+            return Err(format!("{} must be more than 0 bytes", named("output_cap")));
+        }
+        Ok(())
     }
 }

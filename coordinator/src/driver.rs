@@ -4,21 +4,21 @@
 //! writes in one transaction with one flush (group commit), and only then
 //! answer callers and perform the core's actions.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
 use common::ids::AgentId;
 use common::time::UnixMillis;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use common::ids::TaskId;
 
 use crate::core::{
-    Action, AdminError, AgentView, CloseReason, ConnId, Core, FromAgent, NewTask, OpenRejected,
-    Task, TaskError, TaskEvent, ToAgent,
+    Action, AdminError, AdminRecord, AgentView, CloseReason, ConnId, Core, FromAgent, NewTask,
+    OpenRejected, Task, TaskError, TaskEvent, ToAgent,
 };
 use crate::store::{self, Store};
 
@@ -36,10 +36,27 @@ pub struct TaskQuery {
     pub specialty: Option<common::types::Specialty>,
     pub agent: Option<AgentId>,
     pub repo: Option<String>,
-    /// Tasks with a greater id than this.
+    /// The latest ended attempt's outcome.
+    pub outcome: Option<common::types::Outcome>,
+    /// Newest (highest id) first instead of oldest first.
+    pub newest_first: bool,
+    /// Tasks past this id in the listing's order (the previous page's last).
     pub after: Option<TaskId>,
     pub limit: usize,
 }
+
+/// One page of `ListTasks`.
+#[derive(Clone, Debug)]
+pub struct TaskPage {
+    pub tasks: Vec<Task>,
+    /// More tasks follow this page.
+    pub more: bool,
+    /// How many tasks match the filters, over all pages.
+    pub total: usize,
+}
+
+/// The revoked admin names with their reasons, as last committed.
+pub type RevokedAdmins = Arc<BTreeMap<String, String>>;
 
 /// What the driver sends down an agent's stream.
 #[derive(Debug)]
@@ -89,14 +106,39 @@ pub enum Command {
         reason: String,
         reply: Reply<Result<AgentView, AdminError>>,
     },
+    Undrain {
+        agent: AgentId,
+        reply: Reply<Result<AgentView, AdminError>>,
+    },
+    Unrevoke {
+        agent: AgentId,
+        reply: Reply<Result<AgentView, AdminError>>,
+    },
+    Forget {
+        agent: AgentId,
+        reply: Reply<Result<(), AdminError>>,
+    },
+    ListAdmins {
+        reply: Reply<Vec<AdminRecord>>,
+    },
+    RevokeAdmin {
+        name: String,
+        reason: String,
+        /// The caller's own admin name.
+        by: String,
+        reply: Reply<Result<AdminRecord, AdminError>>,
+    },
+    UnrevokeAdmin {
+        name: String,
+        reply: Reply<Result<AdminRecord, AdminError>>,
+    },
     Submit {
         task: NewTask,
         reply: Reply<Task>,
     },
     ListTasks {
         query: TaskQuery,
-        /// The page, and whether more follow.
-        reply: Reply<(Vec<Task>, bool)>,
+        reply: Reply<TaskPage>,
     },
     GetTask {
         task: TaskId,
@@ -155,11 +197,21 @@ pub struct Driver {
     watchers: HashMap<TaskId, Vec<mpsc::Sender<TaskEvent>>>,
     /// Answers held back until the batch that produced them is committed.
     replies: Vec<Box<dyn FnOnce() + Send>>,
+    /// Revoked admins for the Admin API's check, published after a commit.
+    revoked_admins: watch::Sender<RevokedAdmins>,
+    /// A batch changed admin revocations: publish after its commit.
+    admins_changed: bool,
 }
 
 impl Driver {
-    pub fn new(core: Core, store: Arc<dyn Store>) -> (Self, DriverHandle) {
+    /// The driver, its handle, and the revoked admins as committed (the
+    /// Admin API refuses their certificates).
+    pub fn new(
+        core: Core,
+        store: Arc<dyn Store>,
+    ) -> (Self, DriverHandle, watch::Receiver<RevokedAdmins>) {
         let (tx, rx) = mpsc::channel(4096);
+        let (revoked_admins, revoked_rx) = watch::channel(Arc::new(core.revoked_admins()));
         let driver = Self {
             core,
             store,
@@ -168,8 +220,10 @@ impl Driver {
             streams: HashMap::new(),
             watchers: HashMap::new(),
             replies: Vec::new(),
+            revoked_admins,
+            admins_changed: false,
         };
-        (driver, DriverHandle { tx })
+        (driver, DriverHandle { tx }, revoked_rx)
     }
 
     /// Runs until `shutdown` fires or a commit fails. A failed commit stops
@@ -254,6 +308,37 @@ impl Driver {
                 let result = self.core.drain(&agent, reason, wall);
                 self.reply(reply, result);
             }
+            Command::Undrain { agent, reply } => {
+                let result = self.core.undrain(&agent, now, wall);
+                self.reply(reply, result);
+            }
+            Command::Unrevoke { agent, reply } => {
+                let result = self.core.unrevoke(&agent, wall);
+                self.reply(reply, result);
+            }
+            Command::Forget { agent, reply } => {
+                let result = self.core.forget(&agent);
+                self.reply(reply, result);
+            }
+            Command::ListAdmins { reply } => {
+                let admins = self.core.admins();
+                self.reply(reply, admins);
+            }
+            Command::RevokeAdmin {
+                name,
+                reason,
+                by,
+                reply,
+            } => {
+                let result = self.core.revoke_admin(&name, reason, &by, wall);
+                self.admins_changed |= result.is_ok();
+                self.reply(reply, result);
+            }
+            Command::UnrevokeAdmin { name, reply } => {
+                let result = self.core.unrevoke_admin(&name);
+                self.admins_changed |= result.is_ok();
+                self.reply(reply, result);
+            }
             Command::Submit { task, reply } => {
                 let id = self.core.submit(task, now, wall);
                 let task = self.task_view(id).expect("invariant: just submitted");
@@ -301,26 +386,39 @@ impl Driver {
         }
     }
 
-    fn list_tasks(&self, q: &TaskQuery) -> (Vec<Task>, bool) {
-        let mut matching = self
-            .core
-            .tasks()
-            .filter(|t| q.after.is_none_or(|after| t.id > after))
-            .filter(|t| q.state.is_none_or(|s| t.state == s))
-            .filter(|t| q.specialty.is_none_or(|s| t.spec.specialty == s))
-            .filter(|t| q.repo.as_ref().is_none_or(|r| &t.spec.repo_url == r))
-            .filter(|t| {
-                q.agent
+    fn list_tasks(&self, q: &TaskQuery) -> TaskPage {
+        let matches = |t: &&Task| {
+            q.state.is_none_or(|s| t.state == s)
+                && q.specialty.is_none_or(|s| t.spec.specialty == s)
+                && q.repo.as_ref().is_none_or(|r| &t.spec.repo_url == r)
+                && q.agent
                     .as_ref()
                     .is_none_or(|a| t.attempts.iter().any(|at| &at.agent == a))
-            });
-        let page: Vec<Task> = matching
+                && q.outcome
+                    .is_none_or(|o| t.attempts.iter().rev().find_map(|a| a.outcome) == Some(o))
+        };
+        let all: Vec<&Task> = self.core.tasks().filter(matches).collect();
+        let total = all.len();
+        let in_order: Box<dyn Iterator<Item = &&Task>> = if q.newest_first {
+            Box::new(
+                all.iter()
+                    .rev()
+                    .filter(|t| q.after.is_none_or(|after| t.id < after)),
+            )
+        } else {
+            Box::new(
+                all.iter()
+                    .filter(|t| q.after.is_none_or(|after| t.id > after)),
+            )
+        };
+        let mut matching = in_order;
+        let tasks: Vec<Task> = matching
             .by_ref()
             .take(q.limit)
             .filter_map(|t| self.task_view(t.id))
             .collect();
         let more = matching.next().is_some();
-        (page, more)
+        TaskPage { tasks, more, total }
     }
 
     /// A task as answered to admins: with why it waits, if queued.
@@ -350,6 +448,11 @@ impl Driver {
                     .unwrap_or_else(|join| Err(store::Error::Task(join.to_string())))
                     .inspect_err(|e| error!(error = %e, "commit failed; stopping"))?;
                 debug!(n_writes, "committed");
+            }
+            // Before any answer: a revoked admin's next call is refused.
+            if std::mem::take(&mut self.admins_changed) {
+                self.revoked_admins
+                    .send_replace(Arc::new(self.core.revoked_admins()));
             }
             for reply in self.replies.drain(..) {
                 reply();
@@ -461,6 +564,9 @@ mod tests {
         fn load_tasks(&self) -> Result<Vec<Task>, store::Error> {
             Ok(Vec::new())
         }
+        fn load_admins(&self) -> Result<Vec<AdminRecord>, store::Error> {
+            Ok(Vec::new())
+        }
         fn output_position(
             &self,
             _: TaskId,
@@ -489,7 +595,7 @@ mod tests {
         let store = Arc::new(CountingStore::default());
         let (now, wall) = clock();
         let core = Core::new(crate::core::tests::config(), Restored::default(), now, wall);
-        let (driver, _handle) = Driver::new(core, Arc::clone(&store) as Arc<dyn Store>);
+        let (driver, _handle, _admins) = Driver::new(core, Arc::clone(&store) as Arc<dyn Store>);
         (driver, store)
     }
 

@@ -22,14 +22,15 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::core::{
-    AdminError, AgentState, AgentView, CloseReason, FromAgent, NewTask, OpenRejected, ReportedTask,
-    Task, TaskError, TaskEvent, TaskSource, TaskState, TaskTriage, ToAgent,
+    AdminError, AdminRecord, AgentState, AgentView, CloseReason, FromAgent, NewTask, OpenRejected,
+    ReportedTask, Task, TaskError, TaskEvent, TaskSource, TaskState, TaskTriage, ToAgent,
 };
 use crate::driver::{
-    Command, DriverGone, DriverHandle, OUTBOUND_QUEUE, Outbound, TaskQuery, WATCH_QUEUE,
+    Command, DriverGone, DriverHandle, OUTBOUND_QUEUE, Outbound, RevokedAdmins, TaskQuery,
+    WATCH_QUEUE,
 };
 use crate::store::Store;
 use crate::triage::{self, Rules};
@@ -47,9 +48,33 @@ impl From<AdminError> for Status {
             AdminError::NotConnected(id) => {
                 Status::failed_precondition(format!("agent {id} is not connected"))
             }
-            AdminError::Revoked(id) => {
-                Status::failed_precondition(format!("agent {id} is revoked"))
+            AdminError::Revoked(id) => Status::failed_precondition(format!(
+                "agent {id} is revoked (unrevoke it first with `ccc unrevoke {id}`)"
+            )),
+            AdminError::NotDrained(id) => {
+                Status::failed_precondition(format!("agent {id} is not drained by an admin"))
             }
+            AdminError::NotRevoked(id) => {
+                Status::failed_precondition(format!("agent {id} is not revoked"))
+            }
+            AdminError::Connected(id) => Status::failed_precondition(format!(
+                "agent {id} is connected: stop it before forgetting it"
+            )),
+            AdminError::HoldsTasks(id, tasks) => Status::failed_precondition(format!(
+                "agent {id} holds {}: cancel them or wait for their leases to run out",
+                tasks
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            AdminError::UnknownAdmin(name) => {
+                Status::not_found(format!("admin {name} is not revoked"))
+            }
+            AdminError::OwnName(name) => Status::invalid_argument(format!(
+                "admin {name} cannot revoke its own certificate: ask another admin"
+            )),
+            AdminError::InvalidName(why) => Status::invalid_argument(format!("name: {why}")),
         }
     }
 }
@@ -90,10 +115,21 @@ fn authorize<T>(req: &Request<T>, role: Role, what: &str) -> Result<PeerIdentity
     Ok(identity)
 }
 
-/// Only admin-role certificates reach the `Admin` service.
+/// Only admin-role certificates that are not revoked reach the `Admin`
+/// service.
 #[allow(clippy::result_large_err)]
-pub fn admin_only(req: Request<()>) -> Result<Request<()>, Status> {
-    authorize(&req, Role::Admin, "Admin API")?;
+pub fn admin_only(
+    req: Request<()>,
+    revoked: &tokio::sync::watch::Receiver<RevokedAdmins>,
+) -> Result<Request<()>, Status> {
+    let identity = authorize(&req, Role::Admin, "Admin API")?;
+    if let Some(reason) = revoked.borrow().get(&identity.name) {
+        warn!(peer = %peer_address(&req), admin = %identity.name, %reason, "Admin API: refused a revoked admin");
+        return Err(Status::permission_denied(format!(
+            "the certificate of admin {} is revoked: {reason}",
+            identity.name
+        )));
+    }
     Ok(req)
 }
 
@@ -428,6 +464,9 @@ fn close_status(reason: CloseReason) -> Status {
         }
         CloseReason::Protocol(why) => Status::invalid_argument(why),
         CloseReason::Duplicate(why) => Status::already_exists(why),
+        CloseReason::Undrained => {
+            Status::unavailable("the drain was lifted: reconnect to take work again")
+        }
     }
 }
 
@@ -532,12 +571,7 @@ pub fn task_info(task: &Task) -> proto::TaskInfo {
                         .outcome
                         .map_or(proto::Outcome::Unspecified, wire::outcome_to_proto)
                         as i32,
-                    message: match a.outcome {
-                        Some(o) if wire::outcome_to_proto(o) == proto::Outcome::Unspecified => {
-                            format!("{o}: {}", a.message)
-                        }
-                        _ => a.message.clone(),
-                    },
+                    message: a.message.clone(),
                     placement: a.placement.clone(),
                     outcome_name: a.outcome.map(|o| o.as_str().to_owned()).unwrap_or_default(),
                     phase: a
@@ -787,6 +821,13 @@ fn agent_info(view: AgentView) -> AgentInfo {
         last_disconnect_reason: record.last_disconnect_reason.unwrap_or_default(),
         peer_address: record.peer_address,
         revoked_reason: record.revoked_reason.unwrap_or_default(),
+        // A drain ends with its stream; the record keeps the reason until the
+        // next Hello.
+        drain_reason: if record.state == AgentState::Draining {
+            record.drain_reason.unwrap_or_default()
+        } else {
+            String::new()
+        },
         instance_id: advert.instance_id,
         assigned: view.assigned.iter().map(ToString::to_string).collect(),
         ..AgentInfo::default()
@@ -801,50 +842,89 @@ impl admin_server::Admin for Admin {
 
     async fn undrain_agent(
         &self,
-        _req: Request<proto::UndrainAgentRequest>,
+        req: Request<proto::UndrainAgentRequest>,
     ) -> Result<Response<AgentInfo>, Status> {
-        Err(Status::unimplemented("undrain is not implemented yet"))
+        let admin = authorize(&req, Role::Admin, "Admin API")?;
+        let agent = agent_id(&req.get_ref().agent_id)?;
+        info!(admin = %admin.name, agent_id = %agent, "undrain requested");
+        let view = self
+            .driver
+            .call(|reply| Command::Undrain { agent, reply })
+            .await??;
+        Ok(Response::new(agent_info(view)))
     }
 
     async fn unrevoke_agent(
         &self,
-        _req: Request<proto::UnrevokeAgentRequest>,
+        req: Request<proto::UnrevokeAgentRequest>,
     ) -> Result<Response<AgentInfo>, Status> {
-        Err(Status::unimplemented("unrevoke is not implemented yet"))
+        let admin = authorize(&req, Role::Admin, "Admin API")?;
+        let agent = agent_id(&req.get_ref().agent_id)?;
+        info!(admin = %admin.name, agent_id = %agent, "unrevoke requested");
+        let view = self
+            .driver
+            .call(|reply| Command::Unrevoke { agent, reply })
+            .await??;
+        Ok(Response::new(agent_info(view)))
     }
 
     async fn forget_agent(
         &self,
-        _req: Request<proto::ForgetAgentRequest>,
+        req: Request<proto::ForgetAgentRequest>,
     ) -> Result<Response<proto::ForgetAgentResponse>, Status> {
-        Err(Status::unimplemented("forget is not implemented yet"))
+        let admin = authorize(&req, Role::Admin, "Admin API")?;
+        let agent = agent_id(&req.get_ref().agent_id)?;
+        info!(admin = %admin.name, agent_id = %agent, "forget requested");
+        self.driver
+            .call(|reply| Command::Forget { agent, reply })
+            .await??;
+        Ok(Response::new(proto::ForgetAgentResponse {}))
     }
 
     async fn list_admins(
         &self,
         _req: Request<proto::ListAdminsRequest>,
     ) -> Result<Response<proto::ListAdminsResponse>, Status> {
-        Err(Status::unimplemented(
-            "admin revocation is not implemented yet",
-        ))
+        let admins = self
+            .driver
+            .call(|reply| Command::ListAdmins { reply })
+            .await?;
+        Ok(Response::new(proto::ListAdminsResponse {
+            admins: admins.iter().map(admin_info).collect(),
+        }))
     }
 
     async fn revoke_admin(
         &self,
-        _req: Request<proto::RevokeAdminRequest>,
+        req: Request<proto::RevokeAdminRequest>,
     ) -> Result<Response<proto::AdminInfo>, Status> {
-        Err(Status::unimplemented(
-            "admin revocation is not implemented yet",
-        ))
+        let admin = authorize(&req, Role::Admin, "Admin API")?;
+        let name = req.get_ref().name.clone();
+        let reason = reason_by(&req.get_ref().reason, &admin);
+        let record = self
+            .driver
+            .call(|reply| Command::RevokeAdmin {
+                name,
+                reason,
+                by: admin.name.clone(),
+                reply,
+            })
+            .await??;
+        Ok(Response::new(admin_info(&record)))
     }
 
     async fn unrevoke_admin(
         &self,
-        _req: Request<proto::UnrevokeAdminRequest>,
+        req: Request<proto::UnrevokeAdminRequest>,
     ) -> Result<Response<proto::AdminInfo>, Status> {
-        Err(Status::unimplemented(
-            "admin revocation is not implemented yet",
-        ))
+        let admin = authorize(&req, Role::Admin, "Admin API")?;
+        let name = req.get_ref().name.clone();
+        info!(admin = %admin.name, name = %name, "admin unrevoke requested");
+        let record = self
+            .driver
+            .call(|reply| Command::UnrevokeAdmin { name, reply })
+            .await??;
+        Ok(Response::new(admin_info(&record)))
     }
 
     async fn submit_task(
@@ -881,6 +961,12 @@ impl admin_server::Admin for Admin {
                 Some(agent_id(&req.agent_id)?)
             },
             repo: (!req.repo.is_empty()).then_some(req.repo),
+            outcome: if req.outcome.is_empty() {
+                None
+            } else {
+                Some(outcome_from_word(&req.outcome)?)
+            },
+            newest_first: req.newest_first,
             after: if req.page_token.is_empty() {
                 None
             } else {
@@ -894,19 +980,22 @@ impl admin_server::Admin for Admin {
                 n => usize::try_from(n.min(1000)).unwrap_or(1000),
             },
         };
-        let (tasks, more) = self
+        let page = self
             .driver
             .call(|reply| Command::ListTasks { query, reply })
             .await?;
-        let next_page_token = if more {
-            tasks.last().map(|t| t.id.to_string()).unwrap_or_default()
+        let next_page_token = if page.more {
+            page.tasks
+                .last()
+                .map(|t| t.id.to_string())
+                .unwrap_or_default()
         } else {
             String::new()
         };
         Ok(Response::new(proto::ListTasksResponse {
-            tasks: tasks.iter().map(task_info).collect(),
+            tasks: page.tasks.iter().map(task_info).collect(),
             next_page_token,
-            ..proto::ListTasksResponse::default()
+            total: u64::try_from(page.total).unwrap_or(u64::MAX),
         }))
     }
 
@@ -1017,7 +1106,7 @@ impl admin_server::Admin for Admin {
     ) -> Result<Response<proto::TaskInfo>, Status> {
         let admin = authorize(&req, Role::Admin, "Admin API")?;
         let id = admin_task_id(&req.get_ref().task_id)?;
-        let reason = reason_or(&req.get_ref().reason, &admin, "cancelled");
+        let reason = reason_by(&req.get_ref().reason, &admin);
         let task = self
             .driver
             .call(|reply| Command::Cancel {
@@ -1076,7 +1165,7 @@ impl admin_server::Admin for Admin {
     ) -> Result<Response<AgentInfo>, Status> {
         let admin = authorize(&req, Role::Admin, "Admin API")?;
         let agent = agent_id(&req.get_ref().agent_id)?;
-        let reason = reason_or(&req.get_ref().reason, &admin, "revoked");
+        let reason = reason_by(&req.get_ref().reason, &admin);
         let view = self
             .driver
             .call(|reply| Command::Revoke {
@@ -1094,7 +1183,7 @@ impl admin_server::Admin for Admin {
     ) -> Result<Response<AgentInfo>, Status> {
         let admin = authorize(&req, Role::Admin, "Admin API")?;
         let agent = agent_id(&req.get_ref().agent_id)?;
-        let reason = reason_or(&req.get_ref().reason, &admin, "drain requested");
+        let reason = reason_by(&req.get_ref().reason, &admin);
         let view = self
             .driver
             .call(|reply| Command::Drain {
@@ -1107,19 +1196,37 @@ impl admin_server::Admin for Admin {
     }
 }
 
-/// The admin's reason, bounded, with who gave it.
-fn reason_or(given: &str, admin: &PeerIdentity, default: &str) -> String {
+/// The admin's reason, bounded, with who gave it; only who gave it when
+/// no reason was given (the state it explains already says what happened).
+fn reason_by(given: &str, admin: &PeerIdentity) -> String {
     let text: String = given
         .chars()
         .filter(|c| !c.is_control())
         .take(200)
         .collect();
-    let text = if text.trim().is_empty() {
-        default.to_owned()
+    if text.trim().is_empty() {
+        format!("by admin {}", admin.name)
     } else {
-        text
-    };
-    format!("{text} (by admin {})", admin.name)
+        format!("{} (by admin {})", text.trim(), admin.name)
+    }
+}
+
+/// An outcome given as a word (`tests_failed`), as `ccc tasks --outcome` sends it.
+fn outcome_from_word(word: &str) -> Result<common::types::Outcome, Status> {
+    serde_json::from_value(serde_json::Value::String(word.to_owned())).map_err(|_| {
+        Status::invalid_argument(format!(
+            "unknown outcome {word:?} (succeeded, tests_failed, no_changes, cli_failed, ...; see `ccc tasks --help`)"
+        ))
+    })
+}
+
+fn admin_info(record: &AdminRecord) -> proto::AdminInfo {
+    proto::AdminInfo {
+        name: record.name.clone(),
+        revoked: record.revoked,
+        revoked_reason: record.reason.clone(),
+        revoked_at: record.revoked_at.map(|t| t.to_timestamp()),
+    }
 }
 
 #[cfg(test)]

@@ -33,6 +33,8 @@ pub enum Error {
     Tls(#[from] common::tls::Error),
     #[error(transparent)]
     Store(#[from] store::Error),
+    #[error("another coordinator is already using {}", .0.display())]
+    DataDirInUse(std::path::PathBuf),
     #[error(transparent)]
     Server(#[from] server::Error),
     #[error("{what}: {source}")]
@@ -74,17 +76,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         "cannot create data dir {}",
         config.data_dir.display()
     )))?;
-    let store = SledStore::open(&config.data_dir.join("store"))?;
+    let store = SledStore::open(&config.data_dir.join("store")).map_err(|e| {
+        if e.is_locked() {
+            Error::DataDirInUse(config.data_dir.clone())
+        } else {
+            Error::Store(e)
+        }
+    })?;
     let restored = restore(&store)?;
+    let admins = store.load_admins()?;
     info!(
         n_agents = restored.agents.len(),
         n_tasks = restored.tasks.len(),
         "state restored from the store"
     );
     let (now, wall) = driver::clock();
-    let core = Core::new(config.core.clone(), restored, now, wall);
+    let mut core = Core::new(config.core.clone(), restored, now, wall);
+    core.restore_admins(admins);
     let store: Arc<dyn Store> = Arc::new(store);
-    let (driver, handle) = Driver::new(core, Arc::clone(&store));
+    let (driver, handle, revoked_admins) = Driver::new(core, Arc::clone(&store));
 
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await
@@ -107,6 +117,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         incoming,
         handle,
         store,
+        revoked_admins,
         shutdown.clone(),
     ));
     let http_task = tokio::spawn(server::serve_http(http_listener, shutdown.clone()));

@@ -7,9 +7,10 @@ use tokio_util::sync::CancellationToken;
 /// Claude Code Cluster coordinator: accepts agents over mutual TLS, keeps
 /// the cluster's state in sled and serves the Admin API.
 ///
-/// Every setting is a flag, an environment variable (shown below) and a key
-/// of the TOML file given with --config; flags win over the environment,
-/// which wins over the file.
+/// Every setting is a flag, a CCC_COORDINATOR_* environment variable (shown
+/// below) and a key of the TOML file given with --config; flags win over the
+/// environment, which wins over the file. Settings that make no sense (a
+/// zero timeout, --max-attempts 0, ...) are refused at start.
 #[derive(Parser, Debug)]
 #[command(name = "ccc-coordinator", version)]
 struct Cli {
@@ -22,7 +23,10 @@ fn main() -> std::process::ExitCode {
     match run(cli.args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ccc-coordinator: {e:#}");
+            eprintln!(
+                "ccc-coordinator: {}",
+                common::telemetry::error_chain(e.as_ref())
+            );
             std::process::ExitCode::FAILURE
         }
     }

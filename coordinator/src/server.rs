@@ -159,6 +159,7 @@ pub async fn serve_grpc(
     incoming: ReceiverStream<io::Result<TlsStream<TcpStream>>>,
     driver: DriverHandle,
     store: Arc<dyn Store>,
+    revoked_admins: tokio::sync::watch::Receiver<crate::driver::RevokedAdmins>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -172,7 +173,7 @@ pub async fn serve_grpc(
         .add_service(AgentGatewayServer::new(Gateway::new(driver.clone())))
         .add_service(AdminServer::with_interceptor(
             Admin::new(driver, store, Arc::new(crate::triage::Rules::defaults())),
-            admin_only,
+            move |req| admin_only(req, &revoked_admins),
         ))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;

@@ -4,6 +4,7 @@
 mod executor;
 mod foundation;
 mod hardening;
+mod operator;
 mod raw_stream;
 mod real_cli;
 mod sim;

@@ -478,7 +478,7 @@ fn a_thousand_tasks_on_eight_agents_all_finish_once_within_capacity() {
     #[allow(clippy::disallowed_methods)] // a test's own stopwatch
     let mut progress = (0, std::time::Instant::now());
     eventually(Duration::from_secs(900), || {
-        let out = cluster.ccc(&["tasks", "--state", "succeeded", "--json"]);
+        let out = cluster.ccc(&["tasks", "--all", "--state", "succeeded", "--json"]);
         let done: Vec<serde_json::Value> =
             serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
         if done.len() == 1000 {
@@ -499,7 +499,7 @@ fn a_thousand_tasks_on_eight_agents_all_finish_once_within_capacity() {
     .unwrap_or_else(|e| panic!("{e}"));
 
     let all: Vec<serde_json::Value> =
-        serde_json::from_str(&cluster.ccc_ok(&["tasks", "--json"])).expect("json");
+        serde_json::from_str(&cluster.ccc_ok(&["tasks", "--all", "--json"])).expect("json");
     assert_eq!(all.len(), 1000, "none lost, none invented");
     for task in &all {
         assert_eq!(attempts(task).len(), 1, "ran once: {task}");
@@ -601,7 +601,7 @@ fn a_coordinator_killed_at_random_moments_under_load_loses_nothing_acknowledged(
         cluster.start_coordinator();
         let acked: Vec<String> = acknowledged.lock().expect("lock").clone();
         let tasks: Vec<serde_json::Value> = eventually(READY, || {
-            let out = cluster.ccc(&["tasks", "--json"]);
+            let out = cluster.ccc(&["tasks", "--all", "--json"]);
             if !out.status.success() {
                 return Err(String::from_utf8_lossy(&out.stderr).into_owned());
             }
@@ -658,7 +658,7 @@ fn a_coordinator_killed_at_random_moments_under_load_loses_nothing_acknowledged(
     // bound is generous because it is a deadline, not a measurement.
     let tasks: Vec<serde_json::Value> = eventually(DRAIN, || {
         let tasks: Vec<serde_json::Value> =
-            serde_json::from_str(&cluster.ccc_ok(&["tasks", "--json"]))
+            serde_json::from_str(&cluster.ccc_ok(&["tasks", "--all", "--json"]))
                 .map_err(|e| e.to_string())?;
         let mut open: BTreeMap<String, usize> = BTreeMap::new();
         for task in tasks.iter().filter(|t| t["state"] != "succeeded") {

@@ -201,6 +201,8 @@ impl Session {
     /// A new stream is open: Hello goes first, and alone until Welcome.
     pub fn handle_connected(&mut self) {
         self.welcomed = false;
+        // A coordinator's drain lasts for the stream it was sent on.
+        self.draining = self.shutting_down.is_some();
         self.outbound.clear();
         self.outbound.push_back(ToCoordinator::Hello {
             running: self.held(),

@@ -21,10 +21,12 @@ use common::types::{AgentAdvert, FinishedReport, Outcome, OutputKind, Phase, Tas
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+pub mod admin;
 mod queue;
 pub mod schedule;
 pub mod task;
 
+pub use admin::AdminRecord;
 use queue::{Queue, Queued};
 pub use task::{
     AttemptRecord, NewTask, OutputPosition, Task, TaskError, TaskSource, TaskState, TaskTriage,
@@ -111,6 +113,10 @@ pub struct AgentRecord {
     /// it gets no work until it reports healthy again.
     #[serde(default)]
     pub unhealthy: Option<String>,
+    /// Why an admin drained the agent; cleared by an undrain or when the
+    /// agent reconnects (a drain lasts for the stream it was sent on).
+    #[serde(default)]
+    pub drain_reason: Option<String>,
 }
 
 /// A task an agent says it holds (running, or finished but unacknowledged).
@@ -240,6 +246,8 @@ pub enum CloseReason {
     Protocol(String),
     /// Another process with the same certificate is connected.
     Duplicate(String),
+    /// An admin lifted the agent's drain: it reconnects and takes work.
+    Undrained,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -268,6 +276,10 @@ pub enum Write {
         kind: OutputKind,
         data: Arc<[u8]>,
     },
+    /// The agent's record is deleted.
+    ForgetAgent(AgentId),
+    /// An admin certificate's revocation record.
+    Admin(Box<AdminRecord>),
 }
 
 /// Why a new stream is refused.
@@ -282,6 +294,20 @@ pub enum AdminError {
     UnknownAgent(AgentId),
     NotConnected(AgentId),
     Revoked(AgentId),
+    /// Undrain of an agent that is not drained by an admin.
+    NotDrained(AgentId),
+    /// Unrevoke of an agent that is not revoked.
+    NotRevoked(AgentId),
+    /// Forget of an agent that is connected.
+    Connected(AgentId),
+    /// Forget of an agent that still holds live attempts.
+    HoldsTasks(AgentId, Vec<TaskId>),
+    /// An admin name no revocation was ever recorded for.
+    UnknownAdmin(String),
+    /// An admin may not revoke the certificate it is calling with.
+    OwnName(String),
+    /// Not a valid admin certificate name (the reason says why).
+    InvalidName(String),
 }
 
 /// An agent as the Admin API shows it: the record plus its live session.
@@ -352,6 +378,7 @@ impl AgentEntry {
                 last_disconnect_reason: None,
                 revoked_reason: None,
                 unhealthy: None,
+                drain_reason: None,
             },
             live: None,
             load: BTreeSet::new(),
@@ -380,6 +407,8 @@ pub struct Core {
     next_task_id: u64,
     /// Output acknowledgements, coalesced per attempt until actions are polled.
     pending_acks: BTreeMap<(ConnId, TaskId, Attempt), u64>,
+    /// Admin certificate names with a revocation record.
+    admins: BTreeMap<String, AdminRecord>,
     /// The latest time given to the core.
     last_now: Instant,
     last_wall: UnixMillis,
@@ -414,6 +443,7 @@ impl Core {
             repo_live: BTreeMap::new(),
             next_task_id: 0,
             pending_acks: BTreeMap::new(),
+            admins: BTreeMap::new(),
             last_now: now,
             last_wall: wall,
             actions: VecDeque::new(),
@@ -718,6 +748,8 @@ impl Core {
         let replaced = entry.live.take().map(|old| old.conn);
         entry.record.state = AgentState::Connected;
         let instance = advert.instance_id.clone();
+        // A drain lasts for the stream it was sent on.
+        entry.record.drain_reason = None;
         entry.record.advert = Some(advert);
         set_health(&agent, &mut entry.record, unhealthy);
         entry.record.last_seen = wall;
@@ -909,6 +941,7 @@ impl Core {
         };
         let conn = live.conn;
         entry.record.state = AgentState::Draining;
+        entry.record.drain_reason = Some(reason.clone());
         entry.record.last_seen = entry.record.last_seen.max(wall);
         self.writes.push(entry.record_write());
         info!(agent_id = %agent, %reason, "agent asked to drain");

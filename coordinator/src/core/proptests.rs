@@ -657,6 +657,10 @@ impl Harness {
                 Write::Task(task) => {
                     self.written_tasks.insert(task.id, *task);
                 }
+                Write::ForgetAgent(id) => {
+                    self.written_agents.remove(&id);
+                }
+                Write::Admin(_) => {}
                 Write::Output {
                     task,
                     attempt,

@@ -321,7 +321,7 @@ impl Core {
         info!(task_id = %id, %reason, "cancel requested");
         if !task.state.is_live() {
             task.state = TaskState::Cancelled;
-            task.state_reason = format!("cancelled: {reason}");
+            task.state_reason = reason;
             task.updated_at = wall;
             self.queue.remove(id);
             self.persist_task(id);
@@ -823,7 +823,7 @@ impl Core {
                 matches!(disposition, Disposition::Terminal(TaskState::Succeeded));
             if !finished_anyway {
                 task.state = TaskState::Cancelled;
-                task.state_reason = format!("cancelled: {reason}");
+                task.state_reason = reason;
                 self.persist_task(id);
                 self.publish_state(id);
                 return;
@@ -832,8 +832,11 @@ impl Core {
         match disposition {
             Disposition::Terminal(state) => {
                 task.state = state;
+                // The state names the outcome when they are the same word.
                 task.state_reason = if permanent && state == TaskState::Failed {
                     format!("{outcome}: {message} (permanent: not retried)")
+                } else if outcome.as_str() == state.as_str() {
+                    message
                 } else {
                     format!("{outcome}: {message}")
                 };
@@ -866,7 +869,7 @@ impl Core {
             Disposition::RequeueFree(not_before) => {
                 self.requeue(
                     id,
-                    format!("{outcome}: {message}; queued again"),
+                    format!("{outcome}: {message} (not counted as an attempt)"),
                     not_before,
                     now,
                     wall,

@@ -7,7 +7,8 @@
 //!
 //! Layout: tree `agents` (key: agent id), tree `tasks` (key: task number,
 //! big-endian so byte order is numeric order), tree `output` (key: task,
-//! attempt, seq, all big-endian; value: kind byte + raw bytes), tree `meta`
+//! attempt, seq, all big-endian; value: kind byte + raw bytes), tree
+//! `admins` (key: admin certificate name; revocations), tree `meta`
 //! (key `schema_version`). Record values are one version byte followed by
 //! JSON, so a later schema can read older rows.
 //!
@@ -33,7 +34,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::core::task::TRUNCATION_MARKER;
-use crate::core::{AgentRecord, OutputPosition, Task, Write};
+use crate::core::{AdminRecord, AgentRecord, OutputPosition, Task, Write};
 
 mod codec;
 
@@ -44,6 +45,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub enum Error {
     #[error("cannot open the store at {path}: {source}")]
     Open { path: String, source: sled::Error },
+    /// Another process holds the store's lock.
+    #[error("another coordinator is already using {path}")]
+    Locked { path: String },
     #[error("store I/O failed: {0}")]
     Io(#[from] sled::Error),
     #[error("store task failed: {0}")]
@@ -56,6 +60,24 @@ pub enum Error {
         key: String,
         why: String,
     },
+}
+
+impl Error {
+    /// Another process (a second coordinator) has the store open.
+    pub fn is_locked(&self) -> bool {
+        matches!(self, Self::Locked { .. })
+    }
+}
+
+/// sled reports its lock only as an I/O error with this text.
+fn open_error(path: &Path, source: sled::Error) -> Error {
+    let path = path.display().to_string();
+    match &source {
+        sled::Error::Io(e) if e.to_string().starts_with("could not acquire lock") => {
+            Error::Locked { path }
+        }
+        _ => Error::Open { path, source },
+    }
 }
 
 /// One stored chunk of a task's output.
@@ -71,6 +93,7 @@ pub struct StoredChunk {
 pub trait Store: Send + Sync + 'static {
     fn load_agents(&self) -> Result<Vec<AgentRecord>, Error>;
     fn load_tasks(&self) -> Result<Vec<Task>, Error>;
+    fn load_admins(&self) -> Result<Vec<AdminRecord>, Error>;
     /// How far the output of `task` goes: the last seq of `attempt`, and the
     /// bytes of the attempts from `since` on (the task's output budget) and
     /// whether they were truncated.
@@ -96,6 +119,7 @@ pub struct SledStore {
     agents: sled::Tree,
     tasks: sled::Tree,
     output: sled::Tree,
+    admins: sled::Tree,
 }
 
 fn output_key(task: TaskId, attempt: Attempt, seq: u64) -> [u8; 20] {
@@ -142,10 +166,7 @@ impl SledStore {
             .mode(sled::Mode::HighThroughput)
             .flush_every_ms(None)
             .open()
-            .map_err(|source| Error::Open {
-                path: dir.display().to_string(),
-                source,
-            })?;
+            .map_err(|source| open_error(dir, source))?;
         Self::from_db(db)
     }
 
@@ -166,6 +187,7 @@ impl SledStore {
         let agents = db.open_tree("agents")?;
         let tasks = db.open_tree("tasks")?;
         let output = db.open_tree("output")?;
+        let admins = db.open_tree("admins")?;
         let meta = db.open_tree("meta")?;
         match meta.get(b"schema_version")? {
             None => {
@@ -190,6 +212,7 @@ impl SledStore {
             agents,
             tasks,
             output,
+            admins,
         })
     }
 }
@@ -217,6 +240,20 @@ impl Store for SledStore {
                 codec::decode(&value).map_err(|why| Error::Corrupt {
                     tree: "tasks",
                     key: format!("{key:?}"),
+                    why,
+                })
+            })
+            .collect()
+    }
+
+    fn load_admins(&self) -> Result<Vec<AdminRecord>, Error> {
+        self.admins
+            .iter()
+            .map(|row| {
+                let (key, value) = row?;
+                codec::decode(&value).map_err(|why| Error::Corrupt {
+                    tree: "admins",
+                    key: String::from_utf8_lossy(&key).into_owned(),
                     why,
                 })
             })
@@ -270,15 +307,21 @@ impl Store for SledStore {
         }
         // Encode outside the transaction: the closure below must be pure
         // because sled may run it more than once.
-        let mut agent_rows: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        // `None`: the row is deleted.
+        let mut agent_rows: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut admin_rows: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut task_rows: Vec<([u8; 8], Vec<u8>)> = Vec::new();
         let mut output_rows: Vec<([u8; 20], Vec<u8>)> = Vec::new();
         for write in writes {
             match write {
                 Write::Agent(record) => agent_rows.push((
                     record.id.as_str().as_bytes().to_vec(),
-                    codec::encode(record),
+                    Some(codec::encode(record)),
                 )),
+                Write::ForgetAgent(id) => agent_rows.push((id.as_str().as_bytes().to_vec(), None)),
+                Write::Admin(record) => {
+                    admin_rows.push((record.name.as_bytes().to_vec(), codec::encode(record)));
+                }
                 Write::Task(task) => task_rows.push((task.id.0.to_be_bytes(), codec::encode(task))),
                 Write::Output {
                     task,
@@ -294,10 +337,16 @@ impl Store for SledStore {
                 }
             }
         }
-        (&self.agents, &self.tasks, &self.output)
-            .transaction(|(agents, tasks, output)| {
+        (&self.agents, &self.tasks, &self.output, &self.admins)
+            .transaction(|(agents, tasks, output, admins)| {
                 for (key, value) in &agent_rows {
-                    agents.insert(key.as_slice(), value.as_slice())?;
+                    match value {
+                        Some(value) => agents.insert(key.as_slice(), value.as_slice())?,
+                        None => agents.remove(key.as_slice())?,
+                    };
+                }
+                for (key, value) in &admin_rows {
+                    admins.insert(key.as_slice(), value.as_slice())?;
                 }
                 for (key, value) in &task_rows {
                     tasks.insert(key.as_slice(), value.as_slice())?;

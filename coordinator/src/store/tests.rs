@@ -16,6 +16,7 @@ fn record(name: &str, connections: u64) -> AgentRecord {
         last_disconnect_reason: None,
         revoked_reason: None,
         unhealthy: None,
+        drain_reason: None,
     }
 }
 
@@ -149,5 +150,46 @@ fn flushes_race_concurrent_writers_and_readers_safely() {
     let agents = store.load_agents().expect("load");
     assert_eq!(agents, vec![record("flusher", ROUNDS - 1)]);
     drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_second_opener_is_told_the_store_is_in_use() {
+    let dir = temp_dir("locked");
+    let _first = SledStore::open(&dir).expect("open");
+    let err = SledStore::open(&dir).err().expect("the second open fails");
+    assert!(err.is_locked(), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("another coordinator is already using {}", dir.display())
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn forgotten_agents_and_admin_revocations_survive_reopening() {
+    let dir = temp_dir("forget-admins");
+    let alice = AdminRecord {
+        name: "alice".into(),
+        revoked: true,
+        reason: "stolen".into(),
+        revoked_at: Some(UnixMillis(5)),
+    };
+    {
+        let store = SledStore::open(&dir).expect("open");
+        store
+            .commit(&[
+                Write::Agent(Box::new(record("a", 1))),
+                Write::Agent(Box::new(record("b", 1))),
+                Write::Admin(Box::new(alice.clone())),
+            ])
+            .expect("commit");
+        store
+            .commit(&[Write::ForgetAgent(AgentId::new("a").expect("name"))])
+            .expect("commit");
+    }
+    let store = SledStore::open(&dir).expect("reopen");
+    assert_eq!(store.load_agents().expect("agents"), vec![record("b", 1)]);
+    assert_eq!(store.load_admins().expect("admins"), vec![alice]);
     let _ = std::fs::remove_dir_all(&dir);
 }

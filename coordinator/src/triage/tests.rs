@@ -393,5 +393,9 @@ fn the_corpus_is_routed_as_a_senior_engineer_would() {
         println!("  {m}");
     }
     let overall = tally.share("overall");
-    assert!(overall >= 0.90, "overall accuracy {:.1}% is below 90%", overall * 100.0);
+    assert!(
+        overall >= 0.90,
+        "overall accuracy {:.1}% is below 90%",
+        overall * 100.0
+    );
 }

@@ -257,7 +257,7 @@ impl Ledger {
                     }
                     continue;
                 }
-                Write::Agent(_) => continue,
+                Write::Agent(_) | Write::ForgetAgent(_) | Write::Admin(_) => continue,
             };
             match self.terminal.get(&task.id) {
                 Some(done) if done != task => {

@@ -73,7 +73,7 @@ fn main() -> std::process::ExitCode {
     }
     // Let the others finish too, then show where everything ran.
     let _ = tests::eventually(Duration::from_secs(30), || {
-        let out = cluster.ccc(&["tasks", "--state", "succeeded", "--json"]);
+        let out = cluster.ccc(&["tasks", "--all", "--state", "succeeded", "--json"]);
         let done: Vec<serde_json::Value> =
             serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
         if done.len() == 4 {

@@ -47,7 +47,7 @@ fn main() {
         log_run("start");
     }
     if args.iter().any(|a| a == "--version") {
-        println!("2.1.197 (Claude Code)");
+        println!("2.1.332 (Claude Code)");
         return;
     }
     // Like the real CLI: the prompt argument after `-p`, else all of stdin.
@@ -98,7 +98,7 @@ fn main() {
             "type": "system", "subtype": "init", "session_id": session, "cwd": cwd,
             "model": "fake-model", "tools": ["Write", "Edit", "Read", "Bash"],
             "permissionMode": args.windows(2).find(|w| w[0] == "--permission-mode").map(|w| w[1].clone()),
-            "claude_code_version": "2.1.197",
+            "claude_code_version": "2.1.332",
         }),
     );
     if num("grandchild", 0) == 1 {
