@@ -166,8 +166,8 @@ fn bounded(s: &str) -> &str {
 fn label_rule(rules: &Rules, name: &str) -> Option<(Specialty, f64)> {
     rules.labels.get(name).copied().or_else(|| {
         name.split(['/', ':', ' ', '_', '-', '.'])
-            .filter(|p| !p.is_empty())
-            .find_map(|p| rules.labels.get(p).copied())
+            .filter_map(|p| rules.labels.get(p).copied())
+            .max_by(|a, b| a.1.total_cmp(&b.1))
     })
 }
 
@@ -188,7 +188,10 @@ impl Acc {
             self.technologies.insert(name.clone());
         }
         let key = (signal.to_owned(), source, meaning.key());
-        if self.seen.contains_key(&key) {
+        if let Some(known) = self.seen.get_mut(&key) {
+            // Said again: the strongest reading counts (a word cleared in
+            // one sentence and asked for in another is asked for).
+            known.1 = known.1.max(weight);
             return;
         }
         match meaning {
@@ -196,24 +199,53 @@ impl Acc {
             Meaning::Large => self.large += 1,
             Meaning::Small => self.small += 1,
             Meaning::Detail => self.detail += 1,
-            Meaning::Specialty(_) | Meaning::Technology(..) => {}
+            Meaning::Specialty(_) | Meaning::Technology(..) | Meaning::Clears | Meaning::Asks => {}
         }
         self.seen.insert(key, (meaning, weight));
     }
 
+    /// The terms of one place, sentence by sentence: in prose, a sentence
+    /// that clears what it names ("the frontend is fine") turns its
+    /// specialty words against, one that asks for the change counts them
+    /// more. What the issue asks to change decides, not every word it uses.
     fn terms(&mut self, rules: &Rules, source: Source, text: &str) {
         let place = rules.weights[&source];
-        for m in rules.matcher.find_iter(text) {
-            let term = &rules.terms[m.pattern().as_usize()];
-            let before = text[..m.start()].chars().next_back();
-            let after = text[m.end()..].chars().next();
-            let is_word =
-                |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
-            if (term.word_start && is_word(before)) || (term.word_end && is_word(after)) {
-                continue;
-            }
-            for (meaning, weight) in &term.meanings {
-                self.add(meaning.clone(), weight * place, &term.text, source);
+        let found: Vec<(usize, &rules::Term)> = rules
+            .matcher
+            .find_iter(text)
+            .filter_map(|m| {
+                let term = &rules.terms[m.pattern().as_usize()];
+                let before = text[..m.start()].chars().next_back();
+                let after = text[m.end()..].chars().next();
+                let is_word =
+                    |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+                let cut = (term.word_start && is_word(before)) || (term.word_end && is_word(after));
+                (!cut).then_some((m.start(), term))
+            })
+            .collect();
+        let judged = source == Source::Body;
+        for (at, end) in text::sentences(text) {
+            let in_sentence = || found.iter().filter(|(pos, _)| (at..end).contains(pos));
+            let has = |wanted: &Meaning| {
+                in_sentence().any(|(_, t)| t.meanings.iter().any(|(m, _)| m == wanted))
+            };
+            let factor = if !judged {
+                1.0
+            } else if has(&Meaning::Clears) {
+                rules.clears_factor
+            } else if has(&Meaning::Asks) {
+                rules.asks_factor
+            } else {
+                1.0
+            };
+            for (_, term) in in_sentence() {
+                for (meaning, weight) in &term.meanings {
+                    let factor = match meaning {
+                        Meaning::Specialty(_) | Meaning::Technology(..) => factor,
+                        _ => 1.0,
+                    };
+                    self.add(meaning.clone(), weight * place * factor, &term.text, source);
+                }
             }
         }
     }
@@ -265,8 +297,15 @@ impl Acc {
         let mut evidence = Vec::new();
         for ((specialty, source), mut signals) in by_place {
             signals.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
-            for (rank, (weight, signal, technology)) in signals.into_iter().enumerate() {
-                let counted = weight / (rank as f64 + 1.0);
+            // Signals against count in full; those for, less and less.
+            let mut rank = 0.0;
+            for (weight, signal, technology) in signals {
+                let counted = if weight > 0.0 {
+                    rank += 1.0;
+                    weight / rank
+                } else {
+                    weight
+                };
                 *scores.entry(specialty).or_default() += counted;
                 evidence.push(Evidence {
                     signal: signal.to_owned(),
@@ -306,7 +345,7 @@ impl Acc {
         }
         evidence.truncate(MAX_EVIDENCE);
         for v in scores.values_mut() {
-            *v = round(*v);
+            *v = round(v.max(0.0));
         }
 
         let mut ranked: Vec<(Specialty, f64)> = scores.iter().map(|(s, v)| (*s, *v)).collect();

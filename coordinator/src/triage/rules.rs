@@ -78,6 +78,12 @@ pub(super) enum Meaning {
     Small,
     /// The issue gives steps, an expectation, or a concrete place.
     Detail,
+    /// The sentence clears what it names ("the frontend is fine", "APIは
+    /// 正しく返しています"): its specialty words count against.
+    Clears,
+    /// The sentence asks for the change ("should", "please", "直してください"):
+    /// its specialty words count more.
+    Asks,
 }
 
 impl Meaning {
@@ -91,6 +97,8 @@ impl Meaning {
             Self::Large => "large".into(),
             Self::Small => "small".into(),
             Self::Detail => "detail".into(),
+            Self::Clears => "clears".into(),
+            Self::Asks => "asks".into(),
         }
     }
 }
@@ -120,6 +128,10 @@ pub struct Rules {
     pub(super) weights: BTreeMap<Source, f64>,
     /// Below this, the best specialty is not trusted: `general`.
     pub(super) min_score: f64,
+    /// How specialty words count in a sentence that clears them (negative)
+    /// and in one that asks for the change.
+    pub(super) clears_factor: f64,
+    pub(super) asks_factor: f64,
     /// Labels (lowercase) and the specialty each one means.
     pub(super) labels: BTreeMap<String, (Specialty, f64)>,
     pub(super) languages: BTreeMap<String, (Specialty, f64)>,
@@ -136,6 +148,8 @@ struct RawRules {
     /// `false`: replace the defaults instead of extending them.
     extends: Option<bool>,
     min_score: Option<f64>,
+    clears_factor: Option<f64>,
+    asks_factor: Option<f64>,
     #[serde(default)]
     weights: BTreeMap<String, f64>,
     #[serde(default)]
@@ -183,6 +197,10 @@ struct RawSignals {
     small: Vec<String>,
     #[serde(default)]
     detail: Vec<String>,
+    #[serde(default)]
+    clears: Vec<String>,
+    #[serde(default)]
+    asks: Vec<String>,
 }
 
 impl Rules {
@@ -268,6 +286,8 @@ fn compile(layers: &[RawRules]) -> Result<Rules, String> {
     ]
     .into();
     let mut min_score = 1.0;
+    let mut clears_factor = -0.5;
+    let mut asks_factor = 1.5;
     let mut labels = BTreeMap::new();
     let mut languages = BTreeMap::new();
     let mut terms: BTreeMap<String, BTreeMap<String, (Meaning, f64)>> = BTreeMap::new();
@@ -294,6 +314,15 @@ fn compile(layers: &[RawRules]) -> Result<Rules, String> {
         }
         if let Some(m) = layer.min_score {
             min_score = weight(m, "min_score")?;
+        }
+        if let Some(f) = layer.clears_factor {
+            if !(-1.0..=1.0).contains(&f) {
+                return Err(format!("clears_factor: {f} is not within -1..=1"));
+            }
+            clears_factor = f;
+        }
+        if let Some(f) = layer.asks_factor {
+            asks_factor = weight(f, "asks_factor")?;
         }
         for (name, w) in &layer.weights {
             let source = [
@@ -369,6 +398,8 @@ fn compile(layers: &[RawRules]) -> Result<Rules, String> {
             (&layer.signals.large, Meaning::Large, "signals.large"),
             (&layer.signals.small, Meaning::Small, "signals.small"),
             (&layer.signals.detail, Meaning::Detail, "signals.detail"),
+            (&layer.signals.clears, Meaning::Clears, "signals.clears"),
+            (&layer.signals.asks, Meaning::Asks, "signals.asks"),
         ] {
             for t in list {
                 add_term(term_text(t, name)?, meaning.clone(), 1.0);
@@ -409,6 +440,8 @@ fn compile(layers: &[RawRules]) -> Result<Rules, String> {
     Ok(Rules {
         weights,
         min_score,
+        clears_factor,
+        asks_factor,
         labels,
         languages,
         terms,

@@ -71,6 +71,8 @@ static TRACE_LINES: LazyLock<Vec<Regex>> = LazyLock::new(|| {
         r#"^\s*goroutine \d+ \["#,
         r#"^\s*panic: "#,
         r#"^\s*(?P<path>/?[\w./-]+\.go):\d+(?: \+0x[0-9a-f]+)?\s*$"#,
+        // Test runners naming the failing file (pytest, jest, vitest, go)
+        r#"^\s*(?:failed|fail|error|--- fail:?)\s+(?P<path>[\w./@-]+\.(?:py|[cm]?[jt]sx?|go|rb|java|kt|php|rs))(?:::|\s|$)"#,
         // Rust
         r#"^\s*thread '[^']*' panicked at (?P<path>[^:\s]+\.rs):\d+"#,
         r#"^\s*at (?P<path>[^:\s]+\.rs):\d+:\d+"#,
@@ -245,6 +247,30 @@ fn trace_line(line: &str) -> Option<Option<String>> {
         let cap = re.captures(line)?;
         Some(cap.name("path").map(|p| p.as_str().to_owned()))
     })
+}
+
+/// The sentences of a text as byte ranges: cut after a line end, a
+/// Japanese full stop, or `.`, `!` or `?` followed by white space.
+pub fn sentences(text: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        let end = i + c.len_utf8();
+        let cut = match c {
+            '\n' | '。' | '！' | '？' => true,
+            '.' | '!' | '?' => chars.peek().is_none_or(|(_, next)| next.is_whitespace()),
+            _ => false,
+        };
+        if cut {
+            out.push((start, end));
+            start = end;
+        }
+    }
+    if start < text.len() {
+        out.push((start, text.len()));
+    }
+    out
 }
 
 fn push_line(out: &mut String, line: &str) {
