@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::config::{de_opt_duration, de_opt_size, load_toml, parse_duration, parse_size};
@@ -15,6 +16,7 @@ use common::tls::TlsPaths;
 use serde::Deserialize;
 
 use crate::core::CoreConfig;
+use crate::triage::Rules;
 
 /// A usage-limit reset further away than this is not believed: the limits
 /// Anthropic applies reset within hours, and a reset days away (a bad clock,
@@ -86,6 +88,10 @@ pub struct Args {
     /// Log format: pretty or json [default: pretty].
     #[arg(long, env = "CCC_COORDINATOR_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Triage rules (TOML) that extend the built-in ones, or replace them
+    /// with `extends = false`; try a file first with `ccc triage --rules`.
+    #[arg(long, env = "CCC_COORDINATOR_TRIAGE_RULES")]
+    pub triage_rules: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,6 +131,7 @@ pub struct FileConfig {
     pub rate_limit_cooldown_max: Option<Duration>,
     #[serde(default, deserialize_with = "de_opt_log_format")]
     pub log_format: Option<LogFormat>,
+    pub triage_rules: Option<PathBuf>,
 }
 
 fn de_opt_log_format<'de, D: serde::Deserializer<'de>>(
@@ -141,6 +148,8 @@ pub enum Error {
     File(#[from] common::config::Error),
     #[error("config: {0}")]
     Invalid(String),
+    #[error(transparent)]
+    Rules(#[from] crate::triage::Error),
 }
 
 #[derive(Debug, Clone)]
@@ -153,6 +162,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// A TLS handshake must finish within this time.
     pub handshake_timeout: Duration,
+    /// The triage rules every submitted task is read with.
+    pub triage_rules: Arc<Rules>,
 }
 
 impl Config {
@@ -236,6 +247,9 @@ impl Config {
                 .or(file.log_format)
                 .unwrap_or(LogFormat::Pretty),
             handshake_timeout: Duration::from_secs(10),
+            triage_rules: Arc::new(Rules::load_or_defaults(
+                args.triage_rules.or(file.triage_rules).as_deref(),
+            )?),
         };
         config.core.check().map_err(Error::Invalid)?;
         Ok(config)

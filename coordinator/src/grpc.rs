@@ -738,7 +738,8 @@ fn new_task(
     })
 }
 
-fn triage_report(t: &TaskTriage) -> proto::TriageReport {
+/// A task's triage as the Admin API answers it.
+pub fn triage_report(t: &TaskTriage) -> proto::TriageReport {
     let r = &t.result;
     proto::TriageReport {
         specialty: wire::specialty_to_proto(r.specialty) as i32,

@@ -118,6 +118,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         handle,
         store,
         revoked_admins,
+        Arc::clone(&config.triage_rules),
         shutdown.clone(),
     ));
     let http_task = tokio::spawn(server::serve_http(http_listener, shutdown.clone()));

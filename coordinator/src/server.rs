@@ -160,6 +160,7 @@ pub async fn serve_grpc(
     driver: DriverHandle,
     store: Arc<dyn Store>,
     revoked_admins: tokio::sync::watch::Receiver<crate::driver::RevokedAdmins>,
+    triage_rules: Arc<crate::triage::Rules>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -172,7 +173,7 @@ pub async fn serve_grpc(
         .add_service(reflection().build_v1alpha()?)
         .add_service(AgentGatewayServer::new(Gateway::new(driver.clone())))
         .add_service(AdminServer::with_interceptor(
-            Admin::new(driver, store, Arc::new(crate::triage::Rules::defaults())),
+            Admin::new(driver, store, triage_rules),
             move |req| admin_only(req, &revoked_admins),
         ))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

@@ -9,3 +9,4 @@ mod raw_stream;
 mod real_cli;
 mod sim;
 mod tasks;
+mod triage;

@@ -8,6 +8,7 @@
 mod admin;
 mod table;
 mod tasks;
+mod triage;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -177,6 +178,9 @@ enum Cmd {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Triage an issue offline, as the coordinator would: specialty,
+    /// complexity, technologies and the evidence. Needs no coordinator.
+    Triage(triage::TriageArgs),
     /// Submit a task by hand; prints its id once it is durably queued.
     Submit(Box<tasks::SubmitArgs>),
     /// List tasks, newest first.
@@ -315,6 +319,10 @@ fn run(cli: Cli, env: &Env) -> anyhow::Result<Exit> {
             certs(&pki.or(&outer.pki).certs_dir(env)?, cmd)?;
             Ok(Exit::Success)
         }
+        Cmd::Triage(args) => {
+            triage::run(args)?;
+            Ok(Exit::Success)
+        }
         cmd => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -394,7 +402,7 @@ macro_rules! call {
 
 async fn admin_command(cmd: Cmd, outer: &ConnArgs, env: &Env) -> anyhow::Result<Exit> {
     let conn_args = match &cmd {
-        Cmd::Certs { .. } => unreachable!("handled without a connection"),
+        Cmd::Certs { .. } | Cmd::Triage(_) => unreachable!("handled without a connection"),
         Cmd::Agents { conn, .. }
         | Cmd::Admins { conn, .. }
         | Cmd::RevokeAdmin { conn, .. }
@@ -418,7 +426,7 @@ async fn admin_command(cmd: Cmd, outer: &ConnArgs, env: &Env) -> anyhow::Result<
     }
     let mut client = conn.client().await?;
     match cmd {
-        Cmd::Certs { .. } | Cmd::Logs { .. } => unreachable!("handled above"),
+        Cmd::Certs { .. } | Cmd::Triage(_) | Cmd::Logs { .. } => unreachable!("handled above"),
         Cmd::Agents { json, .. } => {
             let agents = call!(
                 conn,
@@ -565,6 +573,7 @@ async fn admin_command(cmd: Cmd, outer: &ConnArgs, env: &Env) -> anyhow::Result<
                 task.task_id,
                 tasks::state_name(task.state)
             ))?;
+            tasks::submit_notes(&task);
         }
         Cmd::Tasks(args) => tasks::list(&mut client, &conn, args).await?,
         Cmd::Task { task, json } => {

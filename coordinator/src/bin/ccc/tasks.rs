@@ -112,6 +112,22 @@ pub struct ListArgs {
 
 /// Writes text to standard output; a closed pipe comes back as an error
 /// (`main` ends quietly on it) instead of a panic.
+/// What `ccc submit` says besides the id, on standard error: how triage
+/// routed a task the submitter gave no specialty, and why it waits.
+pub fn submit_notes(task: &TaskInfo) {
+    if let Some(t) = task.triage.as_ref().filter(|t| !t.specialty_given) {
+        eprintln!(
+            "triaged as {} (confidence {:.2}); see `ccc task {}` for the evidence",
+            specialty_name(t.specialty),
+            t.confidence,
+            task.task_id
+        );
+    }
+    if !task.waiting_reason.is_empty() {
+        eprintln!("warning: {}", task.waiting_reason);
+    }
+}
+
 pub fn say(text: &str) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(text.as_bytes())?;
@@ -282,6 +298,12 @@ pub fn task_detail(t: &TaskInfo) -> String {
         rows.push(vec!["cancel:".into(), t.cancel_requested.clone()]);
     }
     let mut out = render(&rows);
+    if let Some(triage) = &t.triage {
+        out.push_str("\ntriage\n");
+        for line in crate::triage::lines(triage).lines() {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
     for a in &t.attempts {
         out.push_str(&format!(
             "\nattempt {} on {}\n  placed:   {}\n  assigned: {}\n",
@@ -324,6 +346,8 @@ pub fn task_json(t: &TaskInfo) -> serde_json::Value {
         "specialty": specialty_name(t.specialty),
         "priority": t.priority,
         "test_command": t.test_command,
+        "technologies": t.technologies,
+        "triage": t.triage.as_ref().map(crate::triage::json),
         "max_attempts": t.max_attempts,
         "attempts": t.attempts.iter().map(|a| serde_json::json!({
             "attempt": a.attempt,
