@@ -29,10 +29,13 @@ mod tests;
 pub enum ToCoordinator {
     Hello {
         running: Vec<Held>,
+        /// Empty when the agent can work.
+        unhealthy_reason: String,
     },
     Heartbeat {
         running: Vec<Held>,
         free_slots: u32,
+        unhealthy_reason: String,
     },
     Accepted {
         task: TaskId,
@@ -125,6 +128,9 @@ pub struct Session {
     draining: bool,
     /// Why the agent is stopping, once it is: said again on each new stream.
     shutting_down: Option<String>,
+    /// Why this PC cannot work (its CLI is missing, not logged in, ...):
+    /// said in Hello and every Heartbeat until a check passes.
+    unhealthy: Option<String>,
     outbound: VecDeque<ToCoordinator>,
     commands: VecDeque<Command>,
 }
@@ -137,6 +143,7 @@ impl Session {
             welcomed: false,
             draining: false,
             shutting_down: None,
+            unhealthy: None,
             outbound: VecDeque::new(),
             commands: VecDeque::new(),
         }
@@ -172,6 +179,11 @@ impl Session {
         self.work.is_empty()
     }
 
+    /// Why this PC cannot work, while it cannot.
+    pub fn unhealthy_reason(&self) -> Option<&str> {
+        self.unhealthy.as_deref()
+    }
+
     /// Takes back an attempt an earlier run of the agent finished but had
     /// not handed over: Hello lists it, and after Welcome its missing output
     /// and its result are sent again.
@@ -204,6 +216,7 @@ impl Session {
         self.outbound.clear();
         self.outbound.push_back(ToCoordinator::Hello {
             running: self.held(),
+            unhealthy_reason: self.unhealthy.clone().unwrap_or_default(),
         });
     }
 
@@ -255,8 +268,29 @@ impl Session {
             self.outbound.push_back(ToCoordinator::Heartbeat {
                 running: self.held(),
                 free_slots: self.free_slots(),
+                unhealthy_reason: self.unhealthy.clone().unwrap_or_default(),
             });
         }
+    }
+
+    // ---- health ----
+
+    /// The result of a check of this PC (at start, or again while
+    /// unhealthy), or a failure that was the PC's fault: `Some(reason)`
+    /// while it cannot work, `None` once it can. A change is told to the
+    /// coordinator at once, in a heartbeat.
+    pub fn handle_health(&mut self, reason: Option<String>) {
+        if self.unhealthy == reason {
+            return;
+        }
+        match &reason {
+            Some(why) => {
+                warn!(reason = %why, "this PC cannot work: unhealthy until a check passes")
+            }
+            None => info!("the health check passed: this PC can work again"),
+        }
+        self.unhealthy = reason;
+        self.heartbeat();
     }
 
     // ---- the coordinator ----
@@ -419,6 +453,7 @@ impl Session {
         attempt: Attempt,
         mut report: FinishedReport,
     ) -> Option<FinishedReport> {
+        let shutting_down = self.shutting_down.clone();
         let work = self.work.get_mut(&task)?;
         if work.attempt != attempt || work.result.is_some() {
             return None;
@@ -426,8 +461,15 @@ impl Session {
         if work.stop_requested {
             report.outcome = Outcome::Cancelled;
             report.message = "cancelled on the coordinator's request".into();
+        } else if let Some(reason) = &shutting_down
+            && report.outcome == Outcome::Cancelled
+        {
+            // Not the task's fault: the coordinator queues it again without
+            // spending the attempt.
+            report.message = format!("handed back: {reason}");
         }
         report.last_output_seq = work.last_seq;
+        let fault = (report.outcome == Outcome::AgentFault).then(|| report.message.clone());
         info!(task_id = %task, attempt = attempt.0, outcome = %report.outcome, "attempt over");
         work.result = Some(report.clone());
         self.send(ToCoordinator::Finished {
@@ -435,6 +477,9 @@ impl Session {
             attempt,
             report: Box::new(report.clone()),
         });
+        if fault.is_some() {
+            self.handle_health(fault);
+        }
         Some(report)
     }
 
