@@ -59,7 +59,9 @@ pub struct Args {
     /// Log format: pretty or json [default: pretty].
     #[arg(long, env = "CCC_AGENT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
-    /// The Claude Code CLI to run [default: claude, found on PATH].
+    /// The Claude Code CLI: a path (a relative one from the directory the
+    /// agent starts in) or a name looked up on PATH; checked with --version
+    /// at start [default: claude].
     #[arg(long, env = "CCC_AGENT_CLAUDE")]
     pub claude: Option<String>,
     /// --max-turns given to the CLI [default: 40].

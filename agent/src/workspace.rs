@@ -155,21 +155,8 @@ fn check_url(url: &str) -> Result<(), Error> {
     if url.trim().is_empty() {
         return Err(invalid("it is empty"));
     }
-    let local = if let Some(path) = url.strip_prefix("file://") {
-        Some(PathBuf::from(path))
-    } else if url.starts_with('/') || url.starts_with("./") || url.starts_with("../") {
-        Some(PathBuf::from(url))
-    } else {
-        None
-    };
-    if let Some(path) = local {
-        if !path.exists() {
-            return Err(Error::RepoNotFound {
-                url: url.to_owned(),
-                why: "no such path on this PC".into(),
-            });
-        }
-        return Ok(());
+    if let Some(path) = url.strip_prefix("file://") {
+        return local_repo(url, Path::new(path));
     }
     if let Some((scheme, _)) = url.split_once("://") {
         if !matches!(
@@ -182,12 +169,23 @@ fn check_url(url: &str) -> Result<(), Error> {
         }
         return Ok(());
     }
-    if ssh_host(url).is_none() {
-        return Err(invalid(
-            "neither a URL, an scp-like user@host:path nor a path",
-        ));
+    if ssh_host(url).is_some() {
+        return Ok(());
     }
-    Ok(())
+    // Anything else is a path on this PC (relative: to the agent's
+    // working directory, as git takes it).
+    local_repo(url, Path::new(url))
+}
+
+fn local_repo(url: &str, path: &Path) -> Result<(), Error> {
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(Error::RepoNotFound {
+            url: url.to_owned(),
+            why: "no such path on this PC".into(),
+        })
+    }
 }
 
 /// The host and port of an SSH remote: `ssh://[user@]host[:port]/path` or
@@ -1085,7 +1083,11 @@ mod tests {
             scheme.is_permanent() && scheme.to_string().contains("ftp"),
             "{scheme}"
         );
-        assert!(check_url("not a url").expect_err("fails").is_permanent());
+        let path = check_url("not/a repository").expect_err("fails");
+        assert!(
+            path.is_permanent() && path.to_string().contains("no such path"),
+            "{path}"
+        );
         assert!(check_url("").is_err());
         for good in [
             "https://github.com/o/r.git",
@@ -1093,6 +1095,7 @@ mod tests {
             "ssh://git@host:2222/r.git",
             "git://127.0.0.1:9418/r.git",
             "/",
+            ".",
         ] {
             assert!(check_url(good).is_ok(), "{good}");
         }
