@@ -402,6 +402,16 @@ impl Config {
             .reconnect_initial
             .or(file.reconnect_initial)
             .unwrap_or(Duration::from_millis(500));
+        // Given explicitly, it must exist; the default may not (no SSH remotes).
+        let known_hosts = args.git_known_hosts.or(file.git.known_hosts);
+        if let Some(path) = &known_hosts
+            && !path.is_file()
+        {
+            return Err(Error::Invalid(format!(
+                "git known_hosts {} is not a file",
+                path.display()
+            )));
+        }
         let config = Self {
             coordinator: args
                 .coordinator
@@ -501,7 +511,7 @@ impl Config {
                 .unwrap_or(Duration::from_secs(120)),
             ssh: crate::workspace::SshConfig {
                 key: args.git_ssh_key.or(file.git.ssh_key),
-                known_hosts: args.git_known_hosts.or(file.git.known_hosts).or_else(|| {
+                known_hosts: known_hosts.or_else(|| {
                     std::env::var_os("HOME")
                         .map(|home| PathBuf::from(home).join(".ssh").join("known_hosts"))
                 }),
@@ -529,6 +539,20 @@ impl Config {
             if value.is_zero() {
                 return Err(Error::Invalid(format!("{name} must be longer than 0")));
             }
+        }
+        if self.stop_grace <= self.claude.kill_grace {
+            return Err(Error::Invalid(format!(
+                "stop_grace ({:?}) must be longer than the CLI's kill_grace ({:?}): running tasks could not be handed back",
+                self.stop_grace, self.claude.kill_grace
+            )));
+        }
+        if let Some(key) = &self.ssh.key
+            && !key.is_file()
+        {
+            return Err(Error::Invalid(format!(
+                "git ssh_key {} is not a file",
+                key.display()
+            )));
         }
         if self.claude.max_turns == 0 {
             return Err(Error::Invalid("max_turns must be at least 1".into()));

@@ -280,6 +280,7 @@ impl Session {
     /// while it cannot work, `None` once it can. A change is told to the
     /// coordinator at once, in a heartbeat.
     pub fn handle_health(&mut self, reason: Option<String>) {
+        let reason = reason.map(|r| one_short_line(&r));
         if self.unhealthy == reason {
             return;
         }
@@ -500,6 +501,26 @@ impl Session {
             self.outbound.push_back(msg);
         }
     }
+}
+
+/// A reason as the coordinator accepts it: one line (control characters
+/// become spaces), at most `wire::MAX_SHORT_STRING` bytes, cut on a char
+/// boundary with an ellipsis.
+fn one_short_line(text: &str) -> String {
+    let max = common::wire::MAX_SHORT_STRING;
+    let line: String = text
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if line.len() <= max {
+        return line;
+    }
+    let mut end = max - '…'.len_utf8();
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &line[..end])
 }
 
 /// Drops chunks the coordinator has persisted.

@@ -358,6 +358,21 @@ fn a_fault_of_the_pc_makes_it_unhealthy_in_every_report_until_a_check_passes() {
     assert!(
         matches!(&out(&mut s)[..], [ToCoordinator::Heartbeat { unhealthy_reason, .. }] if unhealthy_reason.is_empty())
     );
+
+    // What the coordinator accepts: one line, a bounded length.
+    let long = format!("the API said:\n{}", "é".repeat(400));
+    s.handle_health(Some(long));
+    let reason = s.unhealthy_reason().expect("unhealthy").to_owned();
+    assert!(
+        reason.len() <= common::wire::MAX_SHORT_STRING,
+        "{}",
+        reason.len()
+    );
+    assert!(
+        reason.starts_with("the API said: é") && reason.ends_with('…'),
+        "{reason}"
+    );
+    assert!(!reason.chars().any(char::is_control));
 }
 
 #[test]
