@@ -1178,6 +1178,84 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// A repository with one commit on `main`, made with libgit2.
+    fn origin(dir: &Path) -> String {
+        let repo = Repository::init(dir).expect("init");
+        repo.set_head("refs/heads/main").expect("head");
+        std::fs::write(dir.join("a.txt"), "a\n").expect("file");
+        let mut index = repo.index().expect("index");
+        index.add_path(Path::new("a.txt")).expect("add");
+        let tree = repo
+            .find_tree(index.write_tree().expect("tree"))
+            .expect("tree");
+        let who = Signature::now("t", "t@localhost").expect("signature");
+        repo.commit(Some("HEAD"), &who, &who, "initial", &tree, &[])
+            .expect("commit");
+        dir.display().to_string()
+    }
+
+    fn spec(url: &str, base: &str, branch: &str, follow_up: bool) -> TaskSpec {
+        TaskSpec {
+            repo_url: url.to_owned(),
+            base_branch: base.to_owned(),
+            issue_number: 0,
+            title: "t".into(),
+            body: String::new(),
+            issue_url: String::new(),
+            author: String::new(),
+            labels: vec![],
+            specialty: common::types::Specialty::General,
+            technologies: vec![],
+            branch: branch.to_owned(),
+            follow_up,
+            test_command: String::new(),
+        }
+    }
+
+    #[test]
+    fn what_another_attempt_would_meet_again_is_permanent_and_named() {
+        let root = scratch("permanent");
+        let url = origin(&root.join("origin"));
+        let ws = Workspaces::new(&root.join("agent"), SshConfig::default());
+        let stop = CancellationToken::new();
+        let prepare =
+            |n: u64, spec: TaskSpec| ws.prepare(TaskId(n), Attempt(1), &spec, None, &stop);
+        prepare(1, spec(&url, "", "ccc/ok", false)).expect("a workspace");
+
+        let base = prepare(2, spec(&url, "release-9", "ccc/b", false)).expect_err("no base");
+        assert!(base.is_permanent());
+        assert_eq!(
+            base.to_string(),
+            format!("base branch release-9 does not exist in {url}")
+        );
+        let follow = prepare(3, spec(&url, "", "ccc/gone", true)).expect_err("no branch");
+        assert!(follow.is_permanent());
+        assert!(
+            follow
+                .to_string()
+                .contains("branch ccc/gone does not exist"),
+            "{follow}"
+        );
+        let missing = root.join("nowhere.git").display().to_string();
+        let path = prepare(4, spec(&missing, "", "ccc/p", false)).expect_err("no repo");
+        assert!(
+            path.is_permanent() && !path.to_string().contains("protocol"),
+            "{path}"
+        );
+        let bad = prepare(5, spec(&url, "", "a..b", false)).expect_err("bad branch");
+        assert!(bad.is_permanent());
+
+        // Nothing listens there: a network failure, worth another attempt.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a port");
+        let closed = format!("git://127.0.0.1:{port}/r.git");
+        let refused = prepare(6, spec(&closed, "main", "ccc/n", false)).expect_err("refused");
+        assert!(!refused.is_permanent(), "{refused}");
+        let _ = std::fs::remove_dir_all(root);
+    }
+
     #[test]
     fn names_that_could_change_a_refspec_are_not_branches() {
         for bad in ["a:b", "*", "ma*in", "a b", "x..y", "", "a/", "@{u}", "a^b"] {

@@ -396,15 +396,19 @@ fn ssh_remotes_clone_and_push_through_a_real_sshd_and_check_its_host_key() {
     let repo = git::bare_repo(cluster.dir.path(), "remote", &[("README.md", "# r\n")]);
     let url = sshd.url(&repo);
     let key = sshd.user_key.display().to_string();
-    for (name, specialty, known_hosts) in [
-        ("pc-ssh", "backend", &sshd.known_hosts),
-        ("pc-wrong", "devops", &sshd.wrong_known_hosts),
+    // A key the server does not know: its host key as a user key.
+    let stranger_key = cluster.dir.join("sshd").join("other_host_ed25519");
+    let stranger = stranger_key.display().to_string();
+    for (name, specialty, known_hosts, key) in [
+        ("pc-ssh", "backend", &sshd.known_hosts, &key),
+        ("pc-wrong", "devops", &sshd.wrong_known_hosts, &key),
+        ("pc-stranger", "frontend", &sshd.known_hosts, &stranger),
     ] {
         let known = known_hosts.display().to_string();
         let mut cmd = cluster.agent_command(&agent_certs(&cluster, name));
         cmd.arg("--data-dir")
             .arg(cluster.dir.join(format!("agent-{name}")))
-            .args(["--specialties", specialty, "--git-ssh-key", &key])
+            .args(["--specialties", specialty, "--git-ssh-key", key])
             .args(["--git-known-hosts", &known])
             // Nothing of the user's own: no ssh-agent, no ~/.ssh.
             .env_remove("SSH_AUTH_SOCK")
@@ -415,7 +419,7 @@ fn ssh_remotes_clone_and_push_through_a_real_sshd_and_check_its_host_key() {
             cluster.dir.join(format!("agent-{name}.log")),
         ));
     }
-    cluster.wait_agents(&["pc-ssh", "pc-wrong"], "connected");
+    cluster.wait_agents(&["pc-ssh", "pc-wrong", "pc-stranger"], "connected");
 
     let id = cluster.submit_to(
         &url,
@@ -437,6 +441,28 @@ fn ssh_remotes_clone_and_push_through_a_real_sshd_and_check_its_host_key() {
     let message = last["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("host key of 127.0.0.1") && message.contains("CHANGED"),
+        "{message}"
+    );
+
+    // A key the server refuses, a repository that is not there: permanent,
+    // and said so.
+    let failed_with = |id: &str| {
+        let task = cluster.wait_task(id, "failed", LONG);
+        let last = attempts(&task).last().cloned().expect("attempt");
+        assert_eq!(last["outcome"], "workspace_error", "{task}");
+        last["message"].as_str().unwrap_or_default().to_owned()
+    };
+    let refused = cluster.submit_to(&url, "frontend", "unknown key", "FAKE: write=x.txt", &[]);
+    let message = failed_with(&refused);
+    assert!(
+        message.contains(&format!("{url} refused the credentials")) && message.contains(&stranger),
+        "{message}"
+    );
+    let missing = sshd.url(&cluster.dir.join("missing.git"));
+    let absent = cluster.submit_to(&missing, "backend", "no repo", "FAKE: write=x.txt", &[]);
+    let message = failed_with(&absent);
+    assert!(
+        message.contains(&format!("repository {missing} does not exist")),
         "{message}"
     );
 }
