@@ -279,7 +279,6 @@ fn a_killed_agent_takes_its_cli_along_and_its_restart_ends_the_rest() {
     })
     .expect("the CLI dies with its agent");
     // ...but not what it started, which the next start of the agent ends.
-    std::thread::sleep(Duration::from_millis(500));
     assert!(alive(grandchild), "the grandchild outlived the agent");
     let idx = cluster.start_agent("pc-orph", &["--specialties", "backend"]);
     let line = cluster.agents[idx].wait_for_log("earlier run of the agent left running", READY);
