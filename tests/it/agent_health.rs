@@ -418,7 +418,36 @@ fn ssh_remotes_clone_and_push_through_a_real_sshd_and_check_its_host_key() {
             cluster.dir.join(format!("agent-{name}.log")),
         ));
     }
-    cluster.wait_agents(&["pc-ssh", "pc-wrong", "pc-stranger"], "connected");
+    // The key in an ssh-agent instead of a file.
+    let ssh_agent = tests::sshd::SshAgent::start(&cluster.dir.join("sshd"), &sshd.user_key);
+    let mut cmd = cluster.agent_command(&agent_certs(&cluster, "pc-keyring"));
+    cmd.arg("--data-dir")
+        .arg(cluster.dir.join("agent-pc-keyring"))
+        .args(["--specialties", "testing", "--git-known-hosts"])
+        .arg(&sshd.known_hosts)
+        .env("SSH_AUTH_SOCK", &ssh_agent.socket)
+        .env("HOME", cluster.dir.join("home-pc-keyring"));
+    cluster.agents.push(Process::spawn(
+        "agent pc-keyring",
+        cmd,
+        cluster.dir.join("agent-pc-keyring.log"),
+    ));
+    cluster.wait_agents(
+        &["pc-ssh", "pc-wrong", "pc-stranger", "pc-keyring"],
+        "connected",
+    );
+    let id = cluster.submit_to(
+        &url,
+        "testing",
+        "via agent",
+        "FAKE: write=k.txt",
+        &["--issue", "6"],
+    );
+    cluster.wait_task(&id, "succeeded", LONG);
+    assert!(
+        git::branch_files(&repo, "ccc/issue-6-via-agent")
+            .is_some_and(|f| f.contains(&"k.txt".to_owned()))
+    );
 
     let id = cluster.submit_to(
         &url,

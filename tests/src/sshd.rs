@@ -174,3 +174,54 @@ impl Drop for Sshd {
         let _ = self.child.wait();
     }
 }
+
+/// A real `ssh-agent` holding one key, on a socket of its own (never the
+/// user's): what `SSH_AUTH_SOCK` points at.
+pub struct SshAgent {
+    pub socket: PathBuf,
+    child: Child,
+}
+
+impl SshAgent {
+    pub fn start(dir: &Path, key: &Path) -> Self {
+        let socket = std::path::absolute(dir)
+            .expect("absolute")
+            .join("agent.sock");
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new("ssh-agent")
+            .args(["-D", "-a"])
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ssh-agent is installed (`make test` installs openssh-client)");
+        let agent = Self { socket, child };
+        crate::process::eventually(Duration::from_secs(10), || {
+            if agent.socket.exists() {
+                Ok(())
+            } else {
+                Err("no socket yet".to_owned())
+            }
+        })
+        .expect("ssh-agent listens");
+        let out = Command::new("ssh-add")
+            .arg(key)
+            .env("SSH_AUTH_SOCK", &agent.socket)
+            .output()
+            .expect("ssh-add");
+        assert!(
+            out.status.success(),
+            "ssh-add failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        agent
+    }
+}
+
+impl Drop for SshAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
