@@ -600,3 +600,91 @@ fn the_command_line_explains_itself_and_refuses_settings_that_cannot_work() {
     assert_eq!(stderr.matches("Not a directory").count(), 1, "{stderr}");
     assert!(!stderr.contains("Os {"), "{stderr}");
 }
+
+/// A coordinator stand-in on loopback, with the cluster's server
+/// certificate, that refuses every agent stream with one status.
+struct Refusing {
+    code: tonic::Code,
+    message: &'static str,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+type Outbound = std::pin::Pin<
+    Box<
+        dyn tokio_stream::Stream<Item = Result<common::proto::CoordinatorMessage, tonic::Status>>
+            + Send,
+    >,
+>;
+
+#[tonic::async_trait]
+impl common::proto::agent_gateway_server::AgentGateway for Refusing {
+    type ConnectStream = Outbound;
+
+    async fn connect(
+        &self,
+        _request: tonic::Request<tonic::Streaming<common::proto::AgentMessage>>,
+    ) -> Result<tonic::Response<Outbound>, tonic::Status> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(tonic::Status::new(self.code, self.message))
+    }
+}
+
+#[test]
+fn a_second_instance_and_a_revoked_certificate_stop_the_agent_for_good() {
+    common::tls::install_crypto_provider();
+    for (code, message) in [
+        (
+            tonic::Code::AlreadyExists,
+            "agent pc-dup is already connected from 127.0.0.1 since 11:02:03",
+        ),
+        (tonic::Code::PermissionDenied, "agent pc-dup is revoked"),
+    ] {
+        let mut cluster = Cluster::new("refused");
+        let tls = common::tls::TlsPaths::for_server(&cluster.pki.dir, None, None, None)
+            .load()
+            .expect("server cert");
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        cluster.agent_target = Some(listener.local_addr().expect("addr"));
+        let service = common::proto::agent_gateway_server::AgentGatewayServer::new(Refusing {
+            code,
+            message,
+            calls: std::sync::Arc::clone(&calls),
+        });
+        let server = tonic::transport::Server::builder()
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(
+                        &tls.cert_pem,
+                        &tls.key_pem,
+                    ))
+                    .client_ca_root(tonic::transport::Certificate::from_pem(&tls.ca_pem)),
+            )
+            .expect("tls")
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        runtime.spawn(server);
+
+        let mut cmd = cluster.agent_command(&agent_certs(&cluster, "pc-dup"));
+        cmd.arg("--data-dir").arg(cluster.dir.join("agent-pc-dup"));
+        let (status, log) = run_to_exit(&cluster, "agent-pc-dup", cmd);
+        assert!(!status.success(), "{log}");
+        let refusal = log
+            .lines()
+            .find(|l| l.contains("ERROR") && l.contains("refuses this agent"))
+            .unwrap_or_else(|| panic!("no error logged: {log}"));
+        assert!(refusal.contains(message), "{refusal}");
+        assert!(
+            log.lines().last().is_some_and(|l| l.contains(message)),
+            "the exit says why: {log}"
+        );
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "no reconnect after {code:?}: {log}"
+        );
+    }
+}
