@@ -7,8 +7,11 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::proto::{AgentMessage, CoordinatorMessage, agent_gateway_server};
 use tests::cluster::READY;
 use tests::{Cluster, Process, bin, eventually, git};
 
@@ -601,59 +604,91 @@ fn the_command_line_explains_itself_and_refuses_settings_that_cannot_work() {
     assert!(!stderr.contains("Os {"), "{stderr}");
 }
 
-/// A coordinator stand-in on loopback, with the cluster's server
-/// certificate, that refuses every agent stream with one status.
-struct Refusing {
-    code: tonic::Code,
-    message: &'static str,
-    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+/// A coordinator stand-in on loopback with the cluster's server
+/// certificate: it refuses every agent stream with one status, or it
+/// welcomes the agent and records what its Hello and Heartbeats say.
+#[derive(Clone)]
+enum StandIn {
+    Refuse {
+        code: tonic::Code,
+        message: &'static str,
+        calls: Arc<AtomicUsize>,
+    },
+    Record(Arc<Mutex<Vec<String>>>),
 }
 
 type Outbound = std::pin::Pin<
-    Box<
-        dyn tokio_stream::Stream<Item = Result<common::proto::CoordinatorMessage, tonic::Status>>
-            + Send,
-    >,
+    Box<dyn tokio_stream::Stream<Item = Result<CoordinatorMessage, tonic::Status>> + Send>,
 >;
 
 #[tonic::async_trait]
-impl common::proto::agent_gateway_server::AgentGateway for Refusing {
+impl agent_gateway_server::AgentGateway for StandIn {
     type ConnectStream = Outbound;
 
     async fn connect(
         &self,
-        _request: tonic::Request<tonic::Streaming<common::proto::AgentMessage>>,
+        request: tonic::Request<tonic::Streaming<AgentMessage>>,
     ) -> Result<tonic::Response<Outbound>, tonic::Status> {
-        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Err(tonic::Status::new(self.code, self.message))
+        use common::proto::{agent_message::Msg, coordinator_message};
+        let seen = match self {
+            Self::Refuse {
+                code,
+                message,
+                calls,
+            } => {
+                calls.fetch_add(1, Ordering::SeqCst);
+                return Err(tonic::Status::new(*code, *message));
+            }
+            Self::Record(seen) => Arc::clone(seen),
+        };
+        let mut inbound = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = inbound.message().await {
+                let (said, answer) = match msg.msg {
+                    Some(Msg::Hello(h)) => (
+                        format!("hello:{}", h.unhealthy_reason),
+                        coordinator_message::Msg::Welcome(common::proto::Welcome {
+                            agent_id: "pc-standin".into(),
+                            heartbeat_interval_ms: 200,
+                            heartbeat_timeout_ms: 10_000,
+                            ..Default::default()
+                        }),
+                    ),
+                    Some(Msg::Heartbeat(h)) => (
+                        format!("heartbeat:{}", h.unhealthy_reason),
+                        coordinator_message::Msg::Heartbeat(Default::default()),
+                    ),
+                    _ => continue,
+                };
+                if let Ok(mut seen) = seen.lock() {
+                    seen.push(said);
+                }
+                let reply = CoordinatorMessage { msg: Some(answer) };
+                if tx.send(Ok(reply)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
-#[test]
-fn a_second_instance_and_a_revoked_certificate_stop_the_agent_for_good() {
-    common::tls::install_crypto_provider();
-    for (code, message) in [
-        (
-            tonic::Code::AlreadyExists,
-            "agent pc-dup is already connected from 127.0.0.1 since 11:02:03",
-        ),
-        (tonic::Code::PermissionDenied, "agent pc-dup is revoked"),
-    ] {
-        let mut cluster = Cluster::new("refused");
+impl StandIn {
+    /// Serves on loopback with the cluster's server certificate; agents of
+    /// `cluster` dial it from now on.
+    fn serve(self, cluster: &mut Cluster) -> tokio::runtime::Runtime {
+        common::tls::install_crypto_provider();
         let tls = common::tls::TlsPaths::for_server(&cluster.pki.dir, None, None, None)
             .load()
             .expect("server cert");
-        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .expect("bind");
         cluster.agent_target = Some(listener.local_addr().expect("addr"));
-        let service = common::proto::agent_gateway_server::AgentGatewayServer::new(Refusing {
-            code,
-            message,
-            calls: std::sync::Arc::clone(&calls),
-        });
         let server = tonic::transport::Server::builder()
             .tls_config(
                 tonic::transport::ServerTlsConfig::new()
@@ -664,10 +699,72 @@ fn a_second_instance_and_a_revoked_certificate_stop_the_agent_for_good() {
                     .client_ca_root(tonic::transport::Certificate::from_pem(&tls.ca_pem)),
             )
             .expect("tls")
-            .add_service(service)
+            .add_service(agent_gateway_server::AgentGatewayServer::new(self))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
         runtime.spawn(server);
+        runtime
+    }
+}
 
+#[test]
+fn hello_and_every_heartbeat_say_why_the_pc_cannot_work_until_it_can() {
+    let mut cluster = Cluster::new("health-wire");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let _server = StandIn::Record(Arc::clone(&seen)).serve(&mut cluster);
+    let logged_out = cluster.dir.join("logged-out");
+    std::fs::write(&logged_out, "").expect("flag");
+    let mut cmd = cluster.agent_command(&agent_certs(&cluster, "pc-wire"));
+    cmd.arg("--data-dir")
+        .arg(cluster.dir.join("agent-pc-wire"))
+        .args(["--health-check-interval", "1s"])
+        .env("FAKE_CLAUDE_LOGGED_OUT", &logged_out);
+    let _agent = Process::spawn("agent pc-wire", cmd, cluster.dir.join("agent-pc-wire.log"));
+    let said = || seen.lock().map(|s| s.clone()).unwrap_or_default();
+    eventually(READY, || {
+        let said = said();
+        let beats = said
+            .iter()
+            .filter(|s| s.starts_with("heartbeat:") && s.contains("not logged in"))
+            .count();
+        if said
+            .first()
+            .is_some_and(|h| h.starts_with("hello:") && h.contains("not logged in"))
+            && beats >= 2
+        {
+            Ok(())
+        } else {
+            Err(format!("{said:?}"))
+        }
+    })
+    .expect("Hello and heartbeats carry the reason");
+    std::fs::remove_file(&logged_out).expect("log in");
+    eventually(READY, || {
+        let said = said();
+        match said.last() {
+            Some(last) if last == "heartbeat:" => Ok(()),
+            _ => Err(format!("{said:?}")),
+        }
+    })
+    .expect("a heartbeat says the PC is healthy again");
+}
+
+#[test]
+fn a_second_instance_and_a_revoked_certificate_stop_the_agent_for_good() {
+    for (code, message) in [
+        (
+            tonic::Code::AlreadyExists,
+            "agent pc-dup is already connected from 127.0.0.1 since 11:02:03",
+        ),
+        (tonic::Code::PermissionDenied, "agent pc-dup is revoked"),
+    ] {
+        let mut cluster = Cluster::new("refused");
+        let calls = Arc::new(AtomicUsize::new(0));
+        let _server = StandIn::Refuse {
+            code,
+            message,
+            calls: Arc::clone(&calls),
+        }
+        .serve(&mut cluster);
         let mut cmd = cluster.agent_command(&agent_certs(&cluster, "pc-dup"));
         cmd.arg("--data-dir").arg(cluster.dir.join("agent-pc-dup"));
         let (status, log) = run_to_exit(&cluster, "agent-pc-dup", cmd);
@@ -682,7 +779,7 @@ fn a_second_instance_and_a_revoked_certificate_stop_the_agent_for_good() {
             "the exit says why: {log}"
         );
         assert_eq!(
-            calls.load(std::sync::atomic::Ordering::SeqCst),
+            calls.load(Ordering::SeqCst),
             1,
             "no reconnect after {code:?}: {log}"
         );
