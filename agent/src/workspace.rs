@@ -990,8 +990,12 @@ fn callbacks<'a>(
             && !tried.contains(&"git's credential helper")
         {
             tried.push("git's credential helper");
-            if let Ok(config) = git2::Config::open_default() {
-                return Cred::credential_helper(&config, url, username);
+            // A helper with nothing for this URL falls through: no
+            // credential left, said as such.
+            if let Ok(cred) = git2::Config::open_default()
+                .and_then(|config| Cred::credential_helper(&config, url, username))
+            {
+                return Ok(cred);
             }
         }
         let why = if tried.is_empty() {
@@ -1001,20 +1005,14 @@ fn callbacks<'a>(
                 "no credential for it (no token in the task, no credential helper)".to_owned()
             }
         } else {
-            let key = ssh
-                .key
-                .as_ref()
-                .map(|k| format!(" ({})", k.display()))
-                .unwrap_or_default();
-            format!(
-                "tried {} as {user}{}",
-                tried.join(", "),
-                if tried.contains(&"the key file") {
-                    key
-                } else {
-                    String::new()
-                }
-            )
+            let mut why = format!("tried {}", tried.join(", "));
+            if let Some(key) = ssh.key.as_ref().filter(|_| tried.contains(&"the key file")) {
+                why.push_str(&format!(" ({})", key.display()));
+            }
+            if allowed.contains(CredentialType::SSH_KEY) {
+                why.push_str(&format!(" as user {user}"));
+            }
+            why
         };
         *problems.credentials.borrow_mut() = Some(why.clone());
         Err(git2::Error::from_str(&why))

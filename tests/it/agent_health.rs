@@ -2,7 +2,9 @@
 //! CLI resolved and checked at start, failures that are the PC's fault
 //! (which cost no attempt), processes a killed agent left behind, a clean
 //! stop that hands tasks back, permanent failures with true messages, SSH
-//! remotes through a real sshd, and the `ccc-agent` command line itself.
+//! remotes through a real sshd, the `ccc-agent` command line itself, and
+//! what the coordinator is told (a stand-in that refuses the agent or
+//! records its Hello and heartbeats).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
