@@ -787,6 +787,57 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn only_the_earlier_runs_own_processes_are_ended_never_a_reused_pid() {
+        use std::os::unix::process::CommandExt;
+        let dir = std::env::temp_dir().join(format!("ccc-orphans-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let registry = Registry::new(&dir);
+        std::fs::create_dir_all(&registry.dir).expect("dir");
+        let spawn = |token: Option<&str>| {
+            let mut cmd = std::process::Command::new("sleep");
+            cmd.arg("60").process_group(0);
+            if let Some(token) = token {
+                cmd.env(RUN_TOKEN_VAR, token);
+            }
+            cmd.spawn().expect("sleep")
+        };
+        let mut stranger = spawn(None);
+        let mut ours = spawn(Some("0123abcd"));
+        let pid = |c: &std::process::Child| i32::try_from(c.id()).expect("pid");
+        let stat = ProcStat::read(pid(&stranger)).expect("stat");
+        assert_eq!(stat.pgrp, pid(&stranger), "its own group");
+        // The stranger has the recorded pid but not the start time (a
+        // reused pid) and not the token: it is left alone.
+        std::fs::write(
+            registry.dir.join(pid(&stranger).to_string()),
+            format!("{} feedface\n", stat.start_time + 1),
+        )
+        .expect("record");
+        // Ours is recognised by its start time.
+        let start = ProcStat::read(pid(&ours)).expect("stat").start_time;
+        std::fs::write(
+            registry.dir.join(pid(&ours).to_string()),
+            format!("{start} 0123abcd\n"),
+        )
+        .expect("record");
+        let ended = end_orphans(&registry, Duration::from_secs(5)).await;
+        assert_eq!(ended, 1);
+        assert!(ours.wait().is_ok_and(|s| !s.success()), "ended by a signal");
+        assert!(
+            matches!(stranger.try_wait(), Ok(None)),
+            "a reused pid is spared"
+        );
+        assert_eq!(
+            std::fs::read_dir(&registry.dir).map(|d| d.count()).ok(),
+            Some(0),
+            "the records are gone"
+        );
+        let _ = stranger.kill();
+        let _ = stranger.wait();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn a_system_line_fits_one_chunk_on_a_char_boundary() {
         assert_eq!(system_line("[ccc] short".into()), "[ccc] short\n");
