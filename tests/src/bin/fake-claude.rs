@@ -49,9 +49,6 @@ fn emit(out: &mut impl Write, value: serde_json::Value) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if !args.iter().any(|a| a == "--version") {
-        log_run("start");
-    }
     if args.iter().any(|a| a == "--version") {
         println!("2.1.197 (Claude Code)");
         return;
@@ -67,6 +64,8 @@ fn main() {
         println!("{status:#}");
         std::process::exit(i32::from(logged_out));
     }
+    // Only runs are logged: `--version` and `auth status` are checks.
+    log_run("start");
     // Like the real CLI: the prompt argument after `-p`, else all of stdin.
     let prompt = match args
         .iter()
