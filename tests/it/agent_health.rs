@@ -589,6 +589,25 @@ fn the_command_line_explains_itself_and_refuses_settings_that_cannot_work() {
         assert!(stderr.contains(words), "{args:?}: {stderr}");
     }
 
+    // The same settings in the config file.
+    let config = cluster.dir.join("agent.toml");
+    for (text, words) in [
+        ("health_check_interval = \"0s\"\n", "health_check_interval"),
+        ("[git]\nssh_key = \"/nonexistent/key\"\n", "ssh_key"),
+    ] {
+        std::fs::write(&config, text).expect("config");
+        let out = Command::new(bin("ccc-agent"))
+            .arg("--certs-dir")
+            .arg(&certs)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("run the agent");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text} accepted");
+        assert!(stderr.contains(words), "{text}: {stderr}");
+    }
+
     // An error is said once, in words.
     let file = cluster.dir.join("a-file");
     std::fs::write(&file, "").expect("file");
