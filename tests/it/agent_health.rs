@@ -627,7 +627,8 @@ fn the_command_line_explains_itself_and_refuses_settings_that_cannot_work() {
 
 /// A coordinator stand-in on loopback with the cluster's server
 /// certificate: it refuses every agent stream with one status, or it
-/// welcomes the agent and records what its Hello and Heartbeats say.
+/// welcomes the agent, assigns it `assign` (repository URLs, as tasks t-1,
+/// t-2, ...) and records what its Hello, Heartbeats and results say.
 #[derive(Clone)]
 enum StandIn {
     Refuse {
@@ -635,7 +636,10 @@ enum StandIn {
         message: &'static str,
         calls: Arc<AtomicUsize>,
     },
-    Record(Arc<Mutex<Vec<String>>>),
+    Record {
+        seen: Arc<Mutex<Vec<String>>>,
+        assign: Vec<String>,
+    },
 }
 
 type Outbound = std::pin::Pin<
@@ -651,7 +655,7 @@ impl agent_gateway_server::AgentGateway for StandIn {
         request: tonic::Request<tonic::Streaming<AgentMessage>>,
     ) -> Result<tonic::Response<Outbound>, tonic::Status> {
         use common::proto::{agent_message::Msg, coordinator_message};
-        let seen = match self {
+        let (seen, assign) = match self {
             Self::Refuse {
                 code,
                 message,
@@ -660,34 +664,64 @@ impl agent_gateway_server::AgentGateway for StandIn {
                 calls.fetch_add(1, Ordering::SeqCst);
                 return Err(tonic::Status::new(*code, *message));
             }
-            Self::Record(seen) => Arc::clone(seen),
+            Self::Record { seen, assign } => (Arc::clone(seen), assign.clone()),
         };
         let mut inbound = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             while let Ok(Some(msg)) = inbound.message().await {
-                let (said, answer) = match msg.msg {
-                    Some(Msg::Hello(h)) => (
-                        format!("hello:{}", h.unhealthy_reason),
-                        coordinator_message::Msg::Welcome(common::proto::Welcome {
+                let mut answers = Vec::new();
+                let said = match msg.msg {
+                    Some(Msg::Hello(h)) => {
+                        answers.push(coordinator_message::Msg::Welcome(common::proto::Welcome {
                             agent_id: "pc-standin".into(),
                             heartbeat_interval_ms: 200,
                             heartbeat_timeout_ms: 10_000,
                             ..Default::default()
-                        }),
-                    ),
-                    Some(Msg::Heartbeat(h)) => (
-                        format!("heartbeat:{}", h.unhealthy_reason),
-                        coordinator_message::Msg::Heartbeat(Default::default()),
-                    ),
+                        }));
+                        for (n, repo) in assign.iter().enumerate() {
+                            answers.push(coordinator_message::Msg::Assign(common::proto::Assign {
+                                task: Some(common::proto::TaskSpec {
+                                    task_id: format!("t-{}", n + 1),
+                                    repo_url: repo.clone(),
+                                    title: "stand-in task".into(),
+                                    body: "FAKE: write=x.txt".into(),
+                                    branch: format!("ccc/t-{}", n + 1),
+                                    ..Default::default()
+                                }),
+                                attempt: 1,
+                                deadline_unix_ms: common::time::UnixMillis::now().0 + 600_000,
+                                credential: None,
+                            }));
+                        }
+                        format!("hello:{}", h.unhealthy_reason)
+                    }
+                    Some(Msg::Heartbeat(h)) => {
+                        answers.push(coordinator_message::Msg::Heartbeat(Default::default()));
+                        format!("heartbeat:{}", h.unhealthy_reason)
+                    }
+                    Some(Msg::TaskFinished(f)) => {
+                        answers.push(coordinator_message::Msg::FinishedAck(
+                            common::proto::FinishedAck {
+                                task_id: f.task_id.clone(),
+                                attempt: f.attempt,
+                            },
+                        ));
+                        format!(
+                            "finished:{}:permanent={}:{}",
+                            f.task_id, f.permanent, f.message
+                        )
+                    }
                     _ => continue,
                 };
                 if let Ok(mut seen) = seen.lock() {
                     seen.push(said);
                 }
-                let reply = CoordinatorMessage { msg: Some(answer) };
-                if tx.send(Ok(reply)).await.is_err() {
-                    break;
+                for answer in answers {
+                    let reply = CoordinatorMessage { msg: Some(answer) };
+                    if tx.send(Ok(reply)).await.is_err() {
+                        return;
+                    }
                 }
             }
         });
@@ -731,7 +765,11 @@ impl StandIn {
 fn hello_and_every_heartbeat_say_why_the_pc_cannot_work_until_it_can() {
     let mut cluster = Cluster::new("health-wire");
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let _server = StandIn::Record(Arc::clone(&seen)).serve(&mut cluster);
+    let _server = StandIn::Record {
+        seen: Arc::clone(&seen),
+        assign: Vec::new(),
+    }
+    .serve(&mut cluster);
     let logged_out = cluster.dir.join("logged-out");
     std::fs::write(&logged_out, "").expect("flag");
     let mut cmd = cluster.agent_command(&agent_certs(&cluster, "pc-wire"));
@@ -805,4 +843,55 @@ fn a_second_instance_and_a_revoked_certificate_stop_the_agent_for_good() {
             "no reconnect after {code:?}: {log}"
         );
     }
+}
+
+#[test]
+fn a_permanent_failure_is_reported_permanent_and_a_network_failure_is_not() {
+    let mut cluster = Cluster::new("permanent-wire");
+    let missing = cluster.dir.join("no-such-repo.git").display().to_string();
+    // Nothing listens there: refused connections, worth another attempt.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a port");
+    let closed = format!("git://127.0.0.1:{port}/r.git");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let _server = StandIn::Record {
+        seen: Arc::clone(&seen),
+        assign: vec![missing.clone(), closed],
+    }
+    .serve(&mut cluster);
+    let mut cmd = cluster.agent_command(&agent_certs(&cluster, "pc-wire"));
+    cmd.arg("--data-dir")
+        .arg(cluster.dir.join("agent-pc-wire"))
+        .args(["--capacity", "2"]);
+    let _agent = Process::spawn("agent pc-wire", cmd, cluster.dir.join("agent-pc-wire.log"));
+    let finished = eventually(LONG, || {
+        let said = seen.lock().map(|s| s.clone()).unwrap_or_default();
+        let finished: Vec<String> = said
+            .into_iter()
+            .filter(|s| s.starts_with("finished:"))
+            .collect();
+        if finished.len() >= 2 {
+            Ok(finished)
+        } else {
+            Err(format!("{finished:?}"))
+        }
+    })
+    .expect("both results arrive");
+    let of = |task: &str| {
+        finished
+            .iter()
+            .find(|f| f.starts_with(&format!("finished:{task}:")))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let gone = of("t-1");
+    assert!(
+        gone.contains("permanent=true")
+            && gone.contains(&format!("repository {missing} does not exist")),
+        "{gone}"
+    );
+    let refused = of("t-2");
+    assert!(refused.contains("permanent=false"), "{refused}");
 }
