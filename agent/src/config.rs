@@ -1,6 +1,8 @@
-//! The agent's settings: each is a flag, a `CCC_...` environment variable and
-//! a key of the TOML file given with `--config` (flag, then environment, then
-//! file, then default). Toolchain probes are configured in the file only.
+//! The agent's settings: each is a flag, a `CCC_AGENT_...` environment
+//! variable and a key of the TOML file given with `--config` (flag, then
+//! environment, then file, then default). Toolchain probes are configured in
+//! the file only. Settings that cannot work (a capacity of 0, a zero
+//! timeout) are refused here, at start.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,63 +21,77 @@ use crate::toolchains::Probe;
 pub struct Args {
     /// TOML file with any of the settings below (keys in snake_case), and a
     /// [toolchains] table (probe, timeout, hide, extra).
-    #[arg(long, env = "CCC_CONFIG")]
+    #[arg(long, env = "CCC_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
     /// The coordinator's gRPC URL [default: https://127.0.0.1:7443].
-    #[arg(long, env = "CCC_COORDINATOR")]
+    #[arg(long, env = "CCC_AGENT_COORDINATOR")]
     pub coordinator: Option<String>,
     /// Directory of the cluster PKI [default: certs].
-    #[arg(long, env = "CCC_CERTS_DIR")]
+    #[arg(long, env = "CCC_AGENT_CERTS_DIR")]
     pub certs_dir: Option<PathBuf>,
     /// Cluster CA certificate [default: <certs-dir>/ca.pem].
-    #[arg(long, env = "CCC_CA")]
+    #[arg(long, env = "CCC_AGENT_CA")]
     pub ca: Option<PathBuf>,
     /// This agent's certificate; its CN is the agent's id [default: the one <certs-dir>/agent-*.pem].
-    #[arg(long, env = "CCC_CERT")]
+    #[arg(long, env = "CCC_AGENT_CERT")]
     pub cert: Option<PathBuf>,
     /// This agent's private key [default: the certificate's name with -key.pem].
-    #[arg(long, env = "CCC_KEY")]
+    #[arg(long, env = "CCC_AGENT_KEY")]
     pub key: Option<PathBuf>,
     /// Where the agent keeps workspaces and buffers [default: data/agent-<name>].
-    #[arg(long, env = "CCC_DATA_DIR")]
+    #[arg(long, env = "CCC_AGENT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Kinds of work this PC takes: backend, frontend, testing, devops, general [default: general].
-    #[arg(long, env = "CCC_SPECIALTIES", value_delimiter = ',')]
+    #[arg(long, env = "CCC_AGENT_SPECIALTIES", value_delimiter = ',')]
     pub specialties: Option<Vec<Specialty>>,
     /// Tasks run at once [default: 1].
-    #[arg(long, env = "CCC_CAPACITY")]
+    #[arg(long, env = "CCC_AGENT_CAPACITY")]
     pub capacity: Option<u32>,
     /// Labels as key=value, comma-separated (e.g. gpu=yes,os=debian).
-    #[arg(long, env = "CCC_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    #[arg(long, env = "CCC_AGENT_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Option<Vec<(String, String)>>,
     /// First delay before reconnecting; doubles up to --reconnect-max [default: 500ms].
-    #[arg(long, env = "CCC_RECONNECT_INITIAL", value_parser = parse_duration)]
+    #[arg(long, env = "CCC_AGENT_RECONNECT_INITIAL", value_parser = parse_duration)]
     pub reconnect_initial: Option<Duration>,
     /// Longest delay between reconnection attempts [default: 15s].
-    #[arg(long, env = "CCC_RECONNECT_MAX", value_parser = parse_duration)]
+    #[arg(long, env = "CCC_AGENT_RECONNECT_MAX", value_parser = parse_duration)]
     pub reconnect_max: Option<Duration>,
     /// Log format: pretty or json [default: pretty].
-    #[arg(long, env = "CCC_LOG_FORMAT")]
+    #[arg(long, env = "CCC_AGENT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
-    /// The Claude Code CLI to run [default: claude, found on PATH].
-    #[arg(long, env = "CCC_CLAUDE")]
+    /// The Claude Code CLI: a path (a relative one from the directory the
+    /// agent starts in) or a name looked up on PATH; checked with --version
+    /// at start [default: claude].
+    #[arg(long, env = "CCC_AGENT_CLAUDE")]
     pub claude: Option<String>,
     /// --max-turns given to the CLI [default: 40].
-    #[arg(long, env = "CCC_MAX_TURNS")]
+    #[arg(long, env = "CCC_AGENT_MAX_TURNS")]
     pub max_turns: Option<u32>,
     /// --model given to the CLI [default: the CLI's own].
-    #[arg(long, env = "CCC_MODEL")]
+    #[arg(long, env = "CCC_AGENT_MODEL")]
     pub model: Option<String>,
     /// How long one CLI run may take at most [default: 60m; the coordinator's deadline may be shorter].
-    #[arg(long, env = "CCC_CLAUDE_TIMEOUT", value_parser = parse_duration)]
+    #[arg(long, env = "CCC_AGENT_CLAUDE_TIMEOUT", value_parser = parse_duration)]
     pub claude_timeout: Option<Duration>,
     /// On shutdown, how long running tasks get to stop and report [default: 10s].
-    #[arg(long, env = "CCC_STOP_GRACE", value_parser = parse_duration)]
+    #[arg(long, env = "CCC_AGENT_STOP_GRACE", value_parser = parse_duration)]
     pub stop_grace: Option<Duration>,
     /// How long a git server may take to answer, when connecting or during
     /// a fetch or push, before the attempt gives up [default: 2m].
-    #[arg(long, env = "CCC_GIT_NETWORK_TIMEOUT", value_parser = parse_duration)]
+    #[arg(long, env = "CCC_AGENT_GIT_NETWORK_TIMEOUT", value_parser = parse_duration)]
     pub git_network_timeout: Option<Duration>,
+    /// Private key for ssh:// and git@host: remotes, used when no ssh-agent
+    /// (SSH_AUTH_SOCK) offers one that works [default: the ssh-agent only].
+    #[arg(long, env = "CCC_AGENT_GIT_SSH_KEY")]
+    pub git_ssh_key: Option<PathBuf>,
+    /// The known_hosts file that SSH git servers' host keys are checked
+    /// against; an unknown or changed key fails the attempt [default: ~/.ssh/known_hosts].
+    #[arg(long, env = "CCC_AGENT_GIT_KNOWN_HOSTS")]
+    pub git_known_hosts: Option<PathBuf>,
+    /// While the CLI cannot work (missing, not logged in, invalid API key),
+    /// how often it is checked again [default: 5m].
+    #[arg(long, env = "CCC_AGENT_HEALTH_CHECK_INTERVAL", value_parser = parse_duration)]
+    pub health_check_interval: Option<Duration>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -116,6 +132,8 @@ pub struct FileConfig {
     pub tests: TestsFileConfig,
     #[serde(default)]
     pub git: GitFileConfig,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub health_check_interval: Option<Duration>,
 }
 
 /// `[tests]`: the test command per specialty, when neither the task nor the
@@ -160,6 +178,10 @@ pub struct GitFileConfig {
     /// How long a git server may take to answer (default 2m).
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub network_timeout: Option<Duration>,
+    /// Private key for SSH remotes when the ssh-agent has none that works.
+    pub ssh_key: Option<PathBuf>,
+    /// Host keys of SSH git servers (default ~/.ssh/known_hosts).
+    pub known_hosts: Option<PathBuf>,
 }
 
 /// `[claude]`: how the CLI is run.
@@ -322,6 +344,9 @@ pub struct Config {
     pub push_incomplete: bool,
     pub keep_failed_for: Duration,
     pub git_network_timeout: Duration,
+    pub ssh: crate::workspace::SshConfig,
+    /// While unhealthy, how often the CLI is checked again.
+    pub health_check_interval: Duration,
 }
 
 impl Config {
@@ -377,7 +402,17 @@ impl Config {
             .reconnect_initial
             .or(file.reconnect_initial)
             .unwrap_or(Duration::from_millis(500));
-        Ok(Self {
+        // Given explicitly, it must exist; the default may not (no SSH remotes).
+        let known_hosts = args.git_known_hosts.or(file.git.known_hosts);
+        if let Some(path) = &known_hosts
+            && !path.is_file()
+        {
+            return Err(Error::Invalid(format!(
+                "git known_hosts {} is not a file",
+                path.display()
+            )));
+        }
+        let config = Self {
             coordinator: args
                 .coordinator
                 .or(file.coordinator)
@@ -474,6 +509,71 @@ impl Config {
                 .git_network_timeout
                 .or(file.git.network_timeout)
                 .unwrap_or(Duration::from_secs(120)),
-        })
+            ssh: crate::workspace::SshConfig {
+                key: args.git_ssh_key.or(file.git.ssh_key),
+                known_hosts: known_hosts.or_else(|| {
+                    std::env::var_os("HOME")
+                        .map(|home| PathBuf::from(home).join(".ssh").join("known_hosts"))
+                }),
+            },
+            health_check_interval: args
+                .health_check_interval
+                .or(file.health_check_interval)
+                .unwrap_or(Duration::from_secs(300)),
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Refuses settings that cannot work, naming the setting.
+    fn check(&self) -> Result<(), Error> {
+        let positive = [
+            ("reconnect_initial", self.reconnect_initial),
+            ("claude timeout (--claude-timeout)", self.claude.timeout),
+            ("stop_grace", self.stop_grace),
+            ("tests timeout", self.tests.timeout),
+            ("git network_timeout", self.git_network_timeout),
+            ("health_check_interval", self.health_check_interval),
+        ];
+        for (name, value) in positive {
+            if value.is_zero() {
+                return Err(Error::Invalid(format!("{name} must be longer than 0")));
+            }
+        }
+        if self.stop_grace <= self.claude.kill_grace {
+            return Err(Error::Invalid(format!(
+                "stop_grace ({:?}) must be longer than the CLI's kill_grace ({:?}): running tasks could not be handed back",
+                self.stop_grace, self.claude.kill_grace
+            )));
+        }
+        if let Some(key) = &self.ssh.key
+            && !key.is_file()
+        {
+            return Err(Error::Invalid(format!(
+                "git ssh_key {} is not a file",
+                key.display()
+            )));
+        }
+        if self.claude.max_turns == 0 {
+            return Err(Error::Invalid("max_turns must be at least 1".into()));
+        }
+        if let Some(budget) = self.claude.max_budget_usd
+            && !(budget.is_finite() && budget > 0.0)
+        {
+            return Err(Error::Invalid(format!(
+                "max_budget_usd {budget} is not a positive amount"
+            )));
+        }
+        if self.claude.program.trim().is_empty() {
+            return Err(Error::Invalid("the claude path is empty".into()));
+        }
+        if let Some(timeout) = self.toolchains.timeout
+            && timeout.is_zero()
+        {
+            return Err(Error::Invalid(
+                "toolchains timeout must be longer than 0".into(),
+            ));
+        }
+        Ok(())
     }
 }

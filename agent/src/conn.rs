@@ -5,8 +5,9 @@
 //! The link only moves messages: it reports `Up` with a sender for the new
 //! stream, every message that arrives, and `Down` when the stream ends; the
 //! driver decides what to send (Hello first). A refusal that retrying cannot
-//! fix (`PERMISSION_DENIED`: revoked, or not an agent certificate) is
-//! reported as `Refused`. This module and `common::wire` are the only agent
+//! fix (`PERMISSION_DENIED`: revoked, or not an agent certificate;
+//! `ALREADY_EXISTS`: another process is connected with this certificate) is
+//! logged with the coordinator's words and reported as `Refused`. This module and `common::wire` are the only agent
 //! code that sees protobuf: the conversions to the session's types are here.
 
 use std::time::Duration;
@@ -116,8 +117,15 @@ impl Link {
         })
     }
 
-    /// Keeps a stream open until `shutdown`, reporting to `events`.
-    pub async fn run(mut self, events: mpsc::Sender<LinkEvent>, shutdown: CancellationToken) {
+    /// Keeps a stream open until `shutdown`, reporting to `events`. Once
+    /// `closing` is cancelled, the current stream is the last: when it ends
+    /// (the driver closed it), the link ends quietly.
+    pub async fn run(
+        mut self,
+        events: mpsc::Sender<LinkEvent>,
+        shutdown: CancellationToken,
+        closing: CancellationToken,
+    ) {
         let mut rng = rand::rngs::SmallRng::from_os_rng();
         loop {
             let (welcomed, why) = match self.session(&events, &shutdown).await {
@@ -126,6 +134,7 @@ impl Link {
                     let _ = events.send(LinkEvent::Refused(why)).await;
                     return;
                 }
+                Ended::Lost { .. } if closing.is_cancelled() => return,
                 Ended::Lost { welcomed, why } => (welcomed, why),
             };
             let why = if welcomed {
@@ -233,7 +242,12 @@ impl Link {
         status: &Status,
         welcomed: bool,
     ) -> Ended {
-        if status.code() == Code::PermissionDenied {
+        if is_final(status.code()) {
+            tracing::error!(
+                code = ?status.code(),
+                reason = %status.message(),
+                "the coordinator refuses this agent; not reconnecting"
+            );
             let _ = events
                 .send(LinkEvent::Down {
                     reason: status.message().to_owned(),
@@ -247,6 +261,13 @@ impl Link {
         }
         self.down(events, welcomed, why).await
     }
+}
+
+/// Whether the coordinator's refusal is for good: a revoked certificate
+/// (PERMISSION_DENIED), or another process already connected with this
+/// agent's certificate (ALREADY_EXISTS): reconnecting would only fight it.
+pub fn is_final(code: Code) -> bool {
+    matches!(code, Code::PermissionDenied | Code::AlreadyExists)
 }
 
 /// How one stream ended.
@@ -355,18 +376,23 @@ fn running(held: &[Held]) -> Vec<proto::RunningTask> {
 pub fn to_proto(msg: ToCoordinator, advert: &AgentAdvert, name: &str) -> Option<AgentMessage> {
     use agent_message::Msg;
     let msg = match msg {
-        ToCoordinator::Hello { running: held } => {
+        ToCoordinator::Hello {
+            running: held,
+            unhealthy_reason,
+        } => {
             let mut hello = wire::hello_from_advert(advert, name);
             hello.running = running(&held);
+            hello.unhealthy_reason = unhealthy_reason;
             Msg::Hello(hello)
         }
         ToCoordinator::Heartbeat {
             running: held,
             free_slots,
+            unhealthy_reason,
         } => Msg::Heartbeat(proto::Heartbeat {
             running: running(&held),
             free_slots,
-            unhealthy_reason: String::new(),
+            unhealthy_reason,
         }),
         ToCoordinator::Accepted { task, attempt } => Msg::TaskAccepted(proto::TaskAccepted {
             task_id: task.to_string(),
@@ -447,5 +473,65 @@ pub fn log_welcome(agent_id: &str, cert_name: &str, heartbeat: Duration) {
             agent_id,
             cert_name, "the coordinator knows this agent under another name"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revoked_certificate_and_a_second_instance_are_final_other_statuses_are_not() {
+        assert!(is_final(Code::PermissionDenied));
+        assert!(is_final(Code::AlreadyExists));
+        for code in [
+            Code::Unavailable,
+            Code::Internal,
+            Code::Cancelled,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Unauthenticated,
+            Code::InvalidArgument,
+        ] {
+            assert!(!is_final(code), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn hello_and_heartbeat_carry_the_unhealthy_reason() {
+        let advert = AgentAdvert {
+            agent_version: "0".into(),
+            specialties: vec![Specialty::General],
+            capacity: 1,
+            labels: Default::default(),
+            toolchains: vec![],
+            hostname: "h".into(),
+            instance_id: "i".into(),
+        };
+        let hello = to_proto(
+            ToCoordinator::Hello {
+                running: vec![],
+                unhealthy_reason: "not logged in".into(),
+            },
+            &advert,
+            "pc-1",
+        );
+        assert!(matches!(
+            hello.and_then(|m| m.msg),
+            Some(agent_message::Msg::Hello(h)) if h.unhealthy_reason == "not logged in" && h.instance_id == "i"
+        ));
+        let beat = to_proto(
+            ToCoordinator::Heartbeat {
+                running: vec![],
+                free_slots: 1,
+                unhealthy_reason: "CLI missing".into(),
+            },
+            &advert,
+            "pc-1",
+        );
+        assert!(matches!(
+            beat.and_then(|m| m.msg),
+            Some(agent_message::Msg::Heartbeat(h)) if h.unhealthy_reason == "CLI missing"
+        ));
     }
 }

@@ -61,21 +61,32 @@ pub struct Driver {
     child_tx: mpsc::Sender<ChildEvent>,
     executor: Arc<Executor>,
     spool: Spool,
+    /// While the PC is unhealthy: when its check runs again.
+    next_health_check: Option<Instant>,
+    /// A check is running; its result arrives on this channel.
+    health_tx: mpsc::Sender<Result<(), String>>,
+    checking: bool,
 }
 
 impl Driver {
+    /// Runs until `shutdown`; `unhealthy` is what the check at start found
+    /// wrong with this PC, if anything.
     pub async fn run(
         config: Config,
         advert: AgentAdvert,
+        unhealthy: Option<String>,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
         let link = Link::new(&config)?;
         let (link_tx, mut link_rx) = mpsc::channel(1024);
         let link_stop = CancellationToken::new();
-        tokio::spawn(link.run(link_tx, link_stop.clone()));
+        let link_closing = CancellationToken::new();
+        tokio::spawn(link.run(link_tx, link_stop.clone(), link_closing.clone()));
         let (child_tx, mut child_rx) = mpsc::channel(1024);
+        let (health_tx, mut health_rx) = mpsc::channel(4);
         let executor = Arc::new(Executor {
-            workspaces: Workspaces::new(&config.data_dir),
+            workspaces: Workspaces::new(&config.data_dir, config.ssh.clone()),
+            children: crate::runner::Registry::new(&config.data_dir),
             claude: config.claude.clone(),
             tests: config.tests.clone(),
             author: config.author.clone(),
@@ -85,6 +96,7 @@ impl Driver {
         });
         let (spool, finished) = Spool::open(&config.data_dir)?;
         let mut session = Session::new(config.capacity);
+        session.handle_health(unhealthy);
         for done in finished {
             session.restore_finished(done.task, done.attempt, done.report, done.unacked);
         }
@@ -97,6 +109,9 @@ impl Driver {
             stream: None,
             children: HashMap::new(),
             child_tx,
+            next_health_check: None,
+            health_tx,
+            checking: false,
         };
         let mut stopping: Option<Instant> = None;
         let result = loop {
@@ -120,8 +135,13 @@ impl Driver {
                         driver.on_child(event);
                     }
                 }
+                Some(result) = health_rx.recv() => {
+                    driver.checking = false;
+                    driver.session.handle_health(result.err());
+                }
                 () = tokio::time::sleep_until(wake) => driver.on_time(),
             }
+            driver.schedule_health_check();
             driver.perform().await;
             if let Some(deadline) = stopping {
                 // Stop once every child has ended and its result is out (or
@@ -137,7 +157,9 @@ impl Driver {
             stop.cancel();
         }
         // Close our side of the stream and give the coordinator a moment to
-        // see a clean end (rather than a reset connection).
+        // see a clean end (rather than a reset connection); the link then
+        // ends without trying again.
+        link_closing.cancel();
         if driver.stream.take().is_some() {
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 while let Some(event) = link_rx.recv().await {
@@ -154,11 +176,40 @@ impl Driver {
 
     fn next_wake(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
-        match &self.stream {
+        let stream = match &self.stream {
             Some(s) if s.welcomed => s.silent_after.min(s.next_heartbeat),
             Some(s) => s.silent_after,
             None => far,
+        };
+        self.next_health_check.map_or(stream, |at| at.min(stream))
+    }
+
+    /// While the PC is unhealthy, a check is due every
+    /// `health_check_interval`; none once it is healthy again.
+    fn schedule_health_check(&mut self) {
+        if self.session.unhealthy_reason().is_none() {
+            self.next_health_check = None;
+        } else if self.next_health_check.is_none() && !self.checking {
+            self.next_health_check = Some(Instant::now() + self.config.health_check_interval);
         }
+    }
+
+    /// Runs the PC's check in the background if it is due.
+    fn start_health_check(&mut self) {
+        if self.next_health_check.is_none_or(|at| Instant::now() < at) {
+            return;
+        }
+        self.next_health_check = None;
+        self.checking = true;
+        let (program, env, tx) = (
+            std::path::PathBuf::from(&self.config.claude.program),
+            self.config.claude.env.clone(),
+            self.health_tx.clone(),
+        );
+        tokio::spawn(async move {
+            let result = crate::health::check(&program, &env).await;
+            let _ = tx.send(result).await;
+        });
     }
 
     fn on_link(&mut self, event: LinkEvent) {
@@ -277,6 +328,7 @@ impl Driver {
     }
 
     fn on_time(&mut self) {
+        self.start_health_check();
         let now = Instant::now();
         let Some(stream) = self.stream.as_mut() else {
             return;

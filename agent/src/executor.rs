@@ -24,6 +24,8 @@ use crate::workspace::{self, Author, Workspaces};
 /// Everything an attempt needs besides the task.
 pub struct Executor {
     pub workspaces: Workspaces,
+    /// Where the process groups of running children are recorded.
+    pub children: runner::Registry,
     pub claude: ClaudeConfig,
     pub tests: TestsConfig,
     pub author: Author,
@@ -100,10 +102,12 @@ impl Executor {
                 return FinishedReport::new(Outcome::Cancelled, "cancelled while preparing");
             }
             Err(e) => {
-                return FinishedReport::new(
+                let mut r = FinishedReport::new(
                     Outcome::WorkspaceError,
                     format!("cannot prepare the workspace: {e}"),
                 );
+                r.permanent = e.is_permanent();
+                return r;
             }
         };
         sink.system(format!(
@@ -139,14 +143,17 @@ impl Executor {
                 .saturating_sub(started.elapsed())
                 .min(self.claude.timeout),
             grace: self.claude.kill_grace,
+            record: Some(self.children.clone()),
         };
         sink.system(format!("[ccc] running {}", self.claude.program))
             .await;
         let run = match runner::run_streaming(&inv, sink, stop).await {
             Ok(run) => run,
+            // The PC's fault, not the task's: the CLI was checked at start
+            // and is gone or broken now.
             Err(e) => {
                 return FinishedReport::new(
-                    Outcome::CliFailed,
+                    Outcome::AgentFault,
                     format!("cannot start the CLI: {e}"),
                 );
             }
@@ -232,7 +239,12 @@ impl Executor {
             Err(_) if stop.is_cancelled() => {
                 FinishedReport::new(Outcome::Cancelled, "cancelled before the push")
             }
-            Err(e) => FinishedReport::new(Outcome::WorkspaceError, format!("cannot push: {e}")),
+            Err(e) => {
+                let mut r =
+                    FinishedReport::new(Outcome::WorkspaceError, format!("cannot push: {e}"));
+                r.permanent = e.is_permanent();
+                r
+            }
             Ok(()) => {
                 sink.system(format!(
                     "[ccc] pushed {} to {}",
@@ -308,6 +320,7 @@ impl Executor {
             input: None,
             deadline: self.tests.timeout,
             grace: self.claude.kill_grace,
+            record: Some(self.children.clone()),
         };
         let summary = match runner::run_streaming(&inv, sink, stop).await {
             Ok(RunResult { end, tail, .. }) => {
@@ -485,10 +498,18 @@ pub fn cli_outcome(run: &RunResult, deadline: Duration) -> (Outcome, String, Opt
             Outcome::RateLimited,
             format!("the API's usage or rate limit was reached: {}", c.result),
         )
-    } else if text.contains("not logged in") || text.contains("invalid api key") {
+    } else if text.contains("not logged in") {
         (
-            Outcome::CliFailed,
+            Outcome::AgentFault,
             format!("the CLI is not logged in on this PC: {}", c.result),
+        )
+    } else if api_status == Some(401) || text.contains("invalid api key") {
+        (
+            Outcome::AgentFault,
+            format!(
+                "the API refused this PC's credentials (HTTP 401; check ANTHROPIC_API_KEY or the login): {}",
+                c.result
+            ),
         )
     } else if let Some(code) = api_status {
         (
@@ -555,10 +576,16 @@ mod tests {
         );
         assert_eq!(rate_limit_reset(Some(&limited)), 1_700_000_000_000);
         let login = serde_json::json!({"type":"result","is_error":true,"result":"Not logged in · Please run /login"});
+        let (o, m, _) = cli_outcome(&run(exit(1), Some(login)), d);
+        assert_eq!(o, Outcome::AgentFault);
+        assert!(m.contains("not logged in"), "{m}");
+        // What the real CLI 2.1 prints for a key the API refuses.
+        let key = serde_json::json!({"type":"result","subtype":"success","is_error":true,"api_error_status":401,"result":"Invalid API key · Fix external API key"});
+        let (o, m, _) = cli_outcome(&run(exit(1), Some(key)), d);
+        assert_eq!(o, Outcome::AgentFault);
         assert!(
-            cli_outcome(&run(exit(1), Some(login)), d)
-                .1
-                .contains("not logged in")
+            m.contains("HTTP 401") && m.contains("Invalid API key"),
+            "{m}"
         );
         assert_eq!(cli_outcome(&run(exit(139), None), d).0, Outcome::CliFailed);
         assert_eq!(

@@ -1,5 +1,7 @@
 //! `ccc-agent`: runs on each PC of the cluster.
 
+use std::io::Write;
+
 use agent::config::{Args, Config};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -19,15 +21,44 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version land here too; output into a closed
+            // pipe (`ccc-agent --help | head`) is not an error worth a word.
+            let _ = e.print();
+            return if e.use_stderr() {
+                std::process::ExitCode::from(2)
+            } else {
+                std::process::ExitCode::SUCCESS
+            };
+        }
+    };
     common::tls::install_crypto_provider();
     match run(cli.args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ccc-agent: {e:#}");
+            let _ = writeln!(std::io::stderr(), "ccc-agent: {}", describe(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes in words, each said once: a cause whose text
+/// its parent already quotes is not repeated.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if said.is_empty() || text.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+    }
+    text
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -37,7 +68,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     common::telemetry::init(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -2,6 +2,13 @@
 //! through this module, always with an argument vector (never a shell), a
 //! deadline, and stdin either closed or fed from memory (the CLI's prompt:
 //! an issue body can exceed what one argument may hold).
+//!
+//! No child outlives the agent: each gets a parent-death signal (SIGTERM
+//! once the agent is gone), and the process group of each streaming run
+//! (the CLI, the tests) is recorded in the data dir with what identifies it
+//! (its leader's start time and a random token in its environment), so
+//! that an agent killed with SIGKILL ends, at its next start, what the
+//! earlier run left behind, and never a process that merely reuses a pid.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -10,6 +17,7 @@ use std::time::Duration;
 
 use common::ids::{Attempt, TaskId};
 use common::types::{FinishedReport, OutputKind};
+use rustix::process::{Pid, Signal};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -40,11 +48,14 @@ pub struct Captured {
 pub async fn run_captured(
     program: &str,
     args: &[String],
+    env: &[(String, String)],
     cwd: Option<&Path>,
     timeout: Duration,
 ) -> Result<Captured, Error> {
     let mut cmd = Command::new(program);
+    die_with_the_agent(&mut cmd);
     cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -98,6 +109,8 @@ pub struct Invocation {
     pub deadline: Duration,
     /// Time between TERM and KILL.
     pub grace: Duration,
+    /// Where the run's process group is recorded while it lives.
+    pub record: Option<Registry>,
 }
 
 /// What an attempt reports to the driver while it works.
@@ -199,8 +212,17 @@ pub async fn run_streaming(
     stop: &CancellationToken,
 ) -> Result<RunResult, Error> {
     let mut cmd = Command::new(&inv.program);
+    die_with_the_agent(&mut cmd);
+    let token = {
+        use rand::{Rng, SeedableRng};
+        format!(
+            "{:016x}",
+            rand::rngs::SmallRng::from_os_rng().random::<u64>()
+        )
+    };
     cmd.args(&inv.args)
         .envs(inv.env.iter().map(|(k, v)| (k, v)))
+        .env(RUN_TOKEN_VAR, &token)
         .current_dir(&inv.cwd)
         .stdin(if inv.input.is_some() {
             Stdio::piped()
@@ -224,6 +246,10 @@ pub async fn run_streaming(
         }
     })?;
     let pgid = child.id().and_then(|id| i32::try_from(id).ok());
+    let recorded = match (&inv.record, pgid) {
+        (Some(registry), Some(pgid)) => registry.record(pgid, &token),
+        _ => None,
+    };
     if let (Some(mut stdin), Some(input)) = (child.stdin.take(), inv.input.clone()) {
         // A process that exits without reading all of it ends the write
         // with a broken pipe; that is its business, not an error here.
@@ -250,7 +276,10 @@ pub async fn run_streaming(
     }
     // Whatever the leader did, its group goes with it: grandchildren would
     // otherwise hold the pipes open (and keep working) after it ended.
-    signal_group(pgid, libc::SIGKILL);
+    signal_group(pgid, Signal::KILL);
+    if let Some(file) = recorded {
+        let _ = std::fs::remove_file(file);
+    }
     if let Ok(mut c) = collected.lock() {
         c.group_gone = true;
     }
@@ -439,22 +468,186 @@ async fn send_chunk(
 
 /// TERM to the group, then KILL after `grace` if the leader still runs.
 async fn terminate_group(pgid: Option<i32>, child: &mut tokio::process::Child, grace: Duration) {
-    signal_group(pgid, libc::SIGTERM);
+    signal_group(pgid, Signal::TERM);
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        signal_group(pgid, libc::SIGKILL);
+        signal_group(pgid, Signal::KILL);
         let _ = child.wait().await;
     }
 }
 
 /// Signals every process of the group a child leads (its grandchildren too).
+fn signal_group(pgid: Option<i32>, signal: Signal) {
+    if let Some(pid) = pgid.filter(|&p| p > 1).and_then(Pid::from_raw) {
+        // The group may be gone already: nothing to do then.
+        let _ = rustix::process::kill_process_group(pid, signal);
+    }
+}
+
+/// The parent-death signal: the kernel sends SIGTERM to the child when the
+/// agent's thread that spawned it ends (tokio's worker threads live as long
+/// as the runtime, so in practice: when the agent dies, even by SIGKILL).
+/// It reaches the group's leader only; the grandchildren of a killed agent
+/// are ended at its next start (see [`end_orphans`]).
 #[allow(unsafe_code)]
-fn signal_group(pgid: Option<i32>, signal: libc::c_int) {
-    if let Some(pgid) = pgid.filter(|&p| p > 1) {
-        // SAFETY: kill(2) takes plain integers and touches no memory of ours;
-        // a negative pid addresses the process group we created for the child.
-        unsafe {
-            libc::kill(-pgid, signal);
+fn die_with_the_agent(cmd: &mut Command) {
+    let agent = rustix::process::getpid();
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: it makes two raw system calls
+    // (prctl(PR_SET_PDEATHSIG), getppid) through rustix, which allocate
+    // nothing and take no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(Signal::TERM))?;
+            // The agent died between fork and prctl: the signal never comes.
+            if rustix::process::getppid() != Some(agent) {
+                return Err(std::io::Error::other("the agent is gone"));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The environment variable holding a run's token: inherited by the whole
+/// process tree, it tells the agent's own children from strangers.
+const RUN_TOKEN_VAR: &str = "CCC_AGENT_RUN";
+
+/// The process groups of running children, one file each in a directory of
+/// the data dir: `<pgid>` holding the leader's start time and the run's
+/// token. A file is removed once its group is gone.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    dir: std::path::PathBuf,
+}
+
+impl Registry {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            dir: data_dir.join("children"),
         }
+    }
+
+    /// Records a group just started; the file, or `None` if it could not be
+    /// written (the parent-death signal still ends the leader).
+    fn record(&self, pgid: i32, token: &str) -> Option<std::path::PathBuf> {
+        let start = ProcStat::read(pgid)?.start_time;
+        let file = self.dir.join(pgid.to_string());
+        let written = std::fs::create_dir_all(&self.dir)
+            .and_then(|()| std::fs::write(&file, format!("{start} {token}\n")));
+        match written {
+            Ok(()) => Some(file),
+            Err(e) => {
+                tracing::warn!(pgid, error = %e, file = %file.display(), "cannot record a child process group");
+                None
+            }
+        }
+    }
+}
+
+/// What /proc/<pid>/stat says about a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ProcStat {
+    pgrp: i32,
+    /// Clock ticks after boot: with the pid, it names one process for good.
+    start_time: u64,
+}
+
+impl ProcStat {
+    fn read(pid: i32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name is in parentheses and may hold anything.
+        let after = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // After the name: state (3), ppid (4), pgrp (5) ... starttime (22).
+        if fields.first() == Some(&"Z") {
+            return None;
+        }
+        Some(Self {
+            pgrp: fields.get(2)?.parse().ok()?,
+            start_time: fields.get(19)?.parse().ok()?,
+        })
+    }
+}
+
+/// Whether `pid` runs with our run token in its environment.
+fn has_token(pid: i32, token: &str) -> bool {
+    let want = format!("{RUN_TOKEN_VAR}={token}");
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == want.as_bytes()))
+}
+
+/// Ends what an earlier run of the agent left running: for each recorded
+/// group, its leader if it is the same process (same start time), and every
+/// process of the group carrying the run's token (the leader may be gone,
+/// its grandchildren not). TERM, then KILL after `grace` to those still
+/// there and still the same. Returns how many processes were ended.
+pub async fn end_orphans(registry: &Registry, grace: Duration) -> usize {
+    let Ok(entries) = std::fs::read_dir(&registry.dir) else {
+        return 0;
+    };
+    let records: Vec<(std::path::PathBuf, i32, u64, String)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let pgid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let text = std::fs::read_to_string(e.path()).ok()?;
+            let (start, token) = text.trim().split_once(' ')?;
+            Some((e.path(), pgid, start.parse().ok()?, token.to_owned()))
+        })
+        .collect();
+    if records.is_empty() {
+        return 0;
+    }
+    let running: Vec<(i32, ProcStat)> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter_map(|pid| Some((pid, ProcStat::read(pid)?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut ours: Vec<(i32, ProcStat)> = Vec::new();
+    for (_, pgid, start, token) in &records {
+        for &(pid, stat) in &running {
+            let leader = pid == *pgid && stat.start_time == *start;
+            if stat.pgrp == *pgid && (leader || has_token(pid, token)) {
+                ours.push((pid, stat));
+            }
+        }
+    }
+    for &(pid, stat) in &ours {
+        tracing::warn!(
+            pid,
+            pgid = stat.pgrp,
+            "ending a process an earlier run of the agent left running"
+        );
+        signal_same(pid, stat, Signal::TERM);
+    }
+    let still_there = |list: &[(i32, ProcStat)]| {
+        list.iter()
+            .filter(|(pid, stat)| {
+                ProcStat::read(*pid).is_some_and(|now| now.start_time == stat.start_time)
+            })
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    let deadline = tokio::time::Instant::now() + grace;
+    while !still_there(&ours).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (pid, stat) in still_there(&ours) {
+        signal_same(pid, stat, Signal::KILL);
+    }
+    for (file, ..) in &records {
+        let _ = std::fs::remove_file(file);
+    }
+    ours.len()
+}
+
+/// Signals `pid` if it is still the process seen (same start time).
+fn signal_same(pid: i32, seen: ProcStat, signal: Signal) {
+    if let (Some(now), Some(target)) = (ProcStat::read(pid), Pid::from_raw(pid))
+        && now.start_time == seen.start_time
+    {
+        let _ = rustix::process::kill_process(target, signal);
     }
 }
 
@@ -496,6 +689,7 @@ mod tests {
             input: None,
             deadline: Duration::from_secs(60),
             grace: Duration::from_secs(1),
+            record: None,
         }
     }
 
@@ -591,6 +785,57 @@ mod tests {
             Some(serde_json::json!("success")),
             "the result event is understood although it spans chunks"
         );
+    }
+
+    #[tokio::test]
+    async fn only_the_earlier_runs_own_processes_are_ended_never_a_reused_pid() {
+        use std::os::unix::process::CommandExt;
+        let dir = std::env::temp_dir().join(format!("ccc-orphans-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let registry = Registry::new(&dir);
+        std::fs::create_dir_all(&registry.dir).expect("dir");
+        let spawn = |token: Option<&str>| {
+            let mut cmd = std::process::Command::new("sleep");
+            cmd.arg("60").process_group(0);
+            if let Some(token) = token {
+                cmd.env(RUN_TOKEN_VAR, token);
+            }
+            cmd.spawn().expect("sleep")
+        };
+        let mut stranger = spawn(None);
+        let mut ours = spawn(Some("0123abcd"));
+        let pid = |c: &std::process::Child| i32::try_from(c.id()).expect("pid");
+        let stat = ProcStat::read(pid(&stranger)).expect("stat");
+        assert_eq!(stat.pgrp, pid(&stranger), "its own group");
+        // The stranger has the recorded pid but not the start time (a
+        // reused pid) and not the token: it is left alone.
+        std::fs::write(
+            registry.dir.join(pid(&stranger).to_string()),
+            format!("{} feedface\n", stat.start_time + 1),
+        )
+        .expect("record");
+        // Ours is recognised by its start time.
+        let start = ProcStat::read(pid(&ours)).expect("stat").start_time;
+        std::fs::write(
+            registry.dir.join(pid(&ours).to_string()),
+            format!("{start} 0123abcd\n"),
+        )
+        .expect("record");
+        let ended = end_orphans(&registry, Duration::from_secs(5)).await;
+        assert_eq!(ended, 1);
+        assert!(ours.wait().is_ok_and(|s| !s.success()), "ended by a signal");
+        assert!(
+            matches!(stranger.try_wait(), Ok(None)),
+            "a reused pid is spared"
+        );
+        assert_eq!(
+            std::fs::read_dir(&registry.dir).map(|d| d.count()).ok(),
+            Some(0),
+            "the records are gone"
+        );
+        let _ = stranger.kill();
+        let _ = stranger.wait();
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -30,7 +30,8 @@ impl Probe {
     }
 }
 
-/// The tools issues commonly need.
+/// The tools issues commonly need. `claude` is not among them: the agent
+/// advertises the CLI it checked at start, the one its attempts run.
 pub fn default_probes() -> Vec<Probe> {
     [
         ("git", &["git", "--version"][..]),
@@ -52,7 +53,6 @@ pub fn default_probes() -> Vec<Probe> {
         ("psql", &["psql", "--version"]),
         ("redis-cli", &["redis-cli", "--version"]),
         ("chromium", &["chromium", "--version"]),
-        ("claude", &["claude", "--version"]),
     ]
     .into_iter()
     .map(|(name, cmd)| Probe::new(name, cmd))
@@ -85,7 +85,7 @@ pub async fn detect(probes: Vec<Probe>, timeout: Duration) -> Vec<Toolchain> {
         set.spawn(async move {
             let _permit = permits.acquire_owned().await.ok()?;
             let (program, args) = probe.command.split_first()?;
-            match runner::run_captured(program, args, None, timeout).await {
+            match runner::run_captured(program, args, &[], None, timeout).await {
                 Ok(out) => {
                     let version = parse_version(&out.stdout, &probe.name)
                         .or_else(|| parse_version(&out.stderr, &probe.name))

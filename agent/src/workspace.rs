@@ -6,6 +6,7 @@
 //! never shared, with `origin` pointing at the real remote for the push.
 //! All functions block: the driver calls them on the blocking pool.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,7 @@ use tracing::{debug, info};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", source.message())]
     Git { what: String, source: git2::Error },
     #[error("{what} {}: {source}", path.display())]
     Io {
@@ -30,8 +31,18 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("branch {0} does not exist on the remote (a follow-up needs it)")]
-    NoBranch(String),
+    #[error("repository {url} does not exist: {why}")]
+    RepoNotFound { url: String, why: String },
+    #[error("{url} is not a repository URL the agent can use: {why}")]
+    InvalidUrl { url: String, why: String },
+    #[error("base branch {branch} does not exist in {url}")]
+    NoBaseBranch { url: String, branch: String },
+    #[error("branch {branch} does not exist in {url} (the follow-up continues it)")]
+    NoFollowUpBranch { url: String, branch: String },
+    #[error("{url} refused the credentials: {why}")]
+    AuthRefused { url: String, why: String },
+    #[error("the SSH host key of {host} cannot be trusted: {why}")]
+    HostKey { host: String, why: String },
     #[error("{0:?} is not a valid branch name")]
     InvalidBranch(String),
     #[error("git work stopped unexpectedly: {0}")]
@@ -44,6 +55,300 @@ impl Error {
     pub fn is_push_rejected(&self) -> bool {
         matches!(self, Self::PushRejected { .. })
     }
+
+    /// The same attempt would fail the same way again: a repository or
+    /// branch that does not exist, an invalid URL or branch name, refused
+    /// credentials, an untrusted host key. Network failures, timeouts,
+    /// server errors and local I/O are worth another attempt.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Self::RepoNotFound { .. }
+                | Self::InvalidUrl { .. }
+                | Self::NoBaseBranch { .. }
+                | Self::NoFollowUpBranch { .. }
+                | Self::AuthRefused { .. }
+                | Self::HostKey { .. }
+                | Self::InvalidBranch(_)
+        )
+    }
+}
+
+/// How SSH remotes are authenticated and their servers recognised.
+#[derive(Clone, Debug, Default)]
+pub struct SshConfig {
+    /// A private key, tried after the ssh-agent (`SSH_AUTH_SOCK`).
+    pub key: Option<PathBuf>,
+    /// Host keys that are trusted; without a file no SSH server is.
+    pub known_hosts: Option<PathBuf>,
+}
+
+/// What the callbacks of one transfer found wrong, to name it in the error
+/// (libgit2 reports a failed callback only as a generic error).
+#[derive(Default)]
+struct Problems {
+    host_key: RefCell<Option<(String, String)>>,
+    credentials: RefCell<Option<String>>,
+}
+
+/// A failed connect, fetch or push to `url`, classified: what is permanent
+/// (the repository, the URL, the credentials, the host key) is named as
+/// such; the rest stays a git error, worth another attempt.
+fn remote_error(url: &str, what: String, source: git2::Error, problems: &Problems) -> Error {
+    use git2::{ErrorClass, ErrorCode};
+    if let Some((host, why)) = problems.host_key.borrow_mut().take() {
+        return Error::HostKey { host, why };
+    }
+    if let Some(why) = problems.credentials.borrow_mut().take() {
+        return Error::AuthRefused {
+            url: url.to_owned(),
+            why,
+        };
+    }
+    let message = source.message().to_owned();
+    let lower = message.to_ascii_lowercase();
+    if source.code() == ErrorCode::Auth
+        || lower.contains("authentication")
+        || lower.contains("status code: 401")
+        || lower.contains("status code: 403")
+    {
+        return Error::AuthRefused {
+            url: url.to_owned(),
+            why: message,
+        };
+    }
+    if lower.contains("unsupported url protocol") || lower.contains("invalid url") {
+        return Error::InvalidUrl {
+            url: url.to_owned(),
+            why: message,
+        };
+    }
+    let not_found = [
+        "status code: 404",
+        "not found",
+        "does not appear to be a git repository",
+        "not exported",
+        "no such file or directory",
+        "could not find repository",
+    ];
+    if matches!(
+        source.class(),
+        ErrorClass::Net | ErrorClass::Http | ErrorClass::Ssh | ErrorClass::Repository
+    ) && not_found.iter().any(|n| lower.contains(n))
+    {
+        return Error::RepoNotFound {
+            url: url.to_owned(),
+            why: message,
+        };
+    }
+    Error::Git { what, source }
+}
+
+/// Refuses, before any network work, a URL that cannot name a repository: a
+/// local path that does not exist (libgit2 would call it an unsupported URL
+/// protocol), an unknown scheme.
+fn check_url(url: &str) -> Result<(), Error> {
+    let invalid = |why: &str| Error::InvalidUrl {
+        url: url.to_owned(),
+        why: why.to_owned(),
+    };
+    if url.trim().is_empty() {
+        return Err(invalid("it is empty"));
+    }
+    if let Some(path) = url.strip_prefix("file://") {
+        return local_repo(url, Path::new(path));
+    }
+    if let Some((scheme, _)) = url.split_once("://") {
+        if !matches!(
+            scheme,
+            "https" | "http" | "ssh" | "git" | "git+ssh" | "ssh+git"
+        ) {
+            return Err(invalid(&format!(
+                "unknown scheme {scheme} (https, ssh, git or a path)"
+            )));
+        }
+        return Ok(());
+    }
+    if ssh_host(url).is_some() {
+        return Ok(());
+    }
+    // Anything else is a path on this PC (relative: to the agent's
+    // working directory, as git takes it).
+    local_repo(url, Path::new(url))
+}
+
+fn local_repo(url: &str, path: &Path) -> Result<(), Error> {
+    if path.exists() {
+        Ok(())
+    } else {
+        Err(Error::RepoNotFound {
+            url: url.to_owned(),
+            why: "no such path on this PC".into(),
+        })
+    }
+}
+
+/// The host and port of an SSH remote: `ssh://[user@]host[:port]/path` or
+/// the scp-like `[user@]host:path`.
+fn ssh_host(url: &str) -> Option<(String, u16)> {
+    let rest = ["ssh://", "git+ssh://", "ssh+git://"]
+        .iter()
+        .find_map(|p| url.strip_prefix(p));
+    if let Some(rest) = rest {
+        let authority = rest.split('/').next()?;
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let (host, port) = if let Some(v6) = host_port.strip_prefix('[') {
+            let (host, after) = v6.split_once(']')?;
+            let port = after.strip_prefix(':').map(str::parse).transpose().ok()?;
+            (host.to_owned(), port)
+        } else {
+            match host_port.split_once(':') {
+                Some((host, port)) => (host.to_owned(), Some(port.parse().ok()?)),
+                None => (host_port.to_owned(), None),
+            }
+        };
+        return (!host.is_empty()).then_some((host, port.unwrap_or(22)));
+    }
+    if url.contains("://") {
+        return None;
+    }
+    // scp-like: a colon before any slash.
+    let (authority, path) = url.split_once(':')?;
+    if authority.contains('/') || path.is_empty() {
+        return None;
+    }
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    (!host.is_empty()).then(|| (host.to_owned(), 22))
+}
+
+/// Checks an SSH server's host key against a known_hosts file (plain and
+/// hashed `|1|` entries, `*`/`?` patterns, `!` negations, `@revoked`).
+/// `Err` says why the key is not trusted.
+pub fn check_host_key(
+    known_hosts: Option<&Path>,
+    host: &str,
+    port: u16,
+    key_type: &str,
+    key: &[u8],
+) -> Result<(), String> {
+    let Some(file) = known_hosts else {
+        return Err("no known_hosts file is configured ([git] known_hosts)".into());
+    };
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read known_hosts {}: {e}", file.display()))?;
+    let name = if port == 22 {
+        host.to_owned()
+    } else {
+        format!("[{host}]:{port}")
+    };
+    let mut same_type_differs = false;
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(mut first) = fields.next() else {
+            continue;
+        };
+        if first.starts_with('#') {
+            continue;
+        }
+        let marker = first.strip_prefix('@');
+        if marker.is_some() {
+            let Some(next) = fields.next() else { continue };
+            first = next;
+        }
+        let (Some(kind), Some(blob)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !hosts_match(first, &name) {
+            continue;
+        }
+        let Ok(blob) = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, blob)
+        else {
+            continue;
+        };
+        match marker {
+            Some("revoked") if blob == key => {
+                return Err(format!(
+                    "its {key_type} key is marked revoked in {}",
+                    file.display()
+                ));
+            }
+            Some(_) => {}
+            None if blob == key => return Ok(()),
+            None if kind == key_type => same_type_differs = true,
+            None => {}
+        }
+    }
+    if same_type_differs {
+        Err(format!(
+            "its {key_type} key is not the one {} has for {name}: the key CHANGED (a new server, or someone in between)",
+            file.display()
+        ))
+    } else {
+        Err(format!(
+            "{name} is not in {} (no {key_type} key); add it, e.g. with ssh-keyscan, after checking its fingerprint",
+            file.display()
+        ))
+    }
+}
+
+/// Whether a known_hosts host field (comma-separated patterns, or one
+/// hashed entry) names `name`.
+fn hosts_match(field: &str, name: &str) -> bool {
+    if let Some(hashed) = field.strip_prefix("|1|") {
+        use hmac::Mac;
+        let Some((salt, hash)) = hashed.split_once('|') else {
+            return false;
+        };
+        let engine = base64::engine::general_purpose::STANDARD;
+        let (Ok(salt), Ok(hash)) = (
+            base64::Engine::decode(&engine, salt),
+            base64::Engine::decode(&engine, hash),
+        ) else {
+            return false;
+        };
+        let Ok(mut mac) = hmac::Hmac::<sha1::Sha1>::new_from_slice(&salt) else {
+            return false;
+        };
+        mac.update(name.as_bytes());
+        return mac.verify_slice(&hash).is_ok();
+    }
+    let mut matched = false;
+    for pattern in field.split(',') {
+        if let Some(negated) = pattern.strip_prefix('!') {
+            if glob(negated, name) {
+                return false;
+            }
+        } else if glob(pattern, name) {
+            matched = true;
+        }
+    }
+    matched
+}
+
+/// `*` and `?` patterns, as in known_hosts (case-insensitive).
+fn glob(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (
+        pattern.to_ascii_lowercase().chars().collect(),
+        name.to_ascii_lowercase().chars().collect(),
+    );
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
 }
 
 /// Bounds libgit2's network waits (connecting, then each read or write), so
@@ -102,6 +407,7 @@ pub struct Workspaces {
     /// Attempt directories in use: the sweep of old failed workspaces
     /// never touches them, however long an attempt runs.
     in_use: Arc<Mutex<HashSet<PathBuf>>>,
+    ssh: Arc<SshConfig>,
 }
 
 /// An attempt directory marked as in use until this is dropped.
@@ -129,11 +435,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Workspaces {
-    pub fn new(data_dir: &Path) -> Self {
+    pub fn new(data_dir: &Path, ssh: SshConfig) -> Self {
         Self {
             root: data_dir.to_owned(),
             mirror_locks: Arc::default(),
             in_use: Arc::default(),
+            ssh: Arc::new(ssh),
         }
     }
 
@@ -192,6 +499,12 @@ impl Workspaces {
         credential: Option<&PushCredential>,
         stop: &CancellationToken,
     ) -> Result<Prepared, Error> {
+        check_url(&spec.repo_url)?;
+        // Names from the task end up in refspecs: only valid branch names.
+        if !spec.base_branch.is_empty() {
+            check_branch(&spec.base_branch)?;
+        }
+        check_branch(&spec.branch)?;
         let mirror_path = self.mirror_path(&spec.repo_url);
         let lock = self.mirror_lock(&mirror_path);
         let _turn = lock
@@ -227,18 +540,20 @@ impl Workspaces {
         // remote; through an anonymous remote, so no remote-tracking refs
         // are written. A busy repository has thousands of branches, and
         // each would be a file to write in the mirror and in every clone.
+        let url = spec.repo_url.as_str();
         let mut remote = mirror
-            .remote_anonymous(&spec.repo_url)
-            .map_err(git("mirror remote"))?;
+            .remote_anonymous(url)
+            .map_err(|e| remote_error(url, "mirror remote".into(), e, &Problems::default()))?;
+        let problems = Problems::default();
         let head_branch = if spec.base_branch.is_empty() {
             // The remote's HEAD names the default branch.
             let connection = remote
                 .connect_auth(
                     git2::Direction::Fetch,
-                    Some(callbacks(credential, stop)),
+                    Some(callbacks(credential, &self.ssh, url, stop, &problems)),
                     None,
                 )
-                .map_err(git(format!("connect to {}", spec.repo_url)))?;
+                .map_err(|e| remote_error(url, format!("connect to {url}"), e, &problems))?;
             connection
                 .default_branch()
                 .ok()
@@ -255,9 +570,7 @@ impl Workspaces {
         } else {
             spec.base_branch.clone()
         };
-        // Names from the task end up in refspecs: only valid branch names.
         check_branch(&base_branch)?;
-        check_branch(&spec.branch)?;
         let mut refspecs = vec![
             format!("+refs/heads/{base_branch}:refs/heads/{base_branch}"),
             "+refs/tags/*:refs/tags/*".to_owned(),
@@ -266,12 +579,12 @@ impl Workspaces {
             refspecs.push(format!("+refs/heads/{0}:refs/heads/{0}", spec.branch));
         }
         let mut options = FetchOptions::new();
-        options.remote_callbacks(callbacks(credential, stop));
+        options.remote_callbacks(callbacks(credential, &self.ssh, url, stop, &problems));
         // A branch gone from the remote goes from the mirror too.
         options.prune(git2::FetchPrune::On);
         remote
             .fetch(&refspecs, Some(&mut options), None)
-            .map_err(git(format!("fetch {}", spec.repo_url)))?;
+            .map_err(|e| remote_error(url, format!("fetch {url}"), e, &problems))?;
         info!(
             task_id = %task,
             repo = %spec.repo_url,
@@ -309,9 +622,15 @@ impl Workspaces {
             .is_err()
         {
             return Err(if spec.follow_up {
-                Error::NoBranch(spec.branch.clone())
+                Error::NoFollowUpBranch {
+                    url: url.to_owned(),
+                    branch: spec.branch.clone(),
+                }
             } else {
-                Error::NoBranch(base_branch.clone())
+                Error::NoBaseBranch {
+                    url: url.to_owned(),
+                    branch: base_branch.clone(),
+                }
             });
         }
         let mirror_url = mirror_path.to_string_lossy().into_owned();
@@ -334,8 +653,7 @@ impl Workspaces {
             .map_err(git("point origin at the remote"))?;
         // The CLI's own files never belong in the commit.
         let exclude = dir.join(".git").join("info").join("exclude");
-        let _ = std::fs::create_dir_all(exclude.parent().unwrap_or(&dir));
-        let _ = std::fs::write(&exclude, ".claude/\n");
+        write_exclude(&exclude)?;
         if !spec.follow_up {
             let head = repo
                 .head()
@@ -453,7 +771,9 @@ impl Workspaces {
         // attempt's fetch: the push reads the staging ref and objects, and
         // (through an anonymous remote, which has no fetch refspecs) writes
         // no ref of the mirror; the fetch never touches the staging ref.
-        let pushed = push_ref(&mirror, url, &staging, branch, force, credential, stop);
+        let pushed = push_ref(
+            &mirror, url, &staging, branch, force, credential, &self.ssh, stop,
+        );
         if let Ok(mut staged) = mirror.find_reference(&staging) {
             let _ = staged.delete();
         }
@@ -498,6 +818,7 @@ impl Workspaces {
 }
 
 /// Pushes the mirror's `staging` ref to `refs/heads/<branch>` at `url`.
+#[allow(clippy::too_many_arguments)]
 fn push_ref(
     repo: &Repository,
     url: &str,
@@ -505,13 +826,17 @@ fn push_ref(
     branch: &str,
     force: bool,
     credential: Option<&PushCredential>,
+    ssh: &SshConfig,
     stop: &CancellationToken,
 ) -> Result<(), Error> {
-    let mut remote = repo.remote_anonymous(url).map_err(git("open the remote"))?;
+    let problems = Problems::default();
+    let mut remote = repo
+        .remote_anonymous(url)
+        .map_err(|e| remote_error(url, "open the remote".into(), e, &problems))?;
     let rejected = std::cell::RefCell::new(None::<String>);
     // What the remote prints (hooks, branch protection) explains a refusal.
     let remote_said = std::cell::RefCell::new(String::new());
-    let mut cbs = callbacks(credential, stop);
+    let mut cbs = callbacks(credential, ssh, url, stop, &problems);
     cbs.push_update_reference(|refname, status| {
         if let Some(status) = status {
             *rejected.borrow_mut() = Some(format!("{refname}: {status}"));
@@ -551,12 +876,23 @@ fn push_ref(
                 reason: source.message().to_owned(),
             }
         } else {
-            Error::Git {
-                what: format!("push {branch}"),
-                source,
-            }
+            remote_error(url, format!("push {branch}"), source, &problems)
         }
     })
+}
+
+/// Keeps the CLI's own files (`.claude/`) out of every commit. A workspace
+/// without it would commit them: failing to write it fails the attempt.
+fn write_exclude(exclude: &Path) -> Result<(), Error> {
+    let io = |source| Error::Io {
+        what: "cannot write the exclude file",
+        path: exclude.to_owned(),
+        source,
+    };
+    if let Some(dir) = exclude.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    std::fs::write(exclude, ".claude/\n").map_err(io)
 }
 
 /// A name that can be a branch: nothing that would change the meaning of a
@@ -577,13 +913,18 @@ fn touch(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.set_modified(now)
 }
 
-/// Credentials for fetch and push: the assignment's token over HTTPS when
-/// there is one, else the PC's own git credentials (credential helper, SSH
-/// agent). Each kind is tried once, so a wrong credential fails instead of
-/// looping.
+/// Callbacks for fetch and push: credentials, the SSH host key check, and
+/// cancellation. Credentials: the assignment's token over HTTPS when there
+/// is one, else the PC's own (SSH: the ssh-agent, then the configured key
+/// file; HTTPS: git's credential helper). Each kind is tried once, so a
+/// wrong credential fails instead of looping; what was tried is kept in
+/// `problems` to name it in the error.
 fn callbacks<'a>(
     credential: Option<&'a PushCredential>,
+    ssh: &'a SshConfig,
+    url: &'a str,
     stop: &'a CancellationToken,
+    problems: &'a Problems,
 ) -> RemoteCallbacks<'a> {
     let mut cbs = RemoteCallbacks::new();
     // A cancelled attempt stops its transfer at the next progress report.
@@ -595,13 +936,37 @@ fn callbacks<'a>(
             Ok(())
         }
     });
-    let mut tried = Vec::<CredentialType>::new();
+    cbs.certificate_check(move |cert, host| {
+        // TLS certificates: libgit2's own verification decides.
+        let Some(hostkey) = cert.as_hostkey() else {
+            return Ok(git2::CertificateCheckStatus::CertificatePassthrough);
+        };
+        let (host, port) = ssh_host(url).unwrap_or_else(|| (host.to_owned(), 22));
+        let verdict = match (hostkey.hostkey(), hostkey.hostkey_type()) {
+            (Some(key), Some(kind)) => {
+                check_host_key(ssh.known_hosts.as_deref(), &host, port, kind.name(), key)
+            }
+            _ => Err("the server's raw host key is not available to check".into()),
+        };
+        match verdict {
+            Ok(()) => Ok(git2::CertificateCheckStatus::CertificateOk),
+            Err(why) => {
+                *problems.host_key.borrow_mut() = Some((host, why.clone()));
+                Err(git2::Error::from_str(&why))
+            }
+        }
+    });
+    let mut tried: Vec<&'static str> = Vec::new();
     cbs.credentials(move |url, username, allowed| {
+        let user = username.unwrap_or("git");
+        if allowed.contains(CredentialType::USERNAME) {
+            return Cred::username(user);
+        }
         if let Some(c) = credential
             && allowed.contains(CredentialType::USER_PASS_PLAINTEXT)
-            && !tried.contains(&CredentialType::USER_PASS_PLAINTEXT)
+            && !tried.contains(&"the task's token")
         {
-            tried.push(CredentialType::USER_PASS_PLAINTEXT);
+            tried.push("the task's token");
             let user = if c.username.is_empty() {
                 "x-access-token"
             } else {
@@ -609,19 +974,48 @@ fn callbacks<'a>(
             };
             return Cred::userpass_plaintext(user, c.token.expose());
         }
-        if allowed.contains(CredentialType::SSH_KEY) && !tried.contains(&CredentialType::SSH_KEY) {
-            tried.push(CredentialType::SSH_KEY);
-            return Cred::ssh_key_from_agent(username.unwrap_or("git"));
-        }
-        if allowed.contains(CredentialType::USER_PASS_PLAINTEXT)
-            && !tried.contains(&CredentialType::DEFAULT)
-        {
-            tried.push(CredentialType::DEFAULT);
-            if let Ok(config) = git2::Config::open_default() {
-                return Cred::credential_helper(&config, url, username);
+        if allowed.contains(CredentialType::SSH_KEY) {
+            if std::env::var_os("SSH_AUTH_SOCK").is_some() && !tried.contains(&"the ssh-agent") {
+                tried.push("the ssh-agent");
+                return Cred::ssh_key_from_agent(user);
+            }
+            if let Some(key) = &ssh.key
+                && !tried.contains(&"the key file")
+            {
+                tried.push("the key file");
+                return Cred::ssh_key(user, None, key, None);
             }
         }
-        Err(git2::Error::from_str("no credential for this remote"))
+        if allowed.contains(CredentialType::USER_PASS_PLAINTEXT)
+            && !tried.contains(&"git's credential helper")
+        {
+            tried.push("git's credential helper");
+            // A helper with nothing for this URL falls through: no
+            // credential left, said as such.
+            if let Ok(cred) = git2::Config::open_default()
+                .and_then(|config| Cred::credential_helper(&config, url, username))
+            {
+                return Ok(cred);
+            }
+        }
+        let why = if tried.is_empty() {
+            if allowed.contains(CredentialType::SSH_KEY) {
+                "no SSH key to offer (no ssh-agent in SSH_AUTH_SOCK, no [git] ssh_key)".to_owned()
+            } else {
+                "no credential for it (no token in the task, no credential helper)".to_owned()
+            }
+        } else {
+            let mut why = format!("tried {}", tried.join(", "));
+            if let Some(key) = ssh.key.as_ref().filter(|_| tried.contains(&"the key file")) {
+                why.push_str(&format!(" ({})", key.display()));
+            }
+            if allowed.contains(CredentialType::SSH_KEY) {
+                why.push_str(&format!(" as user {user}"));
+            }
+            why
+        };
+        *problems.credentials.borrow_mut() = Some(why.clone());
+        Err(git2::Error::from_str(&why))
     });
     cbs
 }
@@ -650,6 +1044,217 @@ mod tests {
     }
 
     #[test]
+    fn ssh_remotes_name_their_host_and_port() {
+        assert_eq!(
+            ssh_host("git@github.com:owner/repo.git"),
+            Some(("github.com".into(), 22))
+        );
+        assert_eq!(
+            ssh_host("ssh://git@127.0.0.1:2222/srv/repo.git"),
+            Some(("127.0.0.1".into(), 2222))
+        );
+        assert_eq!(
+            ssh_host("ssh://[::1]:2200/r.git"),
+            Some(("::1".into(), 2200))
+        );
+        assert_eq!(ssh_host("ssh://host/r.git"), Some(("host".into(), 22)));
+        assert_eq!(ssh_host("https://github.com/o/r.git"), None);
+        assert_eq!(ssh_host("/srv/repo.git"), None);
+        assert_eq!(ssh_host("dir/with:colon"), None);
+    }
+
+    #[test]
+    fn urls_that_cannot_name_a_repository_are_refused_before_any_network_work() {
+        let missing = check_url("/no/such/repository.git").expect_err("fails");
+        assert!(missing.is_permanent());
+        assert_eq!(
+            missing.to_string(),
+            "repository /no/such/repository.git does not exist: no such path on this PC"
+        );
+        assert!(
+            check_url("file:///no/such/repo.git")
+                .expect_err("fails")
+                .is_permanent()
+        );
+        let scheme = check_url("ftp://host/r.git").expect_err("fails");
+        assert!(
+            scheme.is_permanent() && scheme.to_string().contains("ftp"),
+            "{scheme}"
+        );
+        let path = check_url("not/a repository").expect_err("fails");
+        assert!(
+            path.is_permanent() && path.to_string().contains("no such path"),
+            "{path}"
+        );
+        assert!(check_url("").is_err());
+        for good in [
+            "https://github.com/o/r.git",
+            "git@github.com:o/r.git",
+            "ssh://git@host:2222/r.git",
+            "git://127.0.0.1:9418/r.git",
+            "/",
+            ".",
+        ] {
+            assert!(check_url(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn host_keys_are_checked_against_known_hosts_plain_hashed_and_patterns() {
+        use base64::Engine;
+        use hmac::Mac;
+        let engine = base64::engine::general_purpose::STANDARD;
+        let dir = scratch("known-hosts");
+        let file = dir.join("known_hosts");
+        let (key, other) = (b"the-real-key".to_vec(), b"another-key".to_vec());
+        let (k, o) = (engine.encode(&key), engine.encode(&other));
+        let salt = b"0123456789abcdefghij";
+        let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(salt).expect("hmac");
+        mac.update(b"[hashed.example]:2222");
+        let hashed = format!(
+            "|1|{}|{}",
+            engine.encode(salt),
+            engine.encode(mac.finalize().into_bytes())
+        );
+        std::fs::write(
+            &file,
+            format!(
+                "# a comment\n\
+                 [127.0.0.1]:2222 ssh-ed25519 {k}\n\
+                 plain.example,alias.example ssh-ed25519 {k}\n\
+                 {hashed} ssh-ed25519 {k}\n\
+                 *.lab.example,!evil.lab.example ssh-ed25519 {k}\n\
+                 changed.example ssh-ed25519 {o}\n\
+                 @revoked revoked.example ssh-ed25519 {k}\n\
+                 revoked.example ssh-ed25519 {k}\n"
+            ),
+        )
+        .expect("write known_hosts");
+        let check = |host: &str, port: u16, key: &[u8]| {
+            check_host_key(Some(&file), host, port, "ssh-ed25519", key)
+        };
+        assert_eq!(check("127.0.0.1", 2222, &key), Ok(()));
+        assert!(
+            check("127.0.0.1", 22, &key).is_err(),
+            "the port is part of the name"
+        );
+        assert_eq!(check("alias.example", 22, &key), Ok(()));
+        assert_eq!(check("hashed.example", 2222, &key), Ok(()));
+        assert!(check("hashed.example", 22, &key).is_err());
+        assert_eq!(check("pc7.lab.example", 22, &key), Ok(()));
+        assert!(check("evil.lab.example", 22, &key).is_err(), "negated");
+        let changed = check("changed.example", 22, &key).expect_err("fails");
+        assert!(changed.contains("CHANGED"), "{changed}");
+        let unknown = check("127.0.0.1", 2222, &other).expect_err("fails");
+        assert!(unknown.contains("CHANGED"), "{unknown}");
+        let stranger = check("stranger.example", 22, &key).expect_err("fails");
+        assert!(stranger.contains("is not in"), "{stranger}");
+        assert!(
+            check("revoked.example", 22, &key)
+                .expect_err("fails")
+                .contains("revoked")
+        );
+        let none = check_host_key(None, "h", 22, "ssh-ed25519", &key).expect_err("fails");
+        assert!(none.contains("known_hosts"), "{none}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_workspace_whose_exclude_file_cannot_be_written_fails() {
+        let dir = scratch("exclude");
+        let exclude = dir.join("info").join("exclude");
+        write_exclude(&exclude).expect("written");
+        assert_eq!(
+            std::fs::read_to_string(&exclude).expect("read"),
+            ".claude/\n"
+        );
+        // `info` is a file: the exclude file cannot be made.
+        let blocked = dir.join("blocked");
+        std::fs::write(&blocked, "a file").expect("file");
+        let err = write_exclude(&blocked.join("exclude")).expect_err("fails");
+        assert!(err.to_string().contains("exclude"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A repository with one commit on `main`, made with libgit2.
+    fn origin(dir: &Path) -> String {
+        let repo = Repository::init(dir).expect("init");
+        repo.set_head("refs/heads/main").expect("head");
+        std::fs::write(dir.join("a.txt"), "a\n").expect("file");
+        let mut index = repo.index().expect("index");
+        index.add_path(Path::new("a.txt")).expect("add");
+        let tree = repo
+            .find_tree(index.write_tree().expect("tree"))
+            .expect("tree");
+        let who = Signature::now("t", "t@localhost").expect("signature");
+        repo.commit(Some("HEAD"), &who, &who, "initial", &tree, &[])
+            .expect("commit");
+        dir.display().to_string()
+    }
+
+    fn spec(url: &str, base: &str, branch: &str, follow_up: bool) -> TaskSpec {
+        TaskSpec {
+            repo_url: url.to_owned(),
+            base_branch: base.to_owned(),
+            issue_number: 0,
+            title: "t".into(),
+            body: String::new(),
+            issue_url: String::new(),
+            author: String::new(),
+            labels: vec![],
+            specialty: common::types::Specialty::General,
+            technologies: vec![],
+            branch: branch.to_owned(),
+            follow_up,
+            test_command: String::new(),
+        }
+    }
+
+    #[test]
+    fn what_another_attempt_would_meet_again_is_permanent_and_named() {
+        let root = scratch("permanent");
+        let url = origin(&root.join("origin"));
+        let ws = Workspaces::new(&root.join("agent"), SshConfig::default());
+        let stop = CancellationToken::new();
+        let prepare =
+            |n: u64, spec: TaskSpec| ws.prepare(TaskId(n), Attempt(1), &spec, None, &stop);
+        prepare(1, spec(&url, "", "ccc/ok", false)).expect("a workspace");
+
+        let base = prepare(2, spec(&url, "release-9", "ccc/b", false)).expect_err("no base");
+        assert!(base.is_permanent());
+        assert_eq!(
+            base.to_string(),
+            format!("base branch release-9 does not exist in {url}")
+        );
+        let follow = prepare(3, spec(&url, "", "ccc/gone", true)).expect_err("no branch");
+        assert!(follow.is_permanent());
+        assert!(
+            follow
+                .to_string()
+                .contains("branch ccc/gone does not exist"),
+            "{follow}"
+        );
+        let missing = root.join("nowhere.git").display().to_string();
+        let path = prepare(4, spec(&missing, "", "ccc/p", false)).expect_err("no repo");
+        assert!(
+            path.is_permanent() && !path.to_string().contains("protocol"),
+            "{path}"
+        );
+        let bad = prepare(5, spec(&url, "", "a..b", false)).expect_err("bad branch");
+        assert!(bad.is_permanent());
+
+        // Nothing listens there: a network failure, worth another attempt.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a port");
+        let closed = format!("git://127.0.0.1:{port}/r.git");
+        let refused = prepare(6, spec(&closed, "main", "ccc/n", false)).expect_err("refused");
+        assert!(!refused.is_permanent(), "{refused}");
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
     fn names_that_could_change_a_refspec_are_not_branches() {
         for bad in ["a:b", "*", "ma*in", "a b", "x..y", "", "a/", "@{u}", "a^b"] {
             assert!(check_branch(bad).is_err(), "{bad:?}");
@@ -662,7 +1267,7 @@ mod tests {
     #[test]
     fn success_removes_failure_keeps_and_the_sweep_spares_attempts_in_use() {
         let root = scratch("finish");
-        let ws = Workspaces::new(&root);
+        let ws = Workspaces::new(&root, SshConfig::default());
         let day = Duration::from_secs(86_400);
         let two_days = 2 * day;
         let old_failed = attempt_dir(&ws, 1, two_days);

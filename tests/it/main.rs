@@ -1,6 +1,7 @@
 //! The one integration-test binary: real binaries, real mTLS, real sled
 //! files, over loopback. See `tests/src` for the harness.
 
+mod agent_health;
 mod executor;
 mod foundation;
 mod hardening;

@@ -144,3 +144,61 @@ fn the_real_cli_edits_the_workspace_and_the_agent_pushes_it_and_failures_have_th
         .expect("pc-devops");
     assert_eq!(devops["free_slots"], 0, "cooling down: {devops}");
 }
+
+#[test]
+fn a_refused_api_key_and_a_missing_login_are_the_pcs_fault_not_the_tasks() {
+    let refusing = FakeAnthropic::start(Scenario::Fail(401));
+    let mut cluster = Cluster::new("real-cli-auth").with_coordinator_args(&["--max-attempts", "1"]);
+    cluster.start_coordinator();
+    agent_for(&mut cluster, "backend", &refusing, &[]);
+    // The real CLI with no credential at all, in an empty HOME.
+    let certs = cluster
+        .pki
+        .agent_certs("pc-nologin", &cluster.dir.join("pc-nologin-certs"));
+    let home = cluster.dir.join("home-nologin");
+    std::fs::create_dir_all(&home).expect("home");
+    let mut cmd = cluster.agent_command_with(&certs, &real_claude());
+    cmd.arg("--data-dir")
+        .arg(cluster.dir.join("agent-pc-nologin"))
+        .args(["--specialties", "frontend"])
+        .env("HOME", &home)
+        .env("ANTHROPIC_BASE_URL", refusing.base_url())
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_AUTH_TOKEN")
+        .env_remove("CLAUDE_CONFIG_DIR");
+    let nologin = tests::Process::spawn(
+        "agent pc-nologin",
+        cmd,
+        cluster.dir.join("agent-pc-nologin.log"),
+    );
+    cluster.wait_agents(&["pc-backend", "pc-nologin"], "connected");
+    // `claude auth status` at start: not logged in, so unhealthy from the
+    // first Hello on.
+    let line = nologin.wait_for_log("this PC cannot work", LONG);
+    assert!(line.contains("not logged in"), "{line}");
+
+    // The API refuses the key: the PC's fault, the task keeps its attempt.
+    let repo = git::bare_repo(cluster.dir.path(), "svc", &[("README.md", "# svc\n")]);
+    let id = cluster.submit_to(&repo.display().to_string(), "backend", "Anything", "", &[]);
+    let fault = tests::eventually(LONG, || {
+        let task = cluster.task_json(&id)?;
+        task["attempts"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["outcome"] == "agent_fault").cloned())
+            .ok_or_else(|| format!("{task}"))
+    })
+    .expect("an agent fault");
+    let message = fault["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("HTTP 401") && message.contains("Invalid API key"),
+        "{message}"
+    );
+    assert_ne!(
+        cluster.task_json(&id).expect("task")["state"],
+        "failed",
+        "one attempt allowed, none spent"
+    );
+    let line = cluster.agents[0].wait_for_log("this PC cannot work", LONG);
+    assert!(line.contains("Invalid API key"), "{line}");
+    cluster.ccc_ok(&["cancel", &id]);
+}

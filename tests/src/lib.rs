@@ -12,6 +12,7 @@ pub mod fake_anthropic;
 pub mod git;
 pub mod process;
 pub mod proxy;
+pub mod sshd;
 
 pub use cluster::{Cluster, Pki};
 pub use process::{Process, TestDir, bin, eventually};

@@ -29,10 +29,13 @@ mod tests;
 pub enum ToCoordinator {
     Hello {
         running: Vec<Held>,
+        /// Empty when the agent can work.
+        unhealthy_reason: String,
     },
     Heartbeat {
         running: Vec<Held>,
         free_slots: u32,
+        unhealthy_reason: String,
     },
     Accepted {
         task: TaskId,
@@ -125,6 +128,9 @@ pub struct Session {
     draining: bool,
     /// Why the agent is stopping, once it is: said again on each new stream.
     shutting_down: Option<String>,
+    /// Why this PC cannot work (its CLI is missing, not logged in, ...):
+    /// said in Hello and every Heartbeat until a check passes.
+    unhealthy: Option<String>,
     outbound: VecDeque<ToCoordinator>,
     commands: VecDeque<Command>,
 }
@@ -137,6 +143,7 @@ impl Session {
             welcomed: false,
             draining: false,
             shutting_down: None,
+            unhealthy: None,
             outbound: VecDeque::new(),
             commands: VecDeque::new(),
         }
@@ -170,6 +177,11 @@ impl Session {
 
     pub fn is_idle(&self) -> bool {
         self.work.is_empty()
+    }
+
+    /// Why this PC cannot work, while it cannot.
+    pub fn unhealthy_reason(&self) -> Option<&str> {
+        self.unhealthy.as_deref()
     }
 
     /// Takes back an attempt an earlier run of the agent finished but had
@@ -206,6 +218,7 @@ impl Session {
         self.outbound.clear();
         self.outbound.push_back(ToCoordinator::Hello {
             running: self.held(),
+            unhealthy_reason: self.unhealthy.clone().unwrap_or_default(),
         });
     }
 
@@ -257,8 +270,30 @@ impl Session {
             self.outbound.push_back(ToCoordinator::Heartbeat {
                 running: self.held(),
                 free_slots: self.free_slots(),
+                unhealthy_reason: self.unhealthy.clone().unwrap_or_default(),
             });
         }
+    }
+
+    // ---- health ----
+
+    /// The result of a check of this PC (at start, or again while
+    /// unhealthy), or a failure that was the PC's fault: `Some(reason)`
+    /// while it cannot work, `None` once it can. A change is told to the
+    /// coordinator at once, in a heartbeat.
+    pub fn handle_health(&mut self, reason: Option<String>) {
+        let reason = reason.map(|r| one_short_line(&r));
+        if self.unhealthy == reason {
+            return;
+        }
+        match &reason {
+            Some(why) => {
+                warn!(reason = %why, "this PC cannot work: unhealthy until a check passes")
+            }
+            None => info!("the health check passed: this PC can work again"),
+        }
+        self.unhealthy = reason;
+        self.heartbeat();
     }
 
     // ---- the coordinator ----
@@ -421,6 +456,7 @@ impl Session {
         attempt: Attempt,
         mut report: FinishedReport,
     ) -> Option<FinishedReport> {
+        let shutting_down = self.shutting_down.clone();
         let work = self.work.get_mut(&task)?;
         if work.attempt != attempt || work.result.is_some() {
             return None;
@@ -428,8 +464,15 @@ impl Session {
         if work.stop_requested {
             report.outcome = Outcome::Cancelled;
             report.message = "cancelled on the coordinator's request".into();
+        } else if let Some(reason) = &shutting_down
+            && report.outcome == Outcome::Cancelled
+        {
+            // Not the task's fault: the coordinator queues it again without
+            // spending the attempt.
+            report.message = format!("handed back: {reason}");
         }
         report.last_output_seq = work.last_seq;
+        let fault = (report.outcome == Outcome::AgentFault).then(|| report.message.clone());
         info!(task_id = %task, attempt = attempt.0, outcome = %report.outcome, "attempt over");
         work.result = Some(report.clone());
         self.send(ToCoordinator::Finished {
@@ -437,6 +480,9 @@ impl Session {
             attempt,
             report: Box::new(report.clone()),
         });
+        if fault.is_some() {
+            self.handle_health(fault);
+        }
         Some(report)
     }
 
@@ -457,6 +503,26 @@ impl Session {
             self.outbound.push_back(msg);
         }
     }
+}
+
+/// A reason as the coordinator accepts it: one line (control characters
+/// become spaces), at most `wire::MAX_SHORT_STRING` bytes, cut on a char
+/// boundary with an ellipsis.
+fn one_short_line(text: &str) -> String {
+    let max = common::wire::MAX_SHORT_STRING;
+    let line: String = text
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if line.len() <= max {
+        return line;
+    }
+    let mut end = max - '…'.len_utf8();
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &line[..end])
 }
 
 /// Drops chunks the coordinator has persisted.

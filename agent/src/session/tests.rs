@@ -76,7 +76,8 @@ fn output_survives_a_reconnect_and_is_resent_from_the_ack() {
                 task: TaskId(1),
                 attempt: Attempt(1),
                 last_output_seq: 3
-            }]
+            }],
+            unhealthy_reason: String::new(),
         }]
     );
     // The coordinator persisted up to 2 before it lost the stream: the rest
@@ -234,6 +235,7 @@ fn a_result_of_an_earlier_run_is_listed_in_hello_and_handed_over_after_welcome()
                 attempt: Attempt(2),
                 last_output_seq: 4,
             }],
+            unhealthy_reason: String::new(),
         }]
     );
     s.handle_welcome(&[(TaskId(1), Attempt(2), 3)]);
@@ -289,4 +291,102 @@ fn a_cancelled_attempt_owes_no_output_and_a_shutdown_is_said_on_every_stream() {
             .any(|m| matches!(m, ToCoordinator::Draining { .. })),
         "the coordinator hears of the shutdown"
     );
+}
+
+#[test]
+fn a_fault_of_the_pc_makes_it_unhealthy_in_every_report_until_a_check_passes() {
+    let mut s = Session::new(2);
+    // Unhealthy from the start (the check at start failed): Hello says so.
+    s.handle_health(Some("the CLI is not logged in".into()));
+    s.handle_connected();
+    assert_eq!(
+        out(&mut s),
+        vec![ToCoordinator::Hello {
+            running: vec![],
+            unhealthy_reason: "the CLI is not logged in".into(),
+        }]
+    );
+    s.handle_welcome(&[]);
+    s.handle_health(None);
+    let healthy = ToCoordinator::Heartbeat {
+        running: vec![],
+        free_slots: 2,
+        unhealthy_reason: String::new(),
+    };
+    assert_eq!(
+        out(&mut s),
+        vec![healthy.clone()],
+        "a change is told at once"
+    );
+    s.heartbeat();
+    assert_eq!(out(&mut s), vec![healthy]);
+
+    // An attempt that fails through the PC's fault.
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
+    out(&mut s);
+    let mut fault = report(Outcome::AgentFault);
+    fault.message = "cannot run the CLI /usr/bin/claude: permission denied".into();
+    s.handle_child_exit(TaskId(1), Attempt(1), fault);
+    let sent = out(&mut s);
+    assert!(
+        matches!(&sent[..], [ToCoordinator::Finished { report, .. }, ToCoordinator::Heartbeat { unhealthy_reason, .. }]
+            if report.outcome == Outcome::AgentFault && unhealthy_reason.contains("permission denied")),
+        "{sent:?}"
+    );
+    assert_eq!(
+        s.unhealthy_reason(),
+        Some("cannot run the CLI /usr/bin/claude: permission denied")
+    );
+    s.heartbeat();
+    assert!(
+        matches!(&out(&mut s)[..], [ToCoordinator::Heartbeat { unhealthy_reason, .. }] if !unhealthy_reason.is_empty())
+    );
+    // Every new stream says it in Hello.
+    s.handle_connected();
+    assert!(
+        matches!(&out(&mut s)[..], [ToCoordinator::Hello { unhealthy_reason, .. }] if unhealthy_reason.contains("permission denied"))
+    );
+    s.handle_welcome(&[]);
+    out(&mut s);
+    // The same reason again changes nothing; a pass clears it.
+    s.handle_health(Some(
+        "cannot run the CLI /usr/bin/claude: permission denied".into(),
+    ));
+    assert!(out(&mut s).is_empty());
+    s.handle_health(None);
+    assert_eq!(s.unhealthy_reason(), None);
+    assert!(
+        matches!(&out(&mut s)[..], [ToCoordinator::Heartbeat { unhealthy_reason, .. }] if unhealthy_reason.is_empty())
+    );
+
+    // What the coordinator accepts: one line, a bounded length.
+    let long = format!("the API said:\n{}", "é".repeat(400));
+    s.handle_health(Some(long));
+    let reason = s.unhealthy_reason().expect("unhealthy").to_owned();
+    assert!(
+        reason.len() <= common::wire::MAX_SHORT_STRING,
+        "{}",
+        reason.len()
+    );
+    assert!(
+        reason.starts_with("the API said: é") && reason.ends_with('…'),
+        "{reason}"
+    );
+    assert!(!reason.chars().any(char::is_control));
+}
+
+#[test]
+fn a_task_stopped_by_a_shutdown_is_handed_back_as_cancelled() {
+    let mut s = Session::new(1);
+    welcomed(&mut s);
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
+    out(&mut s);
+    s.begin_shutdown("agent shutting down");
+    let mut stopped = report(Outcome::Cancelled);
+    stopped.message = "stopped on request".into();
+    let sent = s
+        .handle_child_exit(TaskId(1), Attempt(1), stopped)
+        .expect("reported");
+    assert_eq!(sent.outcome, Outcome::Cancelled);
+    assert_eq!(sent.message, "handed back: agent shutting down");
 }

@@ -9,7 +9,13 @@
 //! are ignored. `binary=1` prints bytes that are not UTF-8; `bulk_kb=N`
 //! prints N KiB of plain lines; `hijack_push=<url>` edits the workspace's
 //! `.git/config` to send pushes of `origin` to `<url>`, as a hostile issue
-//! could make a real CLI do.
+//! could make a real CLI do; `hang=2` hangs even when orphaned (only a
+//! signal ends it).
+//!
+//! Like the real CLI it answers `--version` and `auth status` (JSON with
+//! `loggedIn`). While the file named by `FAKE_CLAUDE_LOGGED_OUT` exists it
+//! is logged out: `auth status` says so (exit 1) and a run ends as the real
+//! CLI's does ("Not logged in · Please run /login", exit 1).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -43,13 +49,23 @@ fn emit(out: &mut impl Write, value: serde_json::Value) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if !args.iter().any(|a| a == "--version") {
-        log_run("start");
-    }
     if args.iter().any(|a| a == "--version") {
         println!("2.1.332 (Claude Code)");
         return;
     }
+    let logged_out = std::env::var_os("FAKE_CLAUDE_LOGGED_OUT")
+        .is_some_and(|flag| std::path::Path::new(&flag).exists());
+    if args.first().is_some_and(|a| a == "auth") && args.get(1).is_some_and(|a| a == "status") {
+        let status = if logged_out {
+            serde_json::json!({"loggedIn": false, "authMethod": "none", "apiProvider": "firstParty"})
+        } else {
+            serde_json::json!({"loggedIn": true, "authMethod": "api_key", "apiProvider": "firstParty"})
+        };
+        println!("{status:#}");
+        std::process::exit(i32::from(logged_out));
+    }
+    // Only runs are logged: `--version` and `auth status` are checks.
+    log_run("start");
     // Like the real CLI: the prompt argument after `-p`, else all of stdin.
     let prompt = match args
         .iter()
@@ -101,6 +117,19 @@ fn main() {
             "claude_code_version": "2.1.332",
         }),
     );
+    if logged_out {
+        let text = "Not logged in · Please run /login";
+        emit(
+            &mut out,
+            serde_json::json!({
+                "type": "result", "subtype": "success", "is_error": true, "api_error_status": null,
+                "num_turns": 1, "duration_ms": 1, "duration_api_ms": 0, "total_cost_usd": 0,
+                "session_id": session, "result": text, "permission_denials": [],
+            }),
+        );
+        log_run("end");
+        std::process::exit(1);
+    }
     if num("grandchild", 0) == 1 {
         // A process of its own group that outlives nothing: killing the
         // group must take it down too. Its pid is printed for the test.
@@ -167,6 +196,11 @@ fn main() {
             }),
         );
         std::thread::sleep(Duration::from_millis(num("interval_ms", 0)));
+    }
+    if num("hang", 0) == 2 {
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
     }
     if num("hang", 0) == 1 {
         // Until stopped, or orphaned (its agent was killed): a test's
