@@ -831,7 +831,8 @@ fn agent_info(view: AgentView) -> AgentInfo {
         },
         instance_id: advert.instance_id,
         assigned: view.assigned.iter().map(ToString::to_string).collect(),
-        ..AgentInfo::default()
+        unhealthy_reason: record.unhealthy.unwrap_or_default(),
+        cooldown_until: view.cooldown_until.map(|t| t.to_timestamp()),
     }
 }
 

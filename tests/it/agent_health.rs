@@ -76,11 +76,21 @@ fn the_cli_is_resolved_at_start_checked_and_advertised() {
     let agent = Process::spawn("agent pc-rel", cmd, cluster.dir.join("agent-pc-rel.log"));
     let agents = cluster.wait_agents(&["pc-rel"], "connected");
     let tools = agents[0]["toolchains"].as_array().expect("toolchains");
+    // The version the CLI itself reports ("2.1.332 (Claude Code)").
+    let version = Command::new(start_dir.join("tools").join("claude"))
+        .arg("--version")
+        .output()
+        .expect("claude --version");
+    let version = String::from_utf8_lossy(&version.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a version")
+        .to_owned();
     assert!(
         tools
             .iter()
-            .any(|t| t["name"] == "claude" && t["version"] == "2.1.197"),
-        "the checked CLI is advertised: {tools:?}"
+            .any(|t| t["name"] == "claude" && t["version"] == version.as_str()),
+        "the checked CLI {version} is advertised: {tools:?}"
     );
     let line = agent.wait_for_log("Claude Code CLI found", READY);
     assert!(
@@ -390,6 +400,43 @@ fn permanent_failures_say_what_is_wrong() {
         "{text}"
     );
     assert!(!text.contains("follow-up"), "{text}");
+    // Permanent: failed at once after one attempt, not retried with backoff.
+    for id in [&gone, &no_base] {
+        let failed = cluster.wait_task(id, "failed", LONG);
+        assert_eq!(attempts(&failed).len(), 1, "{failed}");
+        assert!(
+            failed["state_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("permanent: not retried")),
+            "{failed}"
+        );
+    }
+}
+
+#[test]
+fn a_second_agent_process_with_the_same_certificate_is_refused_and_exits() {
+    let mut cluster = Cluster::new("second-process");
+    cluster.start_coordinator();
+    let first = cluster.start_agent("pc-02", &["--specialties", "backend"]);
+    cluster.wait_agents(&["pc-02"], "connected");
+    let second = cluster.start_agent("pc-02", &["--specialties", "frontend"]);
+    let status = cluster.agents[second]
+        .wait_exit(READY)
+        .expect("the second process exits");
+    assert!(!status.success(), "{status:?}");
+    let log = cluster.agents[second].log_text();
+    assert!(
+        log.contains("agent pc-02 is already connected from 127.0.0.1:"),
+        "{log}"
+    );
+    cluster
+        .coordinator()
+        .wait_for_log("second agent process refused", READY);
+    // The first one was never replaced and keeps its specialty.
+    let agents = cluster.wait_agents(&["pc-02"], "connected");
+    assert_eq!(agents[0]["connections"], 1, "{agents:?}");
+    assert_eq!(agents[0]["specialties"], serde_json::json!(["backend"]));
+    assert!(cluster.agents[first].is_running());
 }
 
 #[test]

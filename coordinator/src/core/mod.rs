@@ -320,6 +320,8 @@ pub struct AgentView {
     pub running: Vec<ReportedTask>,
     /// Tasks whose live attempt is on this agent, in the coordinator's view.
     pub assigned: Vec<TaskId>,
+    /// A usage limit: no new work before then.
+    pub cooldown_until: Option<UnixMillis>,
 }
 
 #[derive(Debug)]
@@ -533,6 +535,12 @@ impl Core {
                 .map(|l| l.running.clone())
                 .unwrap_or_default(),
             assigned: entry.load.iter().copied().collect(),
+            cooldown_until: entry
+                .live
+                .as_ref()
+                .and_then(|l| l.cooldown_until)
+                .filter(|until| *until > self.last_now)
+                .map(|until| self.last_wall.saturating_add(until - self.last_now)),
         }
     }
 

@@ -21,7 +21,11 @@ const AGENTS: [(&str, &str); 4] = [
 ];
 
 fn main() -> std::process::ExitCode {
-    let dir = PathBuf::from("data/demo");
+    // Absolute: the repository's location goes to agents, which run
+    // elsewhere (their own data directories), and is checked at submit.
+    let dir = std::env::current_dir()
+        .unwrap_or_else(|_| PathBuf::from("."))
+        .join("data/demo");
     println!(
         "== Claude Code Cluster demo (files and logs in {}/)",
         dir.display()
