@@ -16,6 +16,8 @@ use common::tls::TlsPaths;
 use serde::Deserialize;
 
 use crate::core::CoreConfig;
+use crate::github::GithubConfig;
+use crate::github::config::{GithubArgs, GithubFile, RepoFile};
 use crate::triage::Rules;
 
 /// A usage-limit reset further away than this is not believed: the limits
@@ -92,6 +94,27 @@ pub struct Args {
     /// with `extends = false`; try a file first with `ccc triage --rules`.
     #[arg(long, env = "CCC_COORDINATOR_TRIAGE_RULES")]
     pub triage_rules: Option<PathBuf>,
+    /// GitHub's REST API: GitHub Enterprise's, or a local server in tests [default: https://api.github.com].
+    #[arg(long, env = "CCC_COORDINATOR_GITHUB_API_URL")]
+    pub github_api_url: Option<String>,
+    /// The GitHub token itself; prefer the environment or a file over the command line.
+    #[arg(long, env = "CCC_COORDINATOR_GITHUB_TOKEN", hide_env_values = true)]
+    pub github_token: Option<String>,
+    /// A file holding the GitHub token.
+    #[arg(long, env = "CCC_COORDINATOR_GITHUB_TOKEN_FILE")]
+    pub github_token_file: Option<PathBuf>,
+    /// The webhook secret itself; prefer the environment or a file over the command line.
+    #[arg(long, env = "CCC_COORDINATOR_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// A file holding the webhook secret; without a secret, deliveries are refused.
+    #[arg(long, env = "CCC_COORDINATOR_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// How often open triggered issues are listed to find missed deliveries [default: 5m].
+    #[arg(long, env = "CCC_COORDINATOR_GITHUB_RECONCILE_EVERY", value_parser = parse_duration)]
+    pub github_reconcile_every: Option<Duration>,
+    /// A webhook delivery id seen within this window is not handled again [default: 7d].
+    #[arg(long, env = "CCC_COORDINATOR_DELIVERY_WINDOW", value_parser = parse_duration)]
+    pub delivery_window: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,6 +155,10 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "de_opt_log_format")]
     pub log_format: Option<LogFormat>,
     pub triage_rules: Option<PathBuf>,
+    #[serde(default)]
+    pub github: GithubFile,
+    #[serde(default)]
+    pub repos: Vec<RepoFile>,
 }
 
 fn de_opt_log_format<'de, D: serde::Deserializer<'de>>(
@@ -164,6 +191,7 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// The triage rules every submitted task is read with.
     pub triage_rules: Arc<Rules>,
+    pub github: Arc<GithubConfig>,
 }
 
 impl Config {
@@ -241,6 +269,10 @@ impl Config {
                     .rate_limit_cooldown_max
                     .or(file.rate_limit_cooldown_max)
                     .unwrap_or(DEFAULT_RATE_LIMIT_COOLDOWN_MAX),
+                delivery_window: args
+                    .delivery_window
+                    .or(file.github.delivery_window)
+                    .unwrap_or(crate::core::github::DEFAULT_DELIVERY_WINDOW),
             },
             log_format: args
                 .log_format
@@ -250,6 +282,21 @@ impl Config {
             triage_rules: Arc::new(Rules::load_or_defaults(
                 args.triage_rules.or(file.triage_rules).as_deref(),
             )?),
+            github: Arc::new(
+                GithubConfig::resolve(
+                    GithubArgs {
+                        api_url: args.github_api_url,
+                        token: args.github_token,
+                        token_file: args.github_token_file,
+                        webhook_secret: args.webhook_secret,
+                        webhook_secret_file: args.webhook_secret_file,
+                        reconcile_every: args.github_reconcile_every,
+                    },
+                    file.github,
+                    file.repos,
+                )
+                .map_err(Error::Invalid)?,
+            ),
         };
         config.core.check().map_err(Error::Invalid)?;
         Ok(config)

@@ -16,6 +16,7 @@ use tracing::{debug, error, warn};
 
 use common::ids::TaskId;
 
+use crate::core::github::{IssueCommand, IssueOutcome};
 use crate::core::{
     Action, AdminError, AdminRecord, AgentView, CloseReason, ConnId, Core, FromAgent, NewTask,
     OpenRejected, Task, TaskError, TaskEvent, ToAgent,
@@ -71,6 +72,24 @@ pub type Reply<T> = oneshot::Sender<T>;
 /// Inputs to the driver, from the gRPC layer.
 #[derive(Debug)]
 pub enum Command {
+    /// A verified webhook delivery triggered an issue.
+    IssueTriggered {
+        delivery: String,
+        task: NewTask,
+        reply: Reply<IssueOutcome>,
+    },
+    /// A verified `/claude` comment on an issue.
+    IssueCommand {
+        delivery: String,
+        command: IssueCommand,
+        task: NewTask,
+        reply: Reply<IssueOutcome>,
+    },
+    /// The reconciler found an open, triggered issue.
+    IssueFound {
+        task: NewTask,
+        reply: Reply<IssueOutcome>,
+    },
     Open {
         agent: AgentId,
         peer: String,
@@ -264,6 +283,27 @@ impl Driver {
     fn apply(&mut self, cmd: Command) {
         let (now, wall) = clock();
         match cmd {
+            Command::IssueTriggered {
+                delivery,
+                task,
+                reply,
+            } => {
+                let outcome = self.core.issue_triggered(&delivery, task, now, wall);
+                self.reply(reply, outcome);
+            }
+            Command::IssueCommand {
+                delivery,
+                command,
+                task,
+                reply,
+            } => {
+                let outcome = self.core.issue_command(&delivery, command, task, now, wall);
+                self.reply(reply, outcome);
+            }
+            Command::IssueFound { task, reply } => {
+                let outcome = self.core.issue_found(task, now, wall);
+                self.reply(reply, outcome);
+            }
             Command::Open {
                 agent,
                 peer,
@@ -567,6 +607,9 @@ mod tests {
         fn load_admins(&self) -> Result<Vec<AdminRecord>, store::Error> {
             Ok(Vec::new())
         }
+        fn load_deliveries(&self) -> Result<Vec<(String, common::time::UnixMillis)>, store::Error> {
+            Ok(Vec::new())
+        }
         fn output_position(
             &self,
             _: TaskId,
@@ -610,6 +653,7 @@ mod tests {
                 spec: crate::core::task_tests::spec("r", Specialty::Backend),
                 priority: 0,
                 triage: None,
+                needs_info: false,
             },
             reply,
         });

@@ -508,6 +508,7 @@ fn admin_task_id(raw: &str) -> Result<TaskId, Status> {
 
 fn task_state_to_proto(s: TaskState) -> proto::TaskState {
     match s {
+        TaskState::NeedsInfo => proto::TaskState::NeedsInfo,
         TaskState::Queued => proto::TaskState::Queued,
         TaskState::Assigned => proto::TaskState::Assigned,
         TaskState::Running => proto::TaskState::Running,
@@ -522,6 +523,7 @@ fn task_state_from_proto(value: i32) -> Result<Option<TaskState>, Status> {
     use proto::TaskState as P;
     Ok(match P::try_from(value) {
         Ok(P::Unspecified) => None,
+        Ok(P::NeedsInfo) => Some(TaskState::NeedsInfo),
         Ok(P::Queued) => Some(TaskState::Queued),
         Ok(P::Assigned) => Some(TaskState::Assigned),
         Ok(P::Running) => Some(TaskState::Running),
@@ -731,6 +733,7 @@ fn new_task(
             test_command: req.test_command,
         },
         priority: req.priority.clamp(-1000, 1000),
+        needs_info: false,
         triage: Some(TaskTriage {
             result,
             specialty_given: given.is_some(),

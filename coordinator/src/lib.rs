@@ -8,7 +8,9 @@
 pub mod config;
 pub mod core;
 pub mod driver;
+pub mod github;
 pub mod grpc;
+pub mod http;
 pub mod server;
 pub mod store;
 pub mod triage;
@@ -37,6 +39,8 @@ pub enum Error {
     DataDirInUse(std::path::PathBuf),
     #[error(transparent)]
     Server(#[from] server::Error),
+    #[error(transparent)]
+    Github(#[from] github::client::Error),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -65,7 +69,39 @@ pub fn restore(store: &dyn Store) -> Result<Restored, store::Error> {
         agents,
         tasks,
         output,
+        deliveries: store.load_deliveries()?,
     })
+}
+
+/// Starts the reconciler when there is something to reconcile: repositories
+/// triggered by a label, and a token to read their issues with.
+fn start_reconciler(
+    config: &Config,
+    driver: &driver::DriverHandle,
+    shutdown: &CancellationToken,
+) -> Result<Option<tokio::task::JoinHandle<()>>, Error> {
+    let labeled = config
+        .github
+        .repos
+        .iter()
+        .any(|r| matches!(r.trigger, github::config::Trigger::Label(_)));
+    if !labeled {
+        return Ok(None);
+    }
+    if config.github.token.is_none() {
+        tracing::warn!(
+            "no GitHub token is configured: missed webhook deliveries are not reconciled"
+        );
+        return Ok(None);
+    }
+    let client = github::client::Client::new(&config.github)?;
+    Ok(Some(tokio::spawn(github::reconcile::run(
+        client,
+        Arc::clone(&config.github),
+        Arc::clone(&config.triage_rules),
+        driver.clone(),
+        shutdown.clone(),
+    ))))
 }
 
 /// Runs the coordinator until `shutdown` fires (or a fatal store error).
@@ -115,13 +151,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     );
     let grpc_task = tokio::spawn(server::serve_grpc(
         incoming,
-        handle,
+        handle.clone(),
         store,
         revoked_admins,
         Arc::clone(&config.triage_rules),
         shutdown.clone(),
     ));
-    let http_task = tokio::spawn(server::serve_http(http_listener, shutdown.clone()));
+    let http_state = http::HttpState {
+        driver: handle.clone(),
+        github: Arc::clone(&config.github),
+        rules: Arc::clone(&config.triage_rules),
+    };
+    let http_task = tokio::spawn(http::serve(http_listener, http_state, shutdown.clone()));
+    let reconciler = start_reconciler(&config, &handle, &shutdown)?;
 
     let driver_result = driver_task.await;
     // Whatever stopped the driver stops everything else too.
@@ -129,6 +171,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let drained = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = grpc_task.await;
         let _ = http_task.await;
+        if let Some(reconciler) = reconciler {
+            let _ = reconciler.await;
+        }
     })
     .await;
     if drained.is_err() {

@@ -190,13 +190,6 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 }
 
 /// The HTTP side: `/healthz` now; webhooks and metrics join it.
-pub async fn serve_http(listener: TcpListener, shutdown: CancellationToken) -> io::Result<()> {
-    let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" }));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

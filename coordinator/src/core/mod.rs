@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 pub mod admin;
+pub mod github;
 mod queue;
 pub mod schedule;
 pub mod task;
@@ -37,6 +38,8 @@ use task::{LiveAttempt, OutputBudget};
 /// a heartbeat itself writes nothing durable.
 pub const LAST_SEEN_PERSIST_EVERY: Duration = Duration::from_secs(60);
 
+#[cfg(test)]
+mod github_tests;
 #[cfg(test)]
 mod hardening_tests;
 #[cfg(test)]
@@ -81,6 +84,8 @@ pub struct CoreConfig {
     /// waits, and its agent cools down, at most this long after a rate
     /// limit (never less than `rate_limit_cooldown`).
     pub rate_limit_cooldown_max: Duration,
+    /// A webhook delivery id seen within this window is not handled again.
+    pub delivery_window: Duration,
 }
 
 /// The persisted state of an agent, as listed by `ccc agents`.
@@ -267,6 +272,13 @@ pub enum Action {
 /// A state change to persist atomically before any action of the same step.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Write {
+    /// A webhook delivery was handled (kept for de-duplication).
+    Delivery {
+        id: String,
+        at: UnixMillis,
+    },
+    /// A delivery older than the dedupe window is forgotten.
+    ForgetDelivery(String),
     Agent(Box<AgentRecord>),
     Task(Box<Task>),
     Output {
@@ -406,6 +418,11 @@ pub struct Core {
     queue: Queue,
     /// Live attempts per repository (fairness between repositories).
     repo_live: BTreeMap<String, usize>,
+    /// Tasks by the issue they come from (`owner/name` lowercased, number),
+    /// oldest first.
+    issues: BTreeMap<(String, u64), Vec<TaskId>>,
+    /// Webhook deliveries seen within the dedupe window, by id and by age.
+    deliveries: github::Deliveries,
     next_task_id: u64,
     /// Output acknowledgements, coalesced per attempt until actions are polled.
     pending_acks: BTreeMap<(ConnId, TaskId, Attempt), u64>,
@@ -425,6 +442,8 @@ pub struct Restored {
     pub tasks: Vec<Task>,
     /// Output already stored, for tasks that are not terminal.
     pub output: BTreeMap<TaskId, OutputPosition>,
+    /// Webhook deliveries seen, with when.
+    pub deliveries: Vec<(String, UnixMillis)>,
 }
 
 impl Core {
@@ -443,6 +462,8 @@ impl Core {
             output: BTreeMap::new(),
             queue: Queue::default(),
             repo_live: BTreeMap::new(),
+            issues: BTreeMap::new(),
+            deliveries: github::Deliveries::new(restored.deliveries),
             next_task_id: 0,
             pending_acks: BTreeMap::new(),
             admins: BTreeMap::new(),
@@ -510,6 +531,7 @@ impl Core {
                     .entry(task.spec.repo_url.clone())
                     .or_default() += 1;
             }
+            core.index_issue(&task);
             core.tasks.insert(task.id, task);
         }
         core

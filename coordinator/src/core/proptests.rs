@@ -606,6 +606,7 @@ impl Harness {
             agents: self.written_agents.values().cloned().collect(),
             tasks: self.written_tasks.values().cloned().collect(),
             output,
+            deliveries: Vec::new(),
         };
         let (now, wall) = self.now();
         self.core = Core::new(config(), restored, now, wall);
@@ -660,7 +661,7 @@ impl Harness {
                 Write::ForgetAgent(id) => {
                     self.written_agents.remove(&id);
                 }
-                Write::Admin(_) => {}
+                Write::Admin(_) | Write::Delivery { .. } | Write::ForgetDelivery(_) => {}
                 Write::Output {
                     task,
                     attempt,
@@ -744,7 +745,8 @@ impl Harness {
                         task.id
                     );
                 }
-                TaskState::Queued
+                TaskState::NeedsInfo
+                | TaskState::Queued
                 | TaskState::Succeeded
                 | TaskState::Failed
                 | TaskState::Cancelled => {
@@ -823,6 +825,7 @@ fn new_task(specialty: usize, priority: i32, repo: u8) -> NewTask {
         },
         priority,
         triage: None,
+        needs_info: false,
     }
 }
 

@@ -23,6 +23,9 @@ use super::{Action, Core, TaskEvent, ToAgent, Write};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
+    /// Triage found nothing to act on: the task waits for its issue to say
+    /// more (a `/claude` comment runs it anyway).
+    NeedsInfo,
     Queued,
     Assigned,
     Running,
@@ -45,6 +48,7 @@ impl TaskState {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::NeedsInfo => "needs_info",
             Self::Queued => "queued",
             Self::Assigned => "assigned",
             Self::Running => "running",
@@ -60,8 +64,36 @@ impl TaskState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum TaskSource {
-    Manual { submitted_by: String },
-    Github { repo: String },
+    Manual {
+        submitted_by: String,
+    },
+    /// An issue: a webhook delivery, a `/claude` comment, or the reconciler.
+    Github {
+        /// `owner/name` as GitHub spells it.
+        repo: String,
+        #[serde(default)]
+        issue: u64,
+        #[serde(default)]
+        url: String,
+        #[serde(default)]
+        author: String,
+        #[serde(default)]
+        labels: Vec<String>,
+        /// The `X-GitHub-Delivery` that created it; empty when the
+        /// reconciler found the issue.
+        #[serde(default)]
+        delivery: String,
+    },
+}
+
+impl TaskSource {
+    /// The issue a task comes from, as (repository, number).
+    pub fn issue(&self) -> Option<(&str, u64)> {
+        match self {
+            Self::Github { repo, issue, .. } if *issue > 0 => Some((repo.as_str(), *issue)),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -175,6 +207,8 @@ pub struct NewTask {
     pub spec: TaskSpec,
     pub priority: i32,
     pub triage: Option<TaskTriage>,
+    /// Start in `NeedsInfo` instead of the queue (an unclear issue).
+    pub needs_info: bool,
 }
 
 /// What the coordinator tracks of a live attempt, in memory only.
@@ -285,8 +319,16 @@ impl Core {
             source: new.source,
             spec,
             priority: new.priority,
-            state: TaskState::Queued,
-            state_reason: "submitted".into(),
+            state: if new.needs_info {
+                TaskState::NeedsInfo
+            } else {
+                TaskState::Queued
+            },
+            state_reason: if new.needs_info {
+                "waiting for the issue to say more: triage found nothing to act on".into()
+            } else {
+                "submitted".into()
+            },
             attempts: Vec::new(),
             max_attempts: self.config.max_attempts,
             created_at: wall,
@@ -298,9 +340,12 @@ impl Core {
             waiting_reason: None,
             triage: new.triage,
         };
-        info!(task_id = %id, repo = %task.spec.repo_url, specialty = %task.spec.specialty, "task submitted");
-        self.queue
-            .insert(Queued::of(&task, now), self.config.general_fallback_after);
+        info!(task_id = %id, repo = %task.spec.repo_url, specialty = %task.spec.specialty, state = task.state.as_str(), "task submitted");
+        if task.state == TaskState::Queued {
+            self.queue
+                .insert(Queued::of(&task, now), self.config.general_fallback_after);
+        }
+        self.index_issue(&task);
         self.tasks.insert(id, task);
         self.persist_task(id);
         self.schedule(now, wall);
@@ -886,7 +931,7 @@ impl Core {
             .min(self.config.retry_backoff_max)
     }
 
-    fn requeue(
+    pub(super) fn requeue(
         &mut self,
         id: TaskId,
         reason: String,

@@ -147,6 +147,7 @@ impl H {
                 spec: spec(repo, specialty),
                 priority,
                 triage: None,
+                needs_info: false,
             },
             now,
             wall,
@@ -360,6 +361,7 @@ fn toolchains_then_a_warm_mirror_then_load_choose_among_agents() {
             spec: with_tech,
             priority: 0,
             triage: None,
+            needs_info: false,
         },
         now,
         wall,
@@ -668,6 +670,7 @@ fn a_restarted_core_resumes_live_attempts_from_the_store() {
         agents,
         tasks,
         output,
+        deliveries: Vec::new(),
     });
     assert_eq!(h2.state(t), TaskState::Running);
     assert_eq!(h2.state(q), TaskState::Queued);

@@ -27,6 +27,7 @@ pub(crate) fn config() -> CoreConfig {
         output_cap_bytes: 1000,
         rate_limit_cooldown: Duration::from_secs(30),
         rate_limit_cooldown_max: Duration::from_secs(3600),
+        delivery_window: Duration::from_secs(3600),
     }
 }
 

@@ -8,7 +8,9 @@
 //! Layout: tree `agents` (key: agent id), tree `tasks` (key: task number,
 //! big-endian so byte order is numeric order), tree `output` (key: task,
 //! attempt, seq, all big-endian; value: kind byte + raw bytes), tree
-//! `admins` (key: admin certificate name; revocations), tree `meta`
+//! `admins` (key: admin certificate name; revocations), tree `deliveries`
+//! (key: `X-GitHub-Delivery`; value: when it was handled, big-endian unix
+//! ms, for de-duplication within a window), tree `meta`
 //! (key `schema_version`). Record values are one version byte followed by
 //! JSON, so a later schema can read older rows.
 //!
@@ -29,6 +31,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::ids::{Attempt, TaskId};
+use common::time::UnixMillis;
 use common::types::OutputKind;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -94,6 +97,8 @@ pub trait Store: Send + Sync + 'static {
     fn load_agents(&self) -> Result<Vec<AgentRecord>, Error>;
     fn load_tasks(&self) -> Result<Vec<Task>, Error>;
     fn load_admins(&self) -> Result<Vec<AdminRecord>, Error>;
+    /// Webhook deliveries handled, with when.
+    fn load_deliveries(&self) -> Result<Vec<(String, UnixMillis)>, Error>;
     /// How far the output of `task` goes: the last seq of `attempt`, and the
     /// bytes of the attempts from `since` on (the task's output budget) and
     /// whether they were truncated.
@@ -120,6 +125,7 @@ pub struct SledStore {
     tasks: sled::Tree,
     output: sled::Tree,
     admins: sled::Tree,
+    deliveries: sled::Tree,
 }
 
 fn output_key(task: TaskId, attempt: Attempt, seq: u64) -> [u8; 20] {
@@ -188,6 +194,7 @@ impl SledStore {
         let tasks = db.open_tree("tasks")?;
         let output = db.open_tree("output")?;
         let admins = db.open_tree("admins")?;
+        let deliveries = db.open_tree("deliveries")?;
         let meta = db.open_tree("meta")?;
         match meta.get(b"schema_version")? {
             None => {
@@ -213,11 +220,30 @@ impl SledStore {
             tasks,
             output,
             admins,
+            deliveries,
         })
     }
 }
 
 impl Store for SledStore {
+    fn load_deliveries(&self) -> Result<Vec<(String, UnixMillis)>, Error> {
+        self.deliveries
+            .iter()
+            .map(|row| {
+                let (key, value) = row?;
+                let id = String::from_utf8_lossy(&key).into_owned();
+                let at = <[u8; 8]>::try_from(value.as_ref())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| Error::Corrupt {
+                        tree: "deliveries",
+                        key: id.clone(),
+                        why: format!("{} bytes, expected 8", value.len()),
+                    })?;
+                Ok((id, UnixMillis(at)))
+            })
+            .collect()
+    }
+
     fn load_agents(&self) -> Result<Vec<AgentRecord>, Error> {
         self.agents
             .iter()
@@ -312,6 +338,7 @@ impl Store for SledStore {
         let mut admin_rows: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut task_rows: Vec<([u8; 8], Vec<u8>)> = Vec::new();
         let mut output_rows: Vec<([u8; 20], Vec<u8>)> = Vec::new();
+        let mut delivery_rows: Vec<(Vec<u8>, Option<[u8; 8]>)> = Vec::new();
         for write in writes {
             match write {
                 Write::Agent(record) => agent_rows.push((
@@ -323,6 +350,10 @@ impl Store for SledStore {
                     admin_rows.push((record.name.as_bytes().to_vec(), codec::encode(record)));
                 }
                 Write::Task(task) => task_rows.push((task.id.0.to_be_bytes(), codec::encode(task))),
+                Write::Delivery { id, at } => {
+                    delivery_rows.push((id.as_bytes().to_vec(), Some(at.0.to_be_bytes())));
+                }
+                Write::ForgetDelivery(id) => delivery_rows.push((id.as_bytes().to_vec(), None)),
                 Write::Output {
                     task,
                     attempt,
@@ -337,8 +368,20 @@ impl Store for SledStore {
                 }
             }
         }
-        (&self.agents, &self.tasks, &self.output, &self.admins)
-            .transaction(|(agents, tasks, output, admins)| {
+        (
+            &self.agents,
+            &self.tasks,
+            &self.output,
+            &self.admins,
+            &self.deliveries,
+        )
+            .transaction(|(agents, tasks, output, admins, deliveries)| {
+                for (key, value) in &delivery_rows {
+                    match value {
+                        Some(at) => deliveries.insert(key.as_slice(), at.as_slice())?,
+                        None => deliveries.remove(key.as_slice())?,
+                    };
+                }
                 for (key, value) in &agent_rows {
                     match value {
                         Some(value) => agents.insert(key.as_slice(), value.as_slice())?,

@@ -98,7 +98,11 @@ fn task_shape(task: &Task, holder: Option<AgentId>) -> Result<(), String> {
                 ));
             }
         }
-        TaskState::Queued | TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled => {
+        TaskState::NeedsInfo
+        | TaskState::Queued
+        | TaskState::Succeeded
+        | TaskState::Failed
+        | TaskState::Cancelled => {
             if !unfinished.is_empty() {
                 return Err(format!(
                     "{id} is {:?} with unfinished attempts {unfinished:?}",

@@ -76,6 +76,7 @@ pub(super) fn config() -> CoreConfig {
         output_cap_bytes: 2_000,
         rate_limit_cooldown: Duration::from_secs(5),
         rate_limit_cooldown_max: Duration::from_secs(600),
+        delivery_window: Duration::from_secs(3600),
     }
 }
 
@@ -257,7 +258,11 @@ impl Ledger {
                     }
                     continue;
                 }
-                Write::Agent(_) | Write::ForgetAgent(_) | Write::Admin(_) => continue,
+                Write::Agent(_)
+                | Write::ForgetAgent(_)
+                | Write::Admin(_)
+                | Write::Delivery { .. }
+                | Write::ForgetDelivery(_) => continue,
             };
             match self.terminal.get(&task.id) {
                 Some(done) if done != task => {
@@ -1156,5 +1161,6 @@ fn random_task(rng: &mut StdRng) -> NewTask {
         },
         priority: rng.random_range(-2..=2),
         triage: None,
+        needs_info: false,
     }
 }

@@ -137,6 +137,7 @@ pub fn say(text: &str) -> anyhow::Result<()> {
 
 pub fn state_name(value: i32) -> &'static str {
     match TaskState::try_from(value) {
+        Ok(TaskState::NeedsInfo) => "needs_info",
         Ok(TaskState::Queued) => "queued",
         Ok(TaskState::Assigned) => "assigned",
         Ok(TaskState::Running) => "running",
@@ -150,6 +151,7 @@ pub fn state_name(value: i32) -> &'static str {
 
 pub fn parse_state(s: &str) -> anyhow::Result<TaskState> {
     Ok(match s {
+        "needs_info" => TaskState::NeedsInfo,
         "queued" => TaskState::Queued,
         "assigned" => TaskState::Assigned,
         "running" => TaskState::Running,
@@ -158,7 +160,7 @@ pub fn parse_state(s: &str) -> anyhow::Result<TaskState> {
         "failed" => TaskState::Failed,
         "cancelled" => TaskState::Cancelled,
         other => anyhow::bail!(
-            "unknown state {other:?} (queued, assigned, running, finishing, succeeded, failed, cancelled)"
+            "unknown state {other:?} (needs_info, queued, assigned, running, finishing, succeeded, failed, cancelled)"
         ),
     })
 }

@@ -1,0 +1,220 @@
+//! The GitHub REST client: the only module that imports octocrab. Requests
+//! go to the configured `api_url` (GitHub, GitHub Enterprise, or a local
+//! server in tests). octocrab's own retry is off: waiting on GitHub's
+//! rate-limit headers is the caller's (a retry inside a request would fight
+//! the caller's backoff and ignore `Retry-After`).
+
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use http_body_util::BodyExt;
+use octocrab::Octocrab;
+use octocrab::service::middleware::retry::RetryConfig;
+use serde::de::DeserializeOwned;
+
+use super::config::GithubConfig;
+use super::event::{Issue, Repository};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot build the GitHub client: {0}")]
+    Build(String),
+    #[error("GitHub answered {status} to {what}: {message}")]
+    Status {
+        what: String,
+        status: u16,
+        message: String,
+        /// From `Retry-After` or `x-ratelimit-reset`, when GitHub said.
+        retry_after: Option<Duration>,
+    },
+    #[error("cannot reach GitHub for {what}: {message}")]
+    Transport { what: String, message: String },
+    #[error("GitHub's answer to {what} is not what its API documents: {message}")]
+    Decode { what: String, message: String },
+}
+
+impl Error {
+    /// Worth trying again later: a network failure, a 5xx, a rate limit.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Transport { .. } => true,
+            Self::Status {
+                status,
+                retry_after,
+                ..
+            } => *status >= 500 || *status == 429 || retry_after.is_some(),
+            Self::Build(_) | Self::Decode { .. } => false,
+        }
+    }
+}
+
+/// At most this many pages of one listing are read (100 items a page).
+const MAX_PAGES: usize = 50;
+
+#[derive(Clone)]
+pub struct Client {
+    octo: Octocrab,
+    api_url: String,
+}
+
+impl Client {
+    /// Must be called inside a tokio runtime (octocrab spawns its worker).
+    pub fn new(config: &GithubConfig) -> Result<Self, Error> {
+        let mut builder = Octocrab::builder()
+            .base_uri(config.api_url.as_str())
+            .map_err(|e| Error::Build(format!("api_url {}: {e}", config.api_url)))?
+            .add_retry_config(RetryConfig::None)
+            .set_connect_timeout(Some(Duration::from_secs(10)))
+            .set_read_timeout(Some(Duration::from_secs(30)));
+        if let Some(token) = &config.token {
+            builder = builder.personal_token(token.expose().to_owned());
+        }
+        let octo = builder.build().map_err(|e| Error::Build(e.to_string()))?;
+        Ok(Self {
+            octo,
+            api_url: config.api_url.clone(),
+        })
+    }
+
+    pub async fn repository(&self, repo: &str) -> Result<Repository, Error> {
+        let (body, _) = self
+            .get(&format!("/repos/{repo}"), "the repository")
+            .await?;
+        decode(&body, "the repository")
+    }
+
+    /// Open issues of `repo` with `label`, every page (pull requests left
+    /// out).
+    pub async fn open_issues_with_label(
+        &self,
+        repo: &str,
+        label: &str,
+    ) -> Result<Vec<Issue>, Error> {
+        let what = format!("the open issues of {repo} labeled {label}");
+        let mut url = format!(
+            "/repos/{repo}/issues?state=open&labels={}&per_page=100",
+            form_urlencoded::byte_serialize(label.as_bytes()).collect::<String>()
+        );
+        let mut issues = Vec::new();
+        for _ in 0..MAX_PAGES {
+            let (body, next) = self.get(&url, &what).await?;
+            let page: Vec<Issue> = decode(&body, &what)?;
+            issues.extend(page.into_iter().filter(|i| i.pull_request.is_none()));
+            match next {
+                Some(n) => url = n,
+                None => break,
+            }
+        }
+        Ok(issues)
+    }
+
+    /// A GET of `route` (relative to the API URL, or a full URL from a
+    /// `Link` header on the same host): the body and the next page's URL.
+    async fn get(&self, route: &str, what: &str) -> Result<(Vec<u8>, Option<String>), Error> {
+        let url = if route.starts_with("http://") || route.starts_with("https://") {
+            if !route.starts_with(&self.api_url) {
+                return Err(Error::Decode {
+                    what: what.to_owned(),
+                    message: format!("a pagination link leaves the API: {route}"),
+                });
+            }
+            route.to_owned()
+        } else {
+            format!("{}{route}", self.api_url)
+        };
+        let transport = |e: octocrab::Error| Error::Transport {
+            what: what.to_owned(),
+            message: e.to_string(),
+        };
+        let response = self.octo._get(url.as_str()).await.map_err(transport)?;
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        let next = response
+            .headers()
+            .get("link")
+            .and_then(|v| v.to_str().ok())
+            .and_then(next_link);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(transport)?
+            .to_bytes()
+            .to_vec();
+        if !status.is_success() {
+            return Err(Error::Status {
+                what: what.to_owned(),
+                status: status.as_u16(),
+                message: message(&body),
+                retry_after,
+            });
+        }
+        Ok((body, next))
+    }
+}
+
+fn decode<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Error> {
+    serde_json::from_slice(body).map_err(|e| Error::Decode {
+        what: what.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// GitHub's `message` of an error body, else the start of the body.
+fn message(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("message")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned())
+}
+
+/// How long GitHub asks to wait: `Retry-After` (seconds), else the primary
+/// limit's reset when no requests remain.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(secs) = header("retry-after").and_then(|v| v.trim().parse::<u64>().ok()) {
+        return Some(Duration::from_secs(secs));
+    }
+    if header("x-ratelimit-remaining") == Some("0") {
+        let reset = header("x-ratelimit-reset")?.trim().parse::<u64>().ok()?;
+        #[allow(clippy::disallowed_methods)] // the reset is wall-clock time
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs();
+        return Some(Duration::from_secs(reset.saturating_sub(now).max(1)));
+    }
+    None
+}
+
+/// The `rel="next"` URL of a `Link` header.
+fn next_link(link: &str) -> Option<String> {
+    link.split(',').find_map(|part| {
+        let (url, params) = part.split_once(';')?;
+        params
+            .split(';')
+            .any(|p| p.trim() == "rel=\"next\"")
+            .then(|| {
+                url.trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_owned()
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_page_comes_from_the_link_header() {
+        let link = "<https://api.github.com/repositories/1/issues?page=2>; rel=\"next\", \
+                    <https://api.github.com/repositories/1/issues?page=5>; rel=\"last\"";
+        assert_eq!(
+            next_link(link).as_deref(),
+            Some("https://api.github.com/repositories/1/issues?page=2")
+        );
+        assert_eq!(next_link("<https://x/1>; rel=\"prev\""), None);
+    }
+}
