@@ -2,6 +2,7 @@
 //! files, over loopback. See `tests/src` for the harness.
 
 mod executor;
+mod fakes;
 mod foundation;
 mod hardening;
 mod operator;
