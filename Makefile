@@ -12,6 +12,9 @@ GRPCURL ?= $(or $(shell command -v grpcurl 2>/dev/null),$(PY_SCRIPTS)/grpcurl)
 
 # The real Claude Code CLI for the tests that run it (pinned in package.json).
 CLAUDE_CLI := tests/claude-cli/node_modules/.bin/claude
+# What GitHub publishes, for the GitHub fakes (pinned in tests/node):
+# example webhook payloads, the OpenAPI description, Prism and smee-client.
+NODE_TOOLS := tests/node/node_modules/.bin
 
 all: build
 
@@ -32,9 +35,9 @@ build-deps:
 build: build-deps
 	$(CARGO) build --workspace --bins
 
-# What the tests need beyond the build: grpcurl, the real CLI, and an
-# OpenSSH server and client (the SSH remote tests run a real sshd on
-# loopback with keys made by ssh-keygen).
+# What the tests need beyond the build: grpcurl, the real CLI, the npm
+# tools of the GitHub fakes, and an OpenSSH server and client (the SSH
+# remote tests run a real sshd on loopback with keys made by ssh-keygen).
 deps: build-deps
 	@command -v npm >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nodejs npm; }
 	@missing=""; \
@@ -48,6 +51,8 @@ deps: build-deps
 	@test -x "$(GRPCURL)" || { echo "grpcurl not found after install (looked at $(GRPCURL))"; exit 1; }
 	@test -x $(CLAUDE_CLI) || (cd tests/claude-cli && npm ci --no-audit --no-fund --loglevel=error)
 	@test -x $(CLAUDE_CLI) || { echo "the claude CLI did not install into tests/claude-cli"; exit 1; }
+	@test -x $(NODE_TOOLS)/prism -a -x $(NODE_TOOLS)/smee || (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+	@test -x $(NODE_TOOLS)/prism -a -x $(NODE_TOOLS)/smee || { echo "the GitHub fakes' npm tools did not install into tests/node"; exit 1; }
 
 # Binaries and tests are built in one cargo call (one feature resolution),
 # then the whole suite runs: unit, property, and end-to-end tests.

@@ -3,6 +3,7 @@
 
 mod agent_health;
 mod executor;
+mod fakes;
 mod foundation;
 mod hardening;
 mod operator;

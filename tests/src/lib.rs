@@ -7,12 +7,20 @@
 //! line, `KEEP_TEST_DIRS=1` keeps every directory, and a failing test dumps
 //! every process's log.
 
+// GitHub's repository JSON is one large `json!` literal.
+#![recursion_limit = "512"]
+
 pub mod cluster;
 pub mod fake_anthropic;
 pub mod git;
+pub mod github;
+pub mod http;
+pub mod npm;
 pub mod process;
 pub mod proxy;
+pub mod smee;
 pub mod sshd;
+pub mod webhooks;
 
 pub use cluster::{Cluster, Pki};
 pub use process::{Process, TestDir, bin, eventually};
