@@ -621,6 +621,18 @@ pub fn task_info(task: &Task) -> proto::TaskInfo {
             .unwrap_or_default(),
         waiting_reason: task.waiting_reason.clone().unwrap_or_default(),
         triage: task.triage.as_ref().map(triage_report),
+        github_repo: match &task.source {
+            TaskSource::Github { repo, .. } => repo.clone(),
+            TaskSource::Manual { .. } => String::new(),
+        },
+        labels: match &task.source {
+            TaskSource::Github { labels, .. } => labels.clone(),
+            TaskSource::Manual { .. } => Vec::new(),
+        },
+        delivery_id: match &task.source {
+            TaskSource::Github { delivery, .. } => delivery.clone(),
+            TaskSource::Manual { .. } => String::new(),
+        },
     }
 }
 

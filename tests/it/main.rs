@@ -5,6 +5,7 @@ mod agent_health;
 mod executor;
 mod fakes;
 mod foundation;
+mod github_in;
 mod hardening;
 mod operator;
 mod raw_stream;

@@ -15,11 +15,23 @@
 //! Like the real CLI it answers `--version` and `auth status` (JSON with
 //! `loggedIn`). While the file named by `FAKE_CLAUDE_LOGGED_OUT` exists it
 //! is logged out: `auth status` says so (exit 1) and a run ends as the real
-//! CLI's does ("Not logged in · Please run /login", exit 1).
+//! CLI's does ("Not logged in · Please run /login", exit 1). With
+//! `FAKE_CLAUDE_PROMPTS` set to a directory, each run's prompt is kept there.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
+
+/// Writes the prompt into the directory named by `FAKE_CLAUDE_PROMPTS`
+/// (one file per run), so a test can read what the CLI was given.
+fn keep_prompt(prompt: &str) {
+    let Ok(dir) = std::env::var("FAKE_CLAUDE_PROMPTS") else {
+        return;
+    };
+    let _ = std::fs::create_dir_all(&dir);
+    let name = format!("prompt-{}-{}.txt", std::process::id(), prompt.len());
+    let _ = std::fs::write(std::path::Path::new(&dir).join(name), prompt);
+}
 
 /// Appends `<what> <unix nanos>` to the file named by `FAKE_CLAUDE_LOG`, so a
 /// test can tell how many runs overlapped.
@@ -80,6 +92,7 @@ fn main() {
             text
         }
     };
+    keep_prompt(&prompt);
     let stream_json = args
         .windows(2)
         .any(|w| w[0] == "--output-format" && w[1] == "stream-json");

@@ -213,7 +213,7 @@ pub fn tasks_table(tasks: &[TaskInfo]) -> String {
             "PRIO",
             "TRY",
             "AGENT",
-            "REPO",
+            "SOURCE",
             "TITLE",
         ]
         .map(String::from)
@@ -233,11 +233,56 @@ pub fn tasks_table(tasks: &[TaskInfo]) -> String {
             t.priority.to_string(),
             format!("{}/{}", t.attempts.len(), t.max_attempts),
             last.map(|a| a.agent_id.clone()).unwrap_or_default(),
-            t.repo.clone(),
+            source_short(t),
             t.title.chars().take(60).collect(),
         ]);
     }
     render(&rows)
+}
+
+/// Where a task came from, in a table cell: `owner/name#7` for an issue,
+/// else the repository it works on.
+fn source_short(t: &TaskInfo) -> String {
+    if t.github_repo.is_empty() {
+        t.repo.clone()
+    } else {
+        format!("{}#{}", t.github_repo, t.issue_number)
+    }
+}
+
+/// Where a task came from, in words.
+fn source_line(t: &TaskInfo) -> String {
+    if t.github_repo.is_empty() {
+        return format!("{} (by {})", t.source, t.author);
+    }
+    let mut line = format!(
+        "{}#{} by {} ({})",
+        t.github_repo, t.issue_number, t.author, t.issue_url
+    );
+    if !t.labels.is_empty() {
+        line.push_str(&format!("; labels {}", t.labels.join(", ")));
+    }
+    line.push_str(&if t.delivery_id.is_empty() {
+        "; found by the reconciler".to_owned()
+    } else {
+        format!("; delivery {}", t.delivery_id)
+    });
+    line
+}
+
+fn source_json(t: &TaskInfo) -> serde_json::Value {
+    if t.github_repo.is_empty() {
+        return serde_json::json!({ "kind": t.source, "author": t.author });
+    }
+    serde_json::json!({
+        "kind": t.source,
+        "repo": t.github_repo,
+        "issue": t.issue_number,
+        "url": t.issue_url,
+        "author": t.author,
+        "labels": t.labels,
+        "delivery": t.delivery_id,
+    })
 }
 
 /// The test run of an attempt: command, exit code, verdict, and the tail.
@@ -271,7 +316,7 @@ pub fn task_detail(t: &TaskInfo) -> String {
         ("specialty", specialty_name(t.specialty).into()),
         ("technologies", t.technologies.join(", ")),
         ("priority", t.priority.to_string()),
-        ("source", t.source.clone()),
+        ("source", source_line(t)),
         (
             "tests",
             if t.test_command.is_empty() {
@@ -348,6 +393,7 @@ pub fn task_json(t: &TaskInfo) -> serde_json::Value {
         "specialty": specialty_name(t.specialty),
         "priority": t.priority,
         "test_command": t.test_command,
+        "source": source_json(t),
         "technologies": t.technologies,
         "triage": t.triage.as_ref().map(crate::triage::json),
         "max_attempts": t.max_attempts,
