@@ -135,7 +135,7 @@ fn tasks(cluster: &Cluster) -> Vec<Value> {
 
 #[test]
 fn a_signed_label_delivery_becomes_one_triaged_task_on_the_right_agent_even_through_smee() {
-    let setup = setup(
+    let mut setup = setup(
         "gh-labeled",
         &[("pc-fe", "frontend"), ("pc-be", "backend")],
         false,
@@ -206,6 +206,18 @@ fn a_signed_label_delivery_becomes_one_triaged_task_on_the_right_agent_even_thro
     let id = task["task_id"].as_str().expect("id").to_owned();
     let done = setup.cluster.wait_task(&id, "succeeded", LONG);
     assert_eq!(done["attempts"][0]["agent_id"], "pc-be", "{done}");
+
+    // A body GitHub would never send (not compact JSON) is re-encoded by
+    // the relay: the signature cannot match, and the log says why.
+    let mut loose = labeled(103, "Loose JSON", "x").sign(SECRET, Encoding::Json);
+    let text = String::from_utf8(loose.body.clone()).expect("utf-8");
+    loose.body = text.replacen("\":", "\": ", 1).into_bytes();
+    resign(&mut loose);
+    assert_eq!(channel.push(&loose), 1);
+    setup
+        .cluster
+        .coordinator()
+        .wait_for_log("or a relay re-encoded the body", LONG);
 }
 
 #[test]

@@ -65,17 +65,13 @@ async fn handle(
         );
     }
     if !verify(secret.expose().as_bytes(), &body, signature) {
-        let agent = header_str(&headers, "user-agent");
-        if agent.starts_with("GitHub-Hookshot/") {
-            warn!(
-                "webhook delivery refused: wrong signature (is the webhook secret the same on GitHub and here?)"
-            );
-        } else {
-            warn!(
-                user_agent = %agent,
-                "webhook delivery refused: wrong signature; it did not come from GitHub directly, so a relay probably re-encoded the body (the signature covers GitHub's exact bytes; a relay such as smee-client re-serializes JSON), or the webhook secret differs"
-            );
-        }
+        // A relay such as smee-client passes GitHub's headers on, so a
+        // relayed delivery cannot be told from a direct one: both causes
+        // are named.
+        warn!(
+            user_agent = header_str(&headers, "user-agent"),
+            "webhook delivery refused: wrong signature; either the webhook secret differs from GitHub's, or a relay re-encoded the body (the signature covers the exact bytes GitHub sent; smee-client re-serializes JSON, which keeps them only for GitHub's own compact JSON)"
+        );
         return answer(
             StatusCode::UNAUTHORIZED,
             "refused",
