@@ -8,7 +8,7 @@ PYTHON ?= python3
 PY_SCRIPTS := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
 GRPCURL ?= $(or $(shell command -v grpcurl 2>/dev/null),$(PY_SCRIPTS)/grpcurl)
 
-.PHONY: all build build-deps deps test lint fmt demo certs clean
+.PHONY: all build build-deps deps test lint fmt demo certs clean bench bench-quick
 
 # The real Claude Code CLI for the tests that run it (pinned in package.json).
 CLAUDE_CLI := tests/claude-cli/node_modules/.bin/claude
@@ -59,6 +59,14 @@ deps: build-deps
 test: deps
 	$(CARGO) build --workspace --all-targets
 	GRPCURL="$(GRPCURL)" $(CARGO) test --workspace
+
+# Performance figures, each with a baseline measured in the same run
+# (see BENCHMARKS.md). Release build; `bench-quick` runs in under 2 minutes.
+bench: build-deps
+	$(CARGO) run --release -p tests --bin bench
+
+bench-quick: build-deps
+	$(CARGO) run --release -p tests --bin bench -- --quick
 
 lint:
 	$(CARGO) fmt --all -- --check

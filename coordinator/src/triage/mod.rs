@@ -210,7 +210,8 @@ impl Acc {
     /// more. What the issue asks to change decides, not every word it uses.
     fn terms(&mut self, rules: &Rules, source: Source, text: &str) {
         let place = rules.weights[&source];
-        let found: Vec<(usize, &rules::Term)> = rules
+        // (position, term index) of every whole-word match, in order.
+        let found: Vec<(usize, usize)> = rules
             .matcher
             .find_iter(text)
             .filter_map(|m| {
@@ -220,14 +221,25 @@ impl Acc {
                 let is_word =
                     |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
                 let cut = (term.word_start && is_word(before)) || (term.word_end && is_word(after));
-                (!cut).then_some((m.start(), term))
+                (!cut).then_some((m.start(), m.pattern().as_usize()))
             })
             .collect();
         let judged = source == Source::Body;
-        for (at, end) in text::sentences(text) {
-            let in_sentence = || found.iter().filter(|(pos, _)| (at..end).contains(pos));
+        // Each term once, with the strongest reading of any sentence it is
+        // in (a word cleared in one sentence and asked for in another is
+        // asked for).
+        let mut factors: BTreeMap<usize, f64> = BTreeMap::new();
+        let mut next = 0;
+        for (_, end) in text::sentences(text) {
+            let first = next;
+            while next < found.len() && found[next].0 < end {
+                next += 1;
+            }
+            let in_sentence = &found[first..next];
             let has = |wanted: &Meaning| {
-                in_sentence().any(|(_, t)| t.meanings.iter().any(|(m, _)| m == wanted))
+                in_sentence
+                    .iter()
+                    .any(|(_, t)| rules.terms[*t].meanings.iter().any(|(m, _)| m == wanted))
             };
             let factor = if !judged {
                 1.0
@@ -238,14 +250,19 @@ impl Acc {
             } else {
                 1.0
             };
-            for (_, term) in in_sentence() {
-                for (meaning, weight) in &term.meanings {
-                    let factor = match meaning {
-                        Meaning::Specialty(_) | Meaning::Technology(..) => factor,
-                        _ => 1.0,
-                    };
-                    self.add(meaning.clone(), weight * place * factor, &term.text, source);
-                }
+            for (_, t) in in_sentence {
+                let known = factors.entry(*t).or_insert(f64::MIN);
+                *known = known.max(factor);
+            }
+        }
+        for (t, factor) in factors {
+            let term = &rules.terms[t];
+            for (meaning, weight) in &term.meanings {
+                let factor = match meaning {
+                    Meaning::Specialty(_) | Meaning::Technology(..) => factor,
+                    _ => 1.0,
+                };
+                self.add(meaning.clone(), weight * place * factor, &term.text, source);
             }
         }
     }
