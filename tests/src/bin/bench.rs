@@ -122,8 +122,8 @@ fn print(figures: &[Figure], options: &Options) {
         }
     );
     println!(
-        "{:<38} {:>11}  {:<34} {:>11} {:>9}  {:<12} {}",
-        "FIGURE", "VALUE", "BASELINE", "BASE", "RATIO", "GOAL", "MET"
+        "{:<38} {:>11}  {:<34} {:>11} {:>9}  {:<12} MET",
+        "FIGURE", "VALUE", "BASELINE", "BASE", "RATIO", "GOAL"
     );
     for f in figures {
         println!(
