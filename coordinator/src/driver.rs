@@ -17,9 +17,10 @@ use tracing::{debug, error, warn};
 use common::ids::TaskId;
 
 use crate::core::github::{IssueCommand, IssueOutcome};
+use crate::core::outbox::{Effect, EffectJob, EffectResult};
 use crate::core::{
     Action, AdminError, AdminRecord, AgentView, CloseReason, ConnId, Core, FromAgent, NewTask,
-    OpenRejected, Task, TaskError, TaskEvent, ToAgent,
+    OpenRejected, Task, TaskError, TaskEvent, ToAgent, Write,
 };
 use crate::store::{self, Store};
 
@@ -89,6 +90,19 @@ pub enum Command {
     IssueFound {
         task: NewTask,
         reply: Reply<IssueOutcome>,
+    },
+    /// The GitHub writes due now (at most `limit`), and when the next is.
+    DueEffects {
+        limit: usize,
+        reply: Reply<(Vec<EffectJob>, Option<UnixMillis>)>,
+    },
+    /// The GitHub worker performed an effect.
+    EffectDone {
+        task: TaskId,
+        effect: Effect,
+        version: u64,
+        result: EffectResult,
+        reply: Reply<()>,
     },
     Open {
         agent: AgentId,
@@ -187,6 +201,8 @@ pub enum Command {
 #[derive(Clone, Debug)]
 pub struct DriverHandle {
     tx: mpsc::Sender<Command>,
+    /// Woken after a commit that owes GitHub writes.
+    outbox: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +210,12 @@ pub struct DriverHandle {
 pub struct DriverGone;
 
 impl DriverHandle {
+    /// Resolves after a commit that added GitHub writes (or at once if one
+    /// happened since the last wait).
+    pub async fn outbox_changed(&self) {
+        self.outbox.notified().await;
+    }
+
     pub async fn send(&self, cmd: Command) -> Result<(), DriverGone> {
         self.tx.send(cmd).await.map_err(|_| DriverGone)
     }
@@ -220,6 +242,7 @@ pub struct Driver {
     revoked_admins: watch::Sender<RevokedAdmins>,
     /// A batch changed admin revocations: publish after its commit.
     admins_changed: bool,
+    outbox: Arc<tokio::sync::Notify>,
 }
 
 impl Driver {
@@ -241,8 +264,13 @@ impl Driver {
             replies: Vec::new(),
             revoked_admins,
             admins_changed: false,
+            outbox: Arc::new(tokio::sync::Notify::new()),
         };
-        (driver, DriverHandle { tx }, revoked_rx)
+        let handle = DriverHandle {
+            tx,
+            outbox: Arc::clone(&driver.outbox),
+        };
+        (driver, handle, revoked_rx)
     }
 
     /// Runs until `shutdown` fires or a commit fails. A failed commit stops
@@ -303,6 +331,20 @@ impl Driver {
             Command::IssueFound { task, reply } => {
                 let outcome = self.core.issue_found(task, now, wall);
                 self.reply(reply, outcome);
+            }
+            Command::DueEffects { limit, reply } => {
+                let due = self.core.due_effects(wall, limit);
+                self.reply(reply, due);
+            }
+            Command::EffectDone {
+                task,
+                effect,
+                version,
+                result,
+                reply,
+            } => {
+                self.core.effect_done(task, effect, version, result, wall);
+                self.reply(reply, ());
             }
             Command::Open {
                 agent,
@@ -480,6 +522,7 @@ impl Driver {
         // closed), so repeat until a round leaves nothing behind.
         loop {
             let writes = self.core.take_writes();
+            let owes_github = writes.iter().any(|w| matches!(w, Write::Outbox(_)));
             if !writes.is_empty() {
                 let store = Arc::clone(&self.store);
                 let n_writes = writes.len();
@@ -488,6 +531,9 @@ impl Driver {
                     .unwrap_or_else(|join| Err(store::Error::Task(join.to_string())))
                     .inspect_err(|e| error!(error = %e, "commit failed; stopping"))?;
                 debug!(n_writes, "committed");
+            }
+            if owes_github {
+                self.outbox.notify_one();
             }
             // Before any answer: a revoked admin's next call is refused.
             if std::mem::take(&mut self.admins_changed) {
@@ -608,6 +654,9 @@ mod tests {
             Ok(Vec::new())
         }
         fn load_deliveries(&self) -> Result<Vec<(String, common::time::UnixMillis)>, store::Error> {
+            Ok(Vec::new())
+        }
+        fn load_outbox(&self) -> Result<Vec<crate::core::outbox::OutboxEntry>, store::Error> {
             Ok(Vec::new())
         }
         fn output_position(

@@ -70,38 +70,47 @@ pub fn restore(store: &dyn Store) -> Result<Restored, store::Error> {
         tasks,
         output,
         deliveries: store.load_deliveries()?,
+        outbox: store.load_outbox()?,
     })
 }
 
-/// Starts the reconciler when there is something to reconcile: repositories
-/// triggered by a label, and a token to read their issues with.
-fn start_reconciler(
+/// Starts the GitHub side when a token is configured: the outbox worker
+/// (status comments, pull requests) and, for label-triggered repositories,
+/// the reconciler.
+fn start_github(
     config: &Config,
     driver: &driver::DriverHandle,
     shutdown: &CancellationToken,
-) -> Result<Option<tokio::task::JoinHandle<()>>, Error> {
+) -> Result<Vec<tokio::task::JoinHandle<()>>, Error> {
+    if config.github.token.is_none() {
+        if !config.github.repos.is_empty() {
+            tracing::warn!(
+                "no GitHub token is configured: no status comments or pull requests are written, and missed webhook deliveries are not reconciled"
+            );
+        }
+        return Ok(Vec::new());
+    }
+    let client = github::client::Client::new(&config.github)?;
+    let mut tasks = vec![tokio::spawn(github::outbox::run(
+        client.clone(),
+        driver.clone(),
+        shutdown.clone(),
+    ))];
     let labeled = config
         .github
         .repos
         .iter()
         .any(|r| matches!(r.trigger, github::config::Trigger::Label(_)));
-    if !labeled {
-        return Ok(None);
+    if labeled {
+        tasks.push(tokio::spawn(github::reconcile::run(
+            client,
+            Arc::clone(&config.github),
+            Arc::clone(&config.triage_rules),
+            driver.clone(),
+            shutdown.clone(),
+        )));
     }
-    if config.github.token.is_none() {
-        tracing::warn!(
-            "no GitHub token is configured: missed webhook deliveries are not reconciled"
-        );
-        return Ok(None);
-    }
-    let client = github::client::Client::new(&config.github)?;
-    Ok(Some(tokio::spawn(github::reconcile::run(
-        client,
-        Arc::clone(&config.github),
-        Arc::clone(&config.triage_rules),
-        driver.clone(),
-        shutdown.clone(),
-    ))))
+    Ok(tasks)
 }
 
 /// Runs the coordinator until `shutdown` fires (or a fatal store error).
@@ -163,7 +172,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         rules: Arc::clone(&config.triage_rules),
     };
     let http_task = tokio::spawn(http::serve(http_listener, http_state, shutdown.clone()));
-    let reconciler = start_reconciler(&config, &handle, &shutdown)?;
+    let github_tasks = start_github(&config, &handle, &shutdown)?;
 
     let driver_result = driver_task.await;
     // Whatever stopped the driver stops everything else too.
@@ -171,8 +180,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let drained = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = grpc_task.await;
         let _ = http_task.await;
-        if let Some(reconciler) = reconciler {
-            let _ = reconciler.await;
+        for task in github_tasks {
+            let _ = task.await;
         }
     })
     .await;

@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 pub mod admin;
 pub mod github;
+pub mod outbox;
 mod queue;
 pub mod schedule;
 pub mod task;
@@ -279,6 +280,10 @@ pub enum Write {
     },
     /// A delivery older than the dedupe window is forgotten.
     ForgetDelivery(String),
+    /// A GitHub write owed (created or replaced).
+    Outbox(Box<outbox::OutboxEntry>),
+    /// A GitHub write done (or given up).
+    OutboxDone(TaskId, outbox::Effect),
     Agent(Box<AgentRecord>),
     Task(Box<Task>),
     Output {
@@ -423,6 +428,8 @@ pub struct Core {
     issues: BTreeMap<(String, u64), Vec<TaskId>>,
     /// Webhook deliveries seen within the dedupe window, by id and by age.
     deliveries: github::Deliveries,
+    /// GitHub writes owed, by task and effect.
+    outbox: BTreeMap<(TaskId, outbox::Effect), outbox::OutboxEntry>,
     next_task_id: u64,
     /// Output acknowledgements, coalesced per attempt until actions are polled.
     pending_acks: BTreeMap<(ConnId, TaskId, Attempt), u64>,
@@ -444,6 +451,8 @@ pub struct Restored {
     pub output: BTreeMap<TaskId, OutputPosition>,
     /// Webhook deliveries seen, with when.
     pub deliveries: Vec<(String, UnixMillis)>,
+    /// GitHub writes still owed.
+    pub outbox: Vec<outbox::OutboxEntry>,
 }
 
 impl Core {
@@ -464,6 +473,7 @@ impl Core {
             repo_live: BTreeMap::new(),
             issues: BTreeMap::new(),
             deliveries: github::Deliveries::new(restored.deliveries),
+            outbox: BTreeMap::new(),
             next_task_id: 0,
             pending_acks: BTreeMap::new(),
             admins: BTreeMap::new(),
@@ -490,6 +500,7 @@ impl Core {
                 },
             );
         }
+        let outbox_entries = restored.outbox;
         for task in restored.tasks {
             core.next_task_id = core.next_task_id.max(task.id.0);
             for attempt in task.attempts.iter().filter(|a| warms_mirror(a.outcome)) {
@@ -534,6 +545,7 @@ impl Core {
             core.index_issue(&task);
             core.tasks.insert(task.id, task);
         }
+        core.restore_outbox(outbox_entries);
         core
     }
 

@@ -607,6 +607,7 @@ impl Harness {
             tasks: self.written_tasks.values().cloned().collect(),
             output,
             deliveries: Vec::new(),
+            outbox: Vec::new(),
         };
         let (now, wall) = self.now();
         self.core = Core::new(config(), restored, now, wall);
@@ -661,7 +662,11 @@ impl Harness {
                 Write::ForgetAgent(id) => {
                     self.written_agents.remove(&id);
                 }
-                Write::Admin(_) | Write::Delivery { .. } | Write::ForgetDelivery(_) => {}
+                Write::Admin(_)
+                | Write::Delivery { .. }
+                | Write::ForgetDelivery(_)
+                | Write::Outbox(_)
+                | Write::OutboxDone(..) => {}
                 Write::Output {
                     task,
                     attempt,

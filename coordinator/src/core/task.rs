@@ -146,6 +146,10 @@ pub struct Task {
     /// What triage read in the issue (tasks from before triage have none).
     #[serde(default)]
     pub triage: Option<TaskTriage>,
+    /// What GitHub knows of the task (its status comment, its pull
+    /// request); none for manual tasks.
+    #[serde(default)]
+    pub github: Option<super::outbox::GithubState>,
 }
 
 /// A task's triage, and whether its specialty came from the submitter.
@@ -339,6 +343,7 @@ impl Core {
             output_since: every_attempt(),
             waiting_reason: None,
             triage: new.triage,
+            github: None,
         };
         info!(task_id = %id, repo = %task.spec.repo_url, specialty = %task.spec.specialty, state = task.state.as_str(), "task submitted");
         if task.state == TaskState::Queued {
@@ -1010,9 +1015,12 @@ impl Core {
         );
     }
 
+    /// Writes the task as it is now, with the GitHub writes the change
+    /// owes (in the same commit).
     pub(super) fn persist_task(&mut self, id: TaskId) {
         if let Some(task) = self.tasks.get(&id) {
             self.writes.push(Write::Task(Box::new(task.clone())));
+            self.effects_of_change(id);
         }
     }
 

@@ -671,6 +671,7 @@ fn a_restarted_core_resumes_live_attempts_from_the_store() {
         tasks,
         output,
         deliveries: Vec::new(),
+        outbox: Vec::new(),
     });
     assert_eq!(h2.state(t), TaskState::Running);
     assert_eq!(h2.state(q), TaskState::Queued);

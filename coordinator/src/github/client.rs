@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
 use octocrab::Octocrab;
 use octocrab::service::middleware::retry::RetryConfig;
 use serde::de::DeserializeOwned;
@@ -108,49 +109,212 @@ impl Client {
         Ok(issues)
     }
 
+    /// The comments of an issue, every page.
+    pub async fn issue_comments(&self, repo: &str, issue: u64) -> Result<Vec<IssueComment>, Error> {
+        let what = format!("the comments of {repo}#{issue}");
+        let mut url = format!("/repos/{repo}/issues/{issue}/comments?per_page=100");
+        let mut comments = Vec::new();
+        for _ in 0..MAX_PAGES {
+            let (body, next) = self.get(&url, &what).await?;
+            comments.extend(decode::<Vec<IssueComment>>(&body, &what)?);
+            match next {
+                Some(n) => url = n,
+                None => break,
+            }
+        }
+        Ok(comments)
+    }
+
+    pub async fn create_comment(
+        &self,
+        repo: &str,
+        issue: u64,
+        body: &str,
+    ) -> Result<IssueComment, Error> {
+        let what = format!("a new comment on {repo}#{issue}");
+        let route = format!("/repos/{repo}/issues/{issue}/comments");
+        let answer = self
+            .send(
+                Method::Post,
+                &route,
+                &serde_json::json!({ "body": body }),
+                &what,
+            )
+            .await?;
+        decode(&answer, &what)
+    }
+
+    pub async fn update_comment(
+        &self,
+        repo: &str,
+        id: u64,
+        body: &str,
+    ) -> Result<IssueComment, Error> {
+        let what = format!("comment {id} on {repo}");
+        let route = format!("/repos/{repo}/issues/comments/{id}");
+        let answer = self
+            .send(
+                Method::Patch,
+                &route,
+                &serde_json::json!({ "body": body }),
+                &what,
+            )
+            .await?;
+        decode(&answer, &what)
+    }
+
+    /// The open pull request from `owner:branch`, if any.
+    pub async fn open_pull(&self, repo: &str, head: &str) -> Result<Option<Pull>, Error> {
+        let what = format!("the pull requests of {repo} from {head}");
+        let route = format!(
+            "/repos/{repo}/pulls?state=open&head={}&per_page=100",
+            form_urlencoded::byte_serialize(head.as_bytes()).collect::<String>()
+        );
+        let (body, _) = self.get(&route, &what).await?;
+        Ok(decode::<Vec<Pull>>(&body, &what)?.into_iter().next())
+    }
+
+    pub async fn create_pull(&self, repo: &str, new: &NewPull<'_>) -> Result<Pull, Error> {
+        let what = format!("a new pull request on {repo} from {}", new.head);
+        let answer = self
+            .send(Method::Post, &format!("/repos/{repo}/pulls"), new, &what)
+            .await?;
+        decode(&answer, &what)
+    }
+
+    pub async fn update_pull(
+        &self,
+        repo: &str,
+        number: u64,
+        title: &str,
+        body: &str,
+    ) -> Result<Pull, Error> {
+        let what = format!("pull request {repo}#{number}");
+        let answer = self
+            .send(
+                Method::Patch,
+                &format!("/repos/{repo}/pulls/{number}"),
+                &serde_json::json!({ "title": title, "body": body }),
+                &what,
+            )
+            .await?;
+        decode(&answer, &what)
+    }
+
     /// A GET of `route` (relative to the API URL, or a full URL from a
     /// `Link` header on the same host): the body and the next page's URL.
     async fn get(&self, route: &str, what: &str) -> Result<(Vec<u8>, Option<String>), Error> {
-        let url = if route.starts_with("http://") || route.starts_with("https://") {
+        let url = self.url(route, what)?;
+        let response = self
+            .octo
+            ._get(url.as_str())
+            .await
+            .map_err(|e| transport(e, what))?;
+        let next = response
+            .headers()
+            .get("link")
+            .and_then(|v| v.to_str().ok())
+            .and_then(next_link);
+        let body = read(response, what).await?;
+        Ok((body, next))
+    }
+
+    /// A POST or PATCH with a JSON body; the answer's body.
+    async fn send<B: serde::Serialize + ?Sized>(
+        &self,
+        method: Method,
+        route: &str,
+        body: &B,
+        what: &str,
+    ) -> Result<Vec<u8>, Error> {
+        let url = self.url(route, what)?;
+        let response = match method {
+            Method::Post => self.octo._post(url.as_str(), Some(body)).await,
+            Method::Patch => self.octo._patch(url.as_str(), Some(body)).await,
+        }
+        .map_err(|e| transport(e, what))?;
+        read(response, what).await
+    }
+
+    fn url(&self, route: &str, what: &str) -> Result<String, Error> {
+        if route.starts_with("http://") || route.starts_with("https://") {
             if !route.starts_with(&self.api_url) {
                 return Err(Error::Decode {
                     what: what.to_owned(),
                     message: format!("a pagination link leaves the API: {route}"),
                 });
             }
-            route.to_owned()
+            Ok(route.to_owned())
         } else {
-            format!("{}{route}", self.api_url)
-        };
-        let transport = |e: octocrab::Error| Error::Transport {
-            what: what.to_owned(),
-            message: e.to_string(),
-        };
-        let response = self.octo._get(url.as_str()).await.map_err(transport)?;
-        let status = response.status();
-        let retry_after = retry_after(response.headers());
-        let next = response
-            .headers()
-            .get("link")
-            .and_then(|v| v.to_str().ok())
-            .and_then(next_link);
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(transport)?
-            .to_bytes()
-            .to_vec();
-        if !status.is_success() {
-            return Err(Error::Status {
-                what: what.to_owned(),
-                status: status.as_u16(),
-                message: message(&body),
-                retry_after,
-            });
+            Ok(format!("{}{route}", self.api_url))
         }
-        Ok((body, next))
     }
+}
+
+#[derive(Clone, Copy)]
+enum Method {
+    Post,
+    Patch,
+}
+
+fn transport(e: octocrab::Error, what: &str) -> Error {
+    Error::Transport {
+        what: what.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// The body of a successful answer; anything else becomes `Error::Status`.
+async fn read(
+    response: axum::http::Response<BoxBody<axum::body::Bytes, octocrab::Error>>,
+    what: &str,
+) -> Result<Vec<u8>, Error> {
+    let status = response.status();
+    let retry_after = retry_after(response.headers());
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| transport(e, what))?
+        .to_bytes()
+        .to_vec();
+    if !status.is_success() {
+        return Err(Error::Status {
+            what: what.to_owned(),
+            status: status.as_u16(),
+            message: message(&body),
+            retry_after,
+        });
+    }
+    Ok(body)
+}
+
+/// An issue comment, as much as is read.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct IssueComment {
+    pub id: u64,
+    #[serde(default)]
+    pub body: Option<String>,
+}
+
+/// A pull request, as much as is read.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct Pull {
+    pub number: u64,
+    pub html_url: String,
+    #[serde(default)]
+    pub draft: Option<bool>,
+}
+
+/// What a new pull request is made of.
+#[derive(Debug, serde::Serialize)]
+pub struct NewPull<'a> {
+    pub title: &'a str,
+    /// `owner:branch`.
+    pub head: &'a str,
+    pub base: &'a str,
+    pub body: &'a str,
+    pub draft: bool,
 }
 
 fn decode<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Error> {

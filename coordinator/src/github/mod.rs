@@ -10,7 +10,9 @@ use common::types::TaskSpec;
 pub mod client;
 pub mod config;
 pub mod event;
+pub mod outbox;
 pub mod reconcile;
+pub mod render;
 pub mod sanitize;
 
 pub use config::GithubConfig;

@@ -10,7 +10,9 @@
 //! attempt, seq, all big-endian; value: kind byte + raw bytes), tree
 //! `admins` (key: admin certificate name; revocations), tree `deliveries`
 //! (key: `X-GitHub-Delivery`; value: when it was handled, big-endian unix
-//! ms, for de-duplication within a window), tree `meta`
+//! ms, for de-duplication within a window), tree `outbox` (key: task,
+//! big-endian, and an effect byte; the GitHub writes still owed), tree
+//! `meta`
 //! (key `schema_version`). Record values are one version byte followed by
 //! JSON, so a later schema can read older rows.
 //!
@@ -36,6 +38,7 @@ use common::types::OutputKind;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+use crate::core::outbox::{Effect, OutboxEntry};
 use crate::core::task::TRUNCATION_MARKER;
 use crate::core::{AdminRecord, AgentRecord, OutputPosition, Task, Write};
 
@@ -99,6 +102,8 @@ pub trait Store: Send + Sync + 'static {
     fn load_admins(&self) -> Result<Vec<AdminRecord>, Error>;
     /// Webhook deliveries handled, with when.
     fn load_deliveries(&self) -> Result<Vec<(String, UnixMillis)>, Error>;
+    /// GitHub writes still owed, in key order.
+    fn load_outbox(&self) -> Result<Vec<OutboxEntry>, Error>;
     /// How far the output of `task` goes: the last seq of `attempt`, and the
     /// bytes of the attempts from `since` on (the task's output budget) and
     /// whether they were truncated.
@@ -126,6 +131,7 @@ pub struct SledStore {
     output: sled::Tree,
     admins: sled::Tree,
     deliveries: sled::Tree,
+    outbox: sled::Tree,
 }
 
 fn output_key(task: TaskId, attempt: Attempt, seq: u64) -> [u8; 20] {
@@ -133,6 +139,15 @@ fn output_key(task: TaskId, attempt: Attempt, seq: u64) -> [u8; 20] {
     key[..8].copy_from_slice(&task.0.to_be_bytes());
     key[8..12].copy_from_slice(&attempt.0.to_be_bytes());
     key[12..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// An outbox row's key: the task (big-endian) and the effect, so a task's
+/// effects sit together in key order.
+fn outbox_key(task: TaskId, effect: Effect) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[..8].copy_from_slice(&task.0.to_be_bytes());
+    key[8] = effect.to_byte();
     key
 }
 
@@ -195,6 +210,7 @@ impl SledStore {
         let output = db.open_tree("output")?;
         let admins = db.open_tree("admins")?;
         let deliveries = db.open_tree("deliveries")?;
+        let outbox = db.open_tree("outbox")?;
         let meta = db.open_tree("meta")?;
         match meta.get(b"schema_version")? {
             None => {
@@ -221,11 +237,26 @@ impl SledStore {
             output,
             admins,
             deliveries,
+            outbox,
         })
     }
 }
 
 impl Store for SledStore {
+    fn load_outbox(&self) -> Result<Vec<OutboxEntry>, Error> {
+        self.outbox
+            .iter()
+            .map(|row| {
+                let (key, value) = row?;
+                codec::decode(&value).map_err(|why| Error::Corrupt {
+                    tree: "outbox",
+                    key: format!("{key:?}"),
+                    why,
+                })
+            })
+            .collect()
+    }
+
     fn load_deliveries(&self) -> Result<Vec<(String, UnixMillis)>, Error> {
         self.deliveries
             .iter()
@@ -339,6 +370,7 @@ impl Store for SledStore {
         let mut task_rows: Vec<([u8; 8], Vec<u8>)> = Vec::new();
         let mut output_rows: Vec<([u8; 20], Vec<u8>)> = Vec::new();
         let mut delivery_rows: Vec<(Vec<u8>, Option<[u8; 8]>)> = Vec::new();
+        let mut outbox_rows: Vec<([u8; 9], Option<Vec<u8>>)> = Vec::new();
         for write in writes {
             match write {
                 Write::Agent(record) => agent_rows.push((
@@ -354,6 +386,15 @@ impl Store for SledStore {
                     delivery_rows.push((id.as_bytes().to_vec(), Some(at.0.to_be_bytes())));
                 }
                 Write::ForgetDelivery(id) => delivery_rows.push((id.as_bytes().to_vec(), None)),
+                Write::Outbox(entry) => {
+                    outbox_rows.push((
+                        outbox_key(entry.task, entry.effect),
+                        Some(codec::encode(entry)),
+                    ));
+                }
+                Write::OutboxDone(task, effect) => {
+                    outbox_rows.push((outbox_key(*task, *effect), None))
+                }
                 Write::Output {
                     task,
                     attempt,
@@ -374,8 +415,15 @@ impl Store for SledStore {
             &self.output,
             &self.admins,
             &self.deliveries,
+            &self.outbox,
         )
-            .transaction(|(agents, tasks, output, admins, deliveries)| {
+            .transaction(|(agents, tasks, output, admins, deliveries, outbox)| {
+                for (key, value) in &outbox_rows {
+                    match value {
+                        Some(value) => outbox.insert(key.as_slice(), value.as_slice())?,
+                        None => outbox.remove(key.as_slice())?,
+                    };
+                }
                 for (key, value) in &delivery_rows {
                     match value {
                         Some(at) => deliveries.insert(key.as_slice(), at.as_slice())?,

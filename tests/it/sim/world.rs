@@ -262,7 +262,9 @@ impl Ledger {
                 | Write::ForgetAgent(_)
                 | Write::Admin(_)
                 | Write::Delivery { .. }
-                | Write::ForgetDelivery(_) => continue,
+                | Write::ForgetDelivery(_)
+                | Write::Outbox(_)
+                | Write::OutboxDone(..) => continue,
             };
             match self.terminal.get(&task.id) {
                 Some(done) if done != task => {
