@@ -508,6 +508,19 @@ impl Driver {
         let mut task = self.core.task(id)?.clone();
         let (now, wall) = clock();
         task.waiting_reason = self.core.waiting_reason(id, now, wall);
+        task.pending_effects = self
+            .core
+            .pending_effects(id)
+            .into_iter()
+            .map(|e| match e.last_error {
+                Some(error) => format!(
+                    "{} (tried {} times; last: {error})",
+                    e.effect.as_str(),
+                    e.tries
+                ),
+                None => e.effect.as_str().to_owned(),
+            })
+            .collect();
         Some(task)
     }
 

@@ -633,6 +633,23 @@ pub fn task_info(task: &Task) -> proto::TaskInfo {
             TaskSource::Github { delivery, .. } => delivery.clone(),
             TaskSource::Manual { .. } => String::new(),
         },
+        pull_request_url: task
+            .github
+            .as_ref()
+            .and_then(|g| g.pull.as_ref())
+            .map(|p| p.url.clone())
+            .unwrap_or_default(),
+        pull_request_draft: task
+            .github
+            .as_ref()
+            .and_then(|g| g.pull.as_ref())
+            .is_some_and(|p| p.draft),
+        pending_effects: task.pending_effects.clone(),
+        github_error: task
+            .github
+            .as_ref()
+            .and_then(|g| g.error.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -14,24 +14,36 @@ use tests::smee::{SmeeChannel, SmeeClient};
 use tests::webhooks::{Delivery, Encoding, Signed, UserKind, post};
 use tests::{Cluster, eventually, git};
 
-const SECRET: &[u8] = b"a webhook secret for tests";
-const TOKEN: &str = "ghp_testtoken0000000000000000000000000000";
-const REPO: &str = "octo-org/hello-world";
-const LONG: Duration = Duration::from_secs(60);
+pub(crate) const SECRET: &[u8] = b"a webhook secret for tests";
+pub(crate) const TOKEN: &str = "ghp_testtoken0000000000000000000000000000";
+pub(crate) const REPO: &str = "octo-org/hello-world";
+pub(crate) const LONG: Duration = Duration::from_secs(60);
 
-struct Setup {
-    cluster: Cluster,
-    github: FakeGitHub,
-    webhook: String,
-    prompts: PathBuf,
+pub(crate) struct Setup {
+    pub(crate) cluster: Cluster,
+    pub(crate) github: FakeGitHub,
+    pub(crate) webhook: String,
+    pub(crate) prompts: PathBuf,
+    pub(crate) bare: PathBuf,
     /// Keeps Prism running when the coordinator talks to GitHub through it.
-    _prism: Option<Prism>,
+    pub(crate) _prism: Option<Prism>,
 }
 
 /// A coordinator serving `REPO` (label trigger `claude`, clone URL a local
 /// bare repository) with the fake GitHub as its API, optionally behind
 /// Prism; `agents` are started with their specialties.
-fn setup(name: &str, agents: &[(&str, &str)], through_prism: bool) -> Setup {
+pub(crate) fn setup(name: &str, agents: &[(&str, &str)], through_prism: bool) -> Setup {
+    setup_with(name, agents, through_prism, "")
+}
+
+/// Like `setup`, with more keys for the `[[repos]]` entry (e.g. a test
+/// command).
+pub(crate) fn setup_with(
+    name: &str,
+    agents: &[(&str, &str)],
+    through_prism: bool,
+    repo_extra: &str,
+) -> Setup {
     let cluster = Cluster::new(name);
     let github = FakeGitHub::start(GitHubConfig::with_token(TOKEN));
     github.create_repo(REPO);
@@ -56,7 +68,7 @@ fn setup(name: &str, agents: &[(&str, &str)], through_prism: bool) -> Setup {
         format!(
             "version = 1\n\n[github]\napi_url = {api:?}\ntoken_file = {token:?}\n\
              webhook_secret_file = {secret:?}\nreconcile_every = \"2s\"\n\n\
-             [[repos]]\nname = {REPO:?}\nlabel = \"claude\"\nclone_url = {clone:?}\n",
+             [[repos]]\nname = {REPO:?}\nlabel = \"claude\"\nclone_url = {clone:?}\n{repo_extra}\n",
             api = api_url,
             token = token_file.display().to_string(),
             secret = secret_file.display().to_string(),
@@ -89,13 +101,14 @@ fn setup(name: &str, agents: &[(&str, &str)], through_prism: bool) -> Setup {
         github,
         webhook,
         prompts,
+        bare,
         _prism: prism,
     }
 }
 
 /// GitHub's example of `issues.labeled`, for issue `number` of `REPO`,
 /// labeled `claude` by a trusted author.
-fn labeled(number: u64, title: &str, body: &str) -> Delivery {
+pub(crate) fn labeled(number: u64, title: &str, body: &str) -> Delivery {
     Delivery::example("issues", Some("labeled"))
         .repository(REPO)
         .issue_number(number)
@@ -106,7 +119,7 @@ fn labeled(number: u64, title: &str, body: &str) -> Delivery {
         .set("/repository/default_branch", Value::from("main"))
 }
 
-fn comment(number: u64, body: &str) -> Delivery {
+pub(crate) fn comment(number: u64, body: &str) -> Delivery {
     Delivery::example("issue_comment", Some("created"))
         .repository(REPO)
         .issue_number(number)
@@ -116,19 +129,27 @@ fn comment(number: u64, body: &str) -> Delivery {
         .comment(body, "bob", UserKind::User, "MEMBER")
 }
 
-fn send(setup: &Setup, signed: &Signed) -> (u16, Value) {
-    let answer: Answer = post(&setup.webhook, signed).expect("the coordinator answers");
+pub(crate) fn send(setup: &Setup, signed: &Signed) -> (u16, Value) {
+    // The coordinator's HTTP port is new after a restart.
+    let url = format!(
+        "http://{}/webhook/github",
+        setup
+            .cluster
+            .http_addr
+            .expect("the coordinator's HTTP address")
+    );
+    let answer: Answer = post(&url, signed).expect("the coordinator answers");
     let json = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
     (answer.status.as_u16(), json)
 }
 
-fn task_id(answer: &(u16, Value)) -> String {
+pub(crate) fn task_id(answer: &(u16, Value)) -> String {
     assert_eq!(answer.0, 202, "{answer:?}");
     assert_eq!(answer.1["status"], "created", "{answer:?}");
     answer.1["task_id"].as_str().expect("a task id").to_owned()
 }
 
-fn tasks(cluster: &Cluster) -> Vec<Value> {
+pub(crate) fn tasks(cluster: &Cluster) -> Vec<Value> {
     let out = cluster.ccc_ok(&["tasks", "--all", "--json"]);
     serde_json::from_str(&out).expect("tasks json")
 }

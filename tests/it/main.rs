@@ -6,6 +6,7 @@ mod executor;
 mod fakes;
 mod foundation;
 mod github_in;
+mod github_out;
 mod hardening;
 mod operator;
 mod raw_stream;

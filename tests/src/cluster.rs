@@ -73,6 +73,8 @@ pub struct Cluster {
     pub agents: Vec<Process>,
     /// Extra coordinator flags, e.g. shorter heartbeats.
     pub coordinator_args: Vec<String>,
+    /// Environment variables of the coordinator (set before it starts).
+    pub coordinator_env: Vec<(String, String)>,
     /// Where agents dial instead of the coordinator (e.g. a proxy).
     pub agent_target: Option<SocketAddr>,
 }
@@ -94,6 +96,7 @@ impl Cluster {
             // Frequent heartbeats, and a silence timeout a loaded machine
             // does not reach by accident (a dropped connection is seen at
             // once anyway).
+            coordinator_env: Vec::new(),
             coordinator_args: vec![
                 "--heartbeat-interval".into(),
                 "500ms".into(),
@@ -115,6 +118,13 @@ impl Cluster {
                 .extend(pair.iter().map(|a| (*a).to_owned()));
         }
         self
+    }
+
+    /// Sets an environment variable for the coordinator's next start.
+    pub fn set_coordinator_env(&mut self, name: &str, value: &str) {
+        self.coordinator_env.retain(|(n, _)| n != name);
+        self.coordinator_env
+            .push((name.to_owned(), value.to_owned()));
     }
 
     /// `ccc` with `args`; panics with its output unless it succeeds.
@@ -238,7 +248,12 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.dir.join("coordinator"))
             .args(["--grpc-listen", &grpc, "--http-listen", "127.0.0.1:0"])
-            .args(&self.coordinator_args);
+            .args(&self.coordinator_args)
+            .envs(
+                self.coordinator_env
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str())),
+            );
         // Counted before the start, so that the new line cannot be among them.
         let log = self.dir.join("coordinator.log");
         let already = std::fs::read_to_string(&log)

@@ -206,6 +206,8 @@ pub struct Recorded {
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub status: u16,
+    /// When it arrived (to check that waits honour GitHub's headers).
+    pub at: std::time::Instant,
 }
 
 impl Recorded {
@@ -600,6 +602,8 @@ async fn serve(
     let mut world = shared.lock().unwrap_or_else(|e| e.into_inner());
     let reply = world.answer(&method, &uri, &headers, &body);
     world.recorded.push(Recorded {
+        #[allow(clippy::disallowed_methods)] // a fake server stamping requests
+        at: std::time::Instant::now(),
         method: method.to_string(),
         path: uri.path().to_owned(),
         query: uri.query().unwrap_or_default().to_owned(),

@@ -430,6 +430,8 @@ pub struct Core {
     deliveries: github::Deliveries,
     /// GitHub writes owed, by task and effect.
     outbox: BTreeMap<(TaskId, outbox::Effect), outbox::OutboxEntry>,
+    /// GitHub asked to wait until then (a rate limit): no effect before.
+    github_paused_until: Option<UnixMillis>,
     next_task_id: u64,
     /// Output acknowledgements, coalesced per attempt until actions are polled.
     pending_acks: BTreeMap<(ConnId, TaskId, Attempt), u64>,
@@ -474,6 +476,7 @@ impl Core {
             issues: BTreeMap::new(),
             deliveries: github::Deliveries::new(restored.deliveries),
             outbox: BTreeMap::new(),
+            github_paused_until: None,
             next_task_id: 0,
             pending_acks: BTreeMap::new(),
             admins: BTreeMap::new(),

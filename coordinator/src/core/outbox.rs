@@ -156,12 +156,9 @@ impl Core {
         let entry = self
             .outbox
             .entry((task, effect))
-            .and_modify(|e| {
-                e.version += 1;
-                e.tries = 0;
-                e.not_before = None;
-                e.last_error = None;
-            })
+            // A newer ask replaces the content, not the wait: a backoff or
+            // a rate limit GitHub asked for still holds.
+            .and_modify(|e| e.version += 1)
             .or_insert(OutboxEntry {
                 task,
                 effect,
@@ -196,6 +193,10 @@ impl Core {
         wall: UnixMillis,
         limit: usize,
     ) -> (Vec<EffectJob>, Option<UnixMillis>) {
+        // GitHub asked every request to wait (a rate limit is per token).
+        if let Some(until) = self.github_paused_until.filter(|u| *u > wall) {
+            return (Vec::new(), Some(until));
+        }
         let mut due = Vec::new();
         let mut next: Option<UnixMillis> = None;
         for entry in self.outbox.values() {
@@ -262,6 +263,12 @@ impl Core {
                 let mut entry = entry;
                 entry.tries += 1;
                 let wait = backoff(entry.tries).max(after.unwrap_or_default());
+                if let Some(after) = after {
+                    // GitHub's word holds for every request, not just this one.
+                    let until = wall.saturating_add(after);
+                    self.github_paused_until =
+                        Some(self.github_paused_until.map_or(until, |u| u.max(until)));
+                }
                 warn!(task_id = %task, effect = effect.as_str(), tries = entry.tries, wait_s = wait.as_secs(), %error, "GitHub effect failed; trying again later");
                 entry.not_before = Some(wall.saturating_add(wait));
                 entry.last_error = Some(error);

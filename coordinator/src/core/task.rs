@@ -143,6 +143,10 @@ pub struct Task {
     /// copy and never persisted (it changes as agents come and go).
     #[serde(skip)]
     pub waiting_reason: Option<String>,
+    /// The GitHub writes still owed, in words; filled like
+    /// `waiting_reason`, never persisted.
+    #[serde(skip)]
+    pub pending_effects: Vec<String>,
     /// What triage read in the issue (tasks from before triage have none).
     #[serde(default)]
     pub triage: Option<TaskTriage>,
@@ -342,6 +346,7 @@ impl Core {
             cancel_requested: None,
             output_since: every_attempt(),
             waiting_reason: None,
+            pending_effects: Vec::new(),
             triage: new.triage,
             github: None,
         };

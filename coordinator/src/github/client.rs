@@ -342,11 +342,14 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     if header("x-ratelimit-remaining") == Some("0") {
         let reset = header("x-ratelimit-reset")?.trim().parse::<u64>().ok()?;
         #[allow(clippy::disallowed_methods)] // the reset is wall-clock time
-        let now = std::time::SystemTime::now()
+        let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .ok()?
-            .as_secs();
-        return Some(Duration::from_secs(reset.saturating_sub(now).max(1)));
+            .as_millis();
+        let now_ms = u64::try_from(now_ms).unwrap_or(u64::MAX);
+        return Some(Duration::from_millis(
+            reset.saturating_mul(1000).saturating_sub(now_ms).max(1000),
+        ));
     }
     None
 }

@@ -338,6 +338,22 @@ pub fn task_detail(t: &TaskInfo) -> String {
     if !t.waiting_reason.is_empty() {
         rows.insert(3, vec!["waiting:".into(), t.waiting_reason.clone()]);
     }
+    if !t.pull_request_url.is_empty() {
+        rows.push(vec![
+            "pull request:".into(),
+            format!(
+                "{}{}",
+                t.pull_request_url,
+                if t.pull_request_draft { " (draft)" } else { "" }
+            ),
+        ]);
+    }
+    if !t.pending_effects.is_empty() {
+        rows.push(vec!["github owed:".into(), t.pending_effects.join("; ")]);
+    }
+    if !t.github_error.is_empty() {
+        rows.push(vec!["github refused:".into(), t.github_error.clone()]);
+    }
     if let Some(at) = t.not_before.as_ref() {
         rows.push(vec!["not before:".into(), time(Some(at))]);
     }
@@ -394,6 +410,10 @@ pub fn task_json(t: &TaskInfo) -> serde_json::Value {
         "priority": t.priority,
         "test_command": t.test_command,
         "source": source_json(t),
+        "pull_request": t.pull_request_url,
+        "pull_request_draft": t.pull_request_draft,
+        "pending_effects": t.pending_effects,
+        "github_error": t.github_error,
         "technologies": t.technologies,
         "triage": t.triage.as_ref().map(crate::triage::json),
         "max_attempts": t.max_attempts,

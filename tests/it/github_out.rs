@@ -1,0 +1,391 @@
+//! GitHub out, through the real coordinator and agent binaries: exactly one
+//! status comment per issue (edited through the phases) and exactly one pull
+//! request, whatever GitHub errors or coordinator crashes happen between,
+//! against the fake GitHub (behind Prism's validating proxy in the first).
+
+use std::time::Duration;
+
+use tests::eventually;
+use tests::github::Fault;
+use tests::webhooks::Encoding;
+
+use crate::github_in::{LONG, REPO, SECRET, Setup, labeled, send, setup, setup_with, task_id};
+
+/// The issue as GitHub holds it (labeled, by a trusted author), so that the
+/// cluster's comments have somewhere to go; its number.
+fn issue(setup: &Setup, title: &str) -> u64 {
+    setup.github.create_issue(
+        REPO,
+        tests::github::NewIssue::new(title)
+            .labels(&["claude"])
+            .user(tests::github::User::person("alice"))
+            .author_association("OWNER"),
+    )
+}
+
+const MARKER: &str = "<!-- claude-code-cluster:status -->";
+
+fn status_comments(setup: &Setup, issue: u64) -> Vec<String> {
+    setup
+        .github
+        .comments(REPO, issue)
+        .into_iter()
+        .filter(|c| c.body.starts_with(MARKER))
+        .map(|c| c.body)
+        .collect()
+}
+
+/// Waits until the issue has one status comment that says `says`.
+fn comment_saying(setup: &Setup, issue: u64, says: &str) -> String {
+    eventually(LONG, || match status_comments(setup, issue).as_slice() {
+        [one] if one.contains(says) => Ok(one.clone()),
+        other => Err(format!("status comments: {other:?}")),
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn pull_url(pull: &tests::github::Issue) -> String {
+    format!("https://github.com/{REPO}/pull/{}", pull.number)
+}
+
+fn is_draft(pull: &tests::github::Issue) -> bool {
+    pull.pull.as_ref().is_some_and(|p| p.draft)
+}
+
+fn one_pull(setup: &Setup) -> tests::github::Issue {
+    eventually(LONG, || match setup.github.pulls(REPO).as_slice() {
+        [one] => Ok(one.clone()),
+        other => Err(format!("{} pull requests", other.len())),
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn count(setup: &Setup, method: &str, path_start: &str) -> usize {
+    setup
+        .github
+        .requests()
+        .iter()
+        .filter(|r| r.method == method && r.path.starts_with(path_start) && r.status < 300)
+        .count()
+}
+
+#[test]
+fn an_issue_ends_with_one_status_comment_and_one_pull_request_with_provenance() {
+    let setup = setup("gh-out", &[("pc-be", "backend")], true);
+    setup.github.use_git_remote(REPO, &setup.bare);
+    let n31 = issue(
+        &setup,
+        "Login API returns 500 when the password has a quote",
+    );
+    let id = task_id(&send(
+        &setup,
+        &labeled(n31, "Login API returns 500 when the password has a quote",
+            "FAKE: write=fix.txt lines=5 interval_ms=100\nPOST /api/login returns an internal server error.",
+        )
+        .sign(SECRET, Encoding::Json),
+    ));
+    let done = setup.cluster.wait_task(&id, "succeeded", LONG);
+    let pull = one_pull(&setup);
+    let comment = comment_saying(&setup, n31, &pull_url(&pull));
+    assert!(comment.contains("Done."), "{comment}");
+    assert!(comment.contains("Triage: **backend**"), "{comment}");
+    let body = pull.body.clone().unwrap_or_default();
+    let branch = done["branch"].as_str().expect("branch");
+    assert_eq!(
+        pull.pull.as_ref().map(|p| p.head_ref.as_str()),
+        Some(branch),
+        "{pull:?}"
+    );
+    assert_eq!(
+        pull.pull.as_ref().map(|p| p.base_ref.as_str()),
+        Some("main"),
+        "{pull:?}"
+    );
+    let closes = format!("Closes #{n31}");
+    for says in [
+        closes.as_str(),
+        "Provenance",
+        "agent `pc-be`",
+        "Claude Code CLI",
+        "Session `",
+    ] {
+        assert!(body.contains(says), "{says:?} missing from {body}");
+    }
+    assert!(!is_draft(&pull));
+    // One comment, created once and edited through the phases.
+    assert_eq!(
+        count(
+            &setup,
+            "POST",
+            &format!("/repos/{REPO}/issues/{n31}/comments")
+        ),
+        1
+    );
+    assert!(
+        count(&setup, "PATCH", &format!("/repos/{REPO}/issues/comments/")) >= 2,
+        "the comment was not edited through the phases"
+    );
+    assert_eq!(count(&setup, "POST", &format!("/repos/{REPO}/pulls")), 1);
+    let prism = setup._prism.as_ref().expect("prism");
+    assert!(prism.violations().is_empty(), "{:?}", prism.violations());
+    // `ccc task` names the pull request.
+    let shown = setup.cluster.ccc_ok(&["task", &id]);
+    assert!(shown.contains(&pull_url(&pull)), "{shown}");
+}
+
+#[test]
+fn github_failing_and_rate_limiting_still_ends_with_one_comment_and_one_pull_whose_waits_honour_the_headers()
+ {
+    let setup = setup("gh-faults", &[("pc-be", "backend")], false);
+    setup.github.use_git_remote(REPO, &setup.bare);
+    let n41 = issue(&setup, "Fix the login API");
+    setup.github.inject(
+        Fault::bad_gateway()
+            .times(2)
+            .matching("POST", &format!("/repos/{REPO}/issues/{n41}/comments")),
+    );
+    setup.github.inject(
+        Fault::secondary_rate_limit(3)
+            .times(1)
+            .matching("POST", &format!("/repos/{REPO}/pulls")),
+    );
+    setup.github.inject(
+        Fault::primary_rate_limit(2)
+            .times(1)
+            .matching("GET", &format!("/repos/{REPO}/pulls")),
+    );
+    let id = task_id(&send(
+        &setup,
+        &labeled(
+            n41,
+            "Fix the login API",
+            "FAKE: write=fix.txt\nThe login API fails.",
+        )
+        .sign(SECRET, Encoding::Json),
+    ));
+    setup.cluster.wait_task(&id, "succeeded", LONG);
+    let pull = one_pull(&setup);
+    comment_saying(&setup, n41, &pull_url(&pull));
+    assert_eq!(status_comments(&setup, n41).len(), 1);
+    // The secondary limit asked for 3 s: the next try came no sooner.
+    let requests = setup.github.requests();
+    let pulls: Vec<_> = requests
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == format!("/repos/{REPO}/pulls"))
+        .collect();
+    assert_eq!(
+        pulls.len(),
+        2,
+        "{:?}",
+        pulls.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert_eq!(pulls[0].status, 403);
+    let waited = pulls[1].at.duration_since(pulls[0].at);
+    assert!(
+        waited >= Duration::from_millis(2900),
+        "retried after {waited:?}"
+    );
+    // The primary limit (no requests left until the reset): nothing at
+    // all went to GitHub before the reset, whatever the request.
+    let limited = requests
+        .iter()
+        .position(|r| r.method == "GET" && r.path == format!("/repos/{REPO}/pulls"))
+        .expect("the pull request was looked up");
+    assert_eq!(requests[limited].status, 403);
+    let next = requests
+        .get(limited + 1)
+        .expect("a request after the limit");
+    let waited = next.at.duration_since(requests[limited].at);
+    assert!(
+        waited >= Duration::from_millis(900),
+        "the next request came after {waited:?}"
+    );
+}
+
+#[test]
+fn a_coordinator_killed_before_or_right_after_the_pull_request_call_opens_exactly_one() {
+    let mut setup = setup("gh-crash", &[("pc-be", "backend")], false);
+    setup.github.use_git_remote(REPO, &setup.bare);
+    // Killed after the push and before the pull request: the request is
+    // held back by a rate limit, then the coordinator dies.
+    setup.github.inject(
+        Fault::primary_rate_limit(3)
+            .times(1)
+            .matching("GET", &format!("/repos/{REPO}/pulls")),
+    );
+    let n51 = issue(&setup, "Fix the login API");
+    let id = task_id(&send(
+        &setup,
+        &labeled(
+            n51,
+            "Fix the login API",
+            "FAKE: write=fix.txt\nThe login API fails.",
+        )
+        .sign(SECRET, Encoding::Json),
+    ));
+    setup.cluster.wait_task(&id, "succeeded", LONG);
+    eventually(LONG, || {
+        (count(&setup, "GET", &format!("/repos/{REPO}/pulls")) == 0
+            && setup
+                .github
+                .requests()
+                .iter()
+                .any(|r| r.path == format!("/repos/{REPO}/pulls")))
+        .then_some(())
+        .ok_or_else(|| "the pull request was not tried yet".to_owned())
+    })
+    .expect("the rate limit was met");
+    setup.cluster.coordinator().kill();
+    assert!(setup.github.pulls(REPO).is_empty());
+    setup.cluster.start_coordinator();
+    one_pull(&setup);
+
+    // Killed right after GitHub created the pull request, before the mark:
+    // the restart finds it and opens no second one.
+    setup.cluster.coordinator().kill();
+    setup
+        .cluster
+        .set_coordinator_env("CCC_COORDINATOR_FAILPOINT", "after-pull-request-created");
+    setup.cluster.start_coordinator();
+    // Not labeled on GitHub's side, so that the reconciler (which lists
+    // labeled issues every 2 s) cannot start it before its delivery.
+    let n52 = setup.github.create_issue(
+        REPO,
+        tests::github::NewIssue::new("Fix the signup API")
+            .user(tests::github::User::person("alice"))
+            .author_association("OWNER"),
+    );
+    let answer = send(
+        &setup,
+        &labeled(
+            n52,
+            "Fix the signup API",
+            "FAKE: write=signup.txt\nThe signup API fails.",
+        )
+        .sign(SECRET, Encoding::Json),
+    );
+    let second = answer.1["task_id"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| panic!("{answer:?}"))
+        .to_owned();
+    let status = setup
+        .cluster
+        .coordinator()
+        .wait_exit(LONG)
+        .expect("the failpoint stopped the coordinator");
+    assert_eq!(status.code(), Some(86));
+    assert_eq!(setup.github.pulls(REPO).len(), 2);
+    setup
+        .cluster
+        .set_coordinator_env("CCC_COORDINATOR_FAILPOINT", "");
+    setup.cluster.start_coordinator();
+    setup.cluster.wait_task(&second, "succeeded", LONG);
+    eventually(LONG, || {
+        let task = setup.cluster.task_json(&second)?;
+        task["pull_request"]
+            .as_str()
+            .filter(|u| !u.is_empty())
+            .map(|_| ())
+            .ok_or_else(|| format!("{task}"))
+    })
+    .expect("the restart marked the pull request");
+    assert_eq!(
+        setup.github.pulls(REPO).len(),
+        2,
+        "a second pull request for one task"
+    );
+    assert_eq!(count(&setup, "POST", &format!("/repos/{REPO}/pulls")), 2);
+}
+
+#[test]
+fn failing_tests_and_a_turn_limit_open_draft_pull_requests_and_a_failing_cli_opens_none() {
+    let setup = setup_with(
+        "gh-drafts",
+        &[("pc-be", "backend")],
+        false,
+        "test_command = \"test -e never-there.txt\"",
+    );
+    setup.github.use_git_remote(REPO, &setup.bare);
+    let n61 = issue(&setup, "Fix the login API");
+    let tests_fail = task_id(&send(
+        &setup,
+        &labeled(
+            n61,
+            "Fix the login API",
+            "FAKE: write=fix.txt\nThe login API fails.",
+        )
+        .sign(SECRET, Encoding::Json),
+    ));
+    setup.cluster.wait_task(&tests_fail, "succeeded", LONG);
+    let draft = eventually(LONG, || {
+        setup
+            .github
+            .pulls(REPO)
+            .into_iter()
+            .find(|p| {
+                p.body
+                    .as_deref()
+                    .is_some_and(|b| b.contains(&format!("Closes #{n61}")))
+            })
+            .ok_or_else(|| "no pull request yet".to_owned())
+    })
+    .expect("a draft");
+    assert!(is_draft(&draft), "{draft:?}");
+    assert!(
+        draft
+            .body
+            .as_deref()
+            .is_some_and(|b| b.contains("the tests failed"))
+    );
+
+    let n62 = issue(&setup, "Refactor the login API");
+    let limit = task_id(&send(
+        &setup,
+        &labeled(
+            n62,
+            "Refactor the login API",
+            "FAKE: write=partial.txt exit=1 result=error_max_turns\nRefactor it.",
+        )
+        .sign(SECRET, Encoding::Json),
+    ));
+    setup.cluster.wait_task(&limit, "failed", LONG);
+    let draft = eventually(LONG, || {
+        setup
+            .github
+            .pulls(REPO)
+            .into_iter()
+            .find(|p| {
+                p.body
+                    .as_deref()
+                    .is_some_and(|b| b.contains(&format!("Closes #{n62}")))
+            })
+            .ok_or_else(|| "no pull request yet".to_owned())
+    })
+    .expect("a draft");
+    assert!(is_draft(&draft));
+    assert!(
+        draft
+            .body
+            .as_deref()
+            .is_some_and(|b| b.contains("turn limit")),
+        "{draft:?}"
+    );
+
+    let n63 = issue(&setup, "Fix the API");
+    let broken = task_id(&send(
+        &setup,
+        &labeled(n63, "Fix the API", "FAKE: exit=3 result=error\nIt fails.")
+            .sign(SECRET, Encoding::Json),
+    ));
+    setup.cluster.wait_task(&broken, "failed", LONG);
+    let comment = comment_saying(&setup, n63, "Failed");
+    assert!(comment.contains("/claude retry"), "{comment}");
+    assert!(
+        !setup.github.pulls(REPO).iter().any(|p| p
+            .body
+            .as_deref()
+            .is_some_and(|b| b.contains(&format!("Closes #{n63}")))),
+        "a pull request for a failed CLI"
+    );
+}
