@@ -91,6 +91,15 @@ pub enum Command {
         task: NewTask,
         reply: Reply<IssueOutcome>,
     },
+    /// A follow-up on the cluster's pull request.
+    PullFollowUp {
+        delivery: String,
+        repo: String,
+        number: u64,
+        by: String,
+        instructions: String,
+        reply: Reply<IssueOutcome>,
+    },
     /// The GitHub writes due now (at most `limit`), and when the next is.
     DueEffects {
         limit: usize,
@@ -330,6 +339,25 @@ impl Driver {
             }
             Command::IssueFound { task, reply } => {
                 let outcome = self.core.issue_found(task, now, wall);
+                self.reply(reply, outcome);
+            }
+            Command::PullFollowUp {
+                delivery,
+                repo,
+                number,
+                by,
+                instructions,
+                reply,
+            } => {
+                let outcome = self.core.pull_follow_up(
+                    &delivery,
+                    &repo,
+                    number,
+                    &by,
+                    &instructions,
+                    now,
+                    wall,
+                );
                 self.reply(reply, outcome);
             }
             Command::DueEffects { limit, reply } => {

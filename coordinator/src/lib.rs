@@ -79,18 +79,18 @@ pub fn restore(store: &dyn Store) -> Result<Restored, store::Error> {
 /// the reconciler.
 fn start_github(
     config: &Config,
+    client: Option<github::client::Client>,
     driver: &driver::DriverHandle,
     shutdown: &CancellationToken,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, Error> {
-    if config.github.token.is_none() {
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let Some(client) = client else {
         if !config.github.repos.is_empty() {
             tracing::warn!(
                 "no GitHub token is configured: no status comments or pull requests are written, and missed webhook deliveries are not reconciled"
             );
         }
-        return Ok(Vec::new());
-    }
-    let client = github::client::Client::new(&config.github)?;
+        return Vec::new();
+    };
     let mut tasks = vec![tokio::spawn(github::outbox::run(
         client.clone(),
         driver.clone(),
@@ -110,7 +110,7 @@ fn start_github(
             shutdown.clone(),
         )));
     }
-    Ok(tasks)
+    tasks
 }
 
 /// Runs the coordinator until `shutdown` fires (or a fatal store error).
@@ -166,13 +166,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         Arc::clone(&config.triage_rules),
         shutdown.clone(),
     ));
+    let client = config
+        .github
+        .token
+        .is_some()
+        .then(|| github::client::Client::new(&config.github))
+        .transpose()?;
     let http_state = http::HttpState {
         driver: handle.clone(),
         github: Arc::clone(&config.github),
         rules: Arc::clone(&config.triage_rules),
+        client: client.clone(),
     };
     let http_task = tokio::spawn(http::serve(http_listener, http_state, shutdown.clone()));
-    let github_tasks = start_github(&config, &handle, &shutdown)?;
+    let github_tasks = start_github(&config, client, &handle, &shutdown);
 
     let driver_result = driver_task.await;
     // Whatever stopped the driver stops everything else too.

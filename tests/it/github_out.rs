@@ -389,3 +389,103 @@ fn failing_tests_and_a_turn_limit_open_draft_pull_requests_and_a_failing_cli_ope
         "a pull request for a failed CLI"
     );
 }
+
+#[test]
+fn a_claude_comment_and_a_review_on_the_clusters_pull_request_push_to_its_branch() {
+    let setup = setup("gh-follow", &[("pc-be", "backend")], false);
+    setup.github.use_git_remote(REPO, &setup.bare);
+    let n = issue(&setup, "Fix the login API");
+    let first = task_id(&send(
+        &setup,
+        &labeled(
+            n,
+            "Fix the login API",
+            "FAKE: write=fix.txt\nThe login API fails.",
+        )
+        .sign(SECRET, Encoding::Json),
+    ));
+    let done = setup.cluster.wait_task(&first, "succeeded", LONG);
+    let branch = done["branch"].as_str().expect("branch").to_owned();
+    let pull = one_pull(&setup);
+    eventually(LONG, || {
+        let t = setup.cluster.task_json(&first)?;
+        (t["pull_request"] == pull_url(&pull).as_str())
+            .then_some(())
+            .ok_or_else(|| format!("{t}"))
+    })
+    .expect("the pull request is marked");
+
+    // A `/claude` comment on the pull request: a follow-up on its branch.
+    let on_pull = tests::webhooks::Delivery::example("issue_comment", Some("created"))
+        .repository(REPO)
+        .issue_number(pull.number)
+        .issue_author("ccc-bot", tests::webhooks::UserKind::User, "NONE")
+        .set(
+            "/issue/pull_request",
+            serde_json::json!({"url": format!("https://api.github.com/repos/{REPO}/pulls/{}", pull.number)}),
+        )
+        .comment(
+            "/claude FAKE: write=more.txt\nAlso handle empty passwords.",
+            "bob",
+            tests::webhooks::UserKind::User,
+            "MEMBER",
+        );
+    let second = task_id(&send(&setup, &on_pull.sign(SECRET, Encoding::Json)));
+    let done = setup.cluster.wait_task(&second, "succeeded", LONG);
+    assert_eq!(done["branch"], branch.as_str(), "{done}");
+    let files = tests::git::branch_files(&setup.bare, &branch).expect("the branch");
+    assert!(
+        files.iter().any(|f| f == "more.txt") && files.iter().any(|f| f == "fix.txt"),
+        "{files:?}"
+    );
+
+    // A review with two inline comments: one follow-up, given the comments
+    // with their file and line.
+    let review = setup.github.add_review(
+        REPO,
+        pull.number,
+        tests::github::User::person("carol"),
+        &[
+            ("src/login.py", 12, "Validate the length here."),
+            ("tests/test_login.py", 3, "Add a case for this."),
+        ],
+    );
+    let reviewed = tests::webhooks::Delivery::example("pull_request_review", Some("submitted"))
+        .repository(REPO)
+        .set("/pull_request/number", serde_json::json!(pull.number))
+        .set("/review/id", serde_json::json!(review))
+        .set("/review/state", serde_json::json!("changes_requested"))
+        .set(
+            "/review/body",
+            serde_json::json!("FAKE: write=review.txt\nPlease address these."),
+        )
+        .set("/review/author_association", serde_json::json!("MEMBER"))
+        .set("/review/user/login", serde_json::json!("carol"))
+        .set("/review/user/type", serde_json::json!("User"));
+    let third = task_id(&send(&setup, &reviewed.sign(SECRET, Encoding::Json)));
+    setup.cluster.wait_task(&third, "succeeded", LONG);
+    let files = tests::git::branch_files(&setup.bare, &branch).expect("the branch");
+    assert!(files.iter().any(|f| f == "review.txt"), "{files:?}");
+    let prompts: Vec<String> = std::fs::read_dir(&setup.prompts)
+        .expect("prompts")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .collect();
+    assert!(
+        prompts.iter().any(
+            |p| p.contains("src/login.py line 12: Validate the length here.")
+                && p.contains("tests/test_login.py line 3: Add a case for this.")
+                && p.contains("Review by @carol (changes requested)")
+        ),
+        "{prompts:?}"
+    );
+    // Still one pull request, updated by the follow-ups.
+    eventually(LONG, || {
+        let t = setup.cluster.task_json(&third)?;
+        (t["pull_request"] == pull_url(&pull).as_str())
+            .then_some(())
+            .ok_or_else(|| format!("{t}"))
+    })
+    .expect("the follow-up's pull request is the same");
+    assert_eq!(setup.github.pulls(REPO).len(), 1);
+    assert_eq!(count(&setup, "POST", &format!("/repos/{REPO}/pulls")), 1);
+}

@@ -319,6 +319,9 @@ struct World {
     minted: BTreeMap<String, u64>,
     faults: VecDeque<Fault>,
     recorded: Vec<Recorded>,
+    /// Inline comments of submitted reviews, by review id: (path, line,
+    /// body, reviewer).
+    review_comments: BTreeMap<u64, Vec<(String, u64, String, User)>>,
     next_id: u64,
     used: u64,
     window_reset: u64,
@@ -345,6 +348,7 @@ impl FakeGitHub {
             minted: BTreeMap::new(),
             faults: VecDeque::new(),
             recorded: Vec::new(),
+            review_comments: BTreeMap::new(),
             next_id: 1000,
             used: 0,
             window_reset: now() + 3600,
@@ -461,6 +465,27 @@ impl FakeGitHub {
         self.world()
             .add_comment(repo, number, user, "OWNER", body)
             .expect("the issue exists")
+    }
+
+    /// A review of pull request `number` with inline comments (path, line,
+    /// text), as `reviewer`; returns the review's id (a webhook delivery of
+    /// `pull_request_review` names it).
+    pub fn add_review(
+        &self,
+        _repo: &str,
+        _number: u64,
+        reviewer: User,
+        comments: &[(&str, u64, &str)],
+    ) -> u64 {
+        let mut world = self.world();
+        world.next_id += 1;
+        let id = world.next_id;
+        let comments = comments
+            .iter()
+            .map(|(p, l, b)| ((*p).to_owned(), *l, (*b).to_owned(), reviewer.clone()))
+            .collect();
+        world.review_comments.insert(id, comments);
+        id
     }
 
     /// Opens a pull request from `head` (a branch of the repository) to
@@ -818,6 +843,45 @@ impl World {
                 Reply::json(200, self.installation_json(full, id))
             }
             ("GET", ["issues"]) => self.list_issues(full, query, false),
+            ("GET", ["pulls", number, "reviews", review, "comments"]) => {
+                let review: u64 = review.parse().unwrap_or(0);
+                let Some(comments) = self.review_comments.get(&review).cloned() else {
+                    return Reply::not_found();
+                };
+                let mut out = Vec::new();
+                for (i, (path, line, text, reviewer)) in comments.iter().enumerate() {
+                    let user = self.user_json(reviewer);
+                    let id = review * 1000 + i as u64;
+                    out.push(json!({
+                        "url": format!("{}/repos/{full}/pulls/comments/{id}", self.public_url),
+                        "pull_request_review_id": review,
+                        "id": id,
+                        "node_id": format!("PRRC_{id}"),
+                        "diff_hunk": "@@ -1,1 +1,1 @@",
+                        "path": path,
+                        "position": line,
+                        "original_position": line,
+                        "commit_id": "0000000000000000000000000000000000000000",
+                        "original_commit_id": "0000000000000000000000000000000000000000",
+                        "user": user,
+                        "body": text,
+                        "created_at": rfc3339(0),
+                        "updated_at": rfc3339(0),
+                        "html_url": format!("https://github.com/{full}/pull/{number}#discussion_r{id}"),
+                        "pull_request_url": format!("{}/repos/{full}/pulls/{number}", self.public_url),
+                        "author_association": "MEMBER",
+                        "_links": {
+                            "self": {"href": format!("{}/repos/{full}/pulls/comments/{id}", self.public_url)},
+                            "html": {"href": format!("https://github.com/{full}/pull/{number}#discussion_r{id}")},
+                            "pull_request": {"href": format!("{}/repos/{full}/pulls/{number}", self.public_url)}
+                        },
+                        "line": line,
+                        "original_line": line,
+                        "side": "RIGHT"
+                    }));
+                }
+                Reply::json(200, Value::Array(out))
+            }
             ("POST", ["issues"]) => {
                 let Some(title) = body["title"].as_str() else {
                     return Reply::validation(

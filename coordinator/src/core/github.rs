@@ -76,6 +76,94 @@ pub enum IssueOutcome {
 }
 
 impl Core {
+    /// The task whose pull request is `number` in `repo`.
+    pub fn pull_task(&self, repo: &str, number: u64) -> Option<TaskId> {
+        self.pulls.get(&(repo.to_lowercase(), number)).copied()
+    }
+
+    pub(super) fn index_pull(&mut self, task: &super::Task) {
+        if let (Some((repo, _)), Some(pull)) = (
+            task.source.issue(),
+            task.github.as_ref().and_then(|g| g.pull.as_ref()),
+        ) {
+            self.pulls
+                .insert((repo.to_lowercase(), pull.number), task.id);
+        }
+    }
+
+    /// A follow-up on the cluster's pull request `number` (a `/claude`
+    /// comment on it, or a review): a new task on the same branch that
+    /// pushes new commits to the same pull request, with `instructions`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pull_follow_up(
+        &mut self,
+        delivery: &str,
+        repo: &str,
+        number: u64,
+        by: &str,
+        instructions: &str,
+        now: Instant,
+        wall: UnixMillis,
+    ) -> IssueOutcome {
+        if !self.first_delivery(delivery, wall) {
+            return IssueOutcome::Duplicate;
+        }
+        let Some(original) = self
+            .pull_task(repo, number)
+            .and_then(|id| self.tasks.get(&id))
+        else {
+            return IssueOutcome::Declined(
+                None,
+                format!("pull request #{number} was not opened by this cluster"),
+            );
+        };
+        let Some((issue_repo, issue)) = original.source.issue().map(|(r, i)| (r.to_owned(), i))
+        else {
+            return IssueOutcome::Declined(None, "not an issue's task".into());
+        };
+        if let Some(active) = self.active_issue_task(&issue_repo, issue) {
+            return IssueOutcome::Declined(
+                Some(active),
+                format!("a task is already active for this issue: {active}"),
+            );
+        }
+        let mut spec = original.spec.clone();
+        spec.follow_up = true;
+        add_instructions(&mut spec.body, by, instructions);
+        let github = original
+            .github
+            .clone()
+            .map(|g| super::outbox::GithubState { error: None, ..g });
+        let (url, labels) = match &original.source {
+            super::TaskSource::Github { url, labels, .. } => (url.clone(), labels.clone()),
+            super::TaskSource::Manual { .. } => (String::new(), Vec::new()),
+        };
+        let new = NewTask {
+            source: super::TaskSource::Github {
+                repo: issue_repo,
+                issue,
+                url,
+                author: by.to_owned(),
+                labels,
+                delivery: delivery.to_owned(),
+            },
+            spec,
+            priority: original.priority,
+            triage: original.triage.clone(),
+            needs_info: false,
+        };
+        let id = self.submit(new, now, wall);
+        if let Some(task) = self.tasks.get_mut(&id) {
+            // The same pull request and status comment.
+            task.github = github;
+            let snapshot = task.clone();
+            self.index_pull(&snapshot);
+            self.writes.push(Write::Task(Box::new(snapshot)));
+        }
+        info!(task_id = %id, pull = number, by = %by, "follow-up on a pull request");
+        IssueOutcome::Created(id)
+    }
+
     /// Tasks of an issue, oldest first.
     pub fn issue_tasks(&self, repo: &str, issue: u64) -> &[TaskId] {
         self.issues

@@ -432,6 +432,9 @@ pub struct Core {
     outbox: BTreeMap<(TaskId, outbox::Effect), outbox::OutboxEntry>,
     /// GitHub asked to wait until then (a rate limit): no effect before.
     github_paused_until: Option<UnixMillis>,
+    /// The cluster's pull requests (`owner/name` lowercased, number) and
+    /// the task that opened (or last updated) each.
+    pulls: BTreeMap<(String, u64), TaskId>,
     next_task_id: u64,
     /// Output acknowledgements, coalesced per attempt until actions are polled.
     pending_acks: BTreeMap<(ConnId, TaskId, Attempt), u64>,
@@ -477,6 +480,7 @@ impl Core {
             deliveries: github::Deliveries::new(restored.deliveries),
             outbox: BTreeMap::new(),
             github_paused_until: None,
+            pulls: BTreeMap::new(),
             next_task_id: 0,
             pending_acks: BTreeMap::new(),
             admins: BTreeMap::new(),
@@ -546,6 +550,7 @@ impl Core {
                     .or_default() += 1;
             }
             core.index_issue(&task);
+            core.index_pull(&task);
             core.tasks.insert(task.id, task);
         }
         core.restore_outbox(outbox_entries);

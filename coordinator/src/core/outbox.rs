@@ -253,6 +253,9 @@ impl Core {
                     .and_then(|g| g.pull.as_ref())
                     != Some(&pull);
                 self.note_github(task, |g| g.pull = Some(pull));
+                if let Some(t) = self.tasks.get(&task).cloned() {
+                    self.index_pull(&t);
+                }
                 self.finish_effect(key, current);
                 if changed {
                     // The comment names the pull request.

@@ -163,6 +163,23 @@ impl Client {
         decode(&answer, &what)
     }
 
+    /// A review's inline comments.
+    pub async fn review_comments(
+        &self,
+        repo: &str,
+        pull: u64,
+        review: u64,
+    ) -> Result<Vec<ReviewComment>, Error> {
+        let what = format!("the comments of review {review} on {repo}#{pull}");
+        let (body, _) = self
+            .get(
+                &format!("/repos/{repo}/pulls/{pull}/reviews/{review}/comments?per_page=100"),
+                &what,
+            )
+            .await?;
+        decode(&body, &what)
+    }
+
     /// The open pull request from `owner:branch`, if any.
     pub async fn open_pull(&self, repo: &str, head: &str) -> Result<Option<Pull>, Error> {
         let what = format!("the pull requests of {repo} from {head}");
@@ -295,6 +312,18 @@ pub struct IssueComment {
     pub id: u64,
     #[serde(default)]
     pub body: Option<String>,
+}
+
+/// An inline review comment, as much as is read.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct ReviewComment {
+    pub path: String,
+    #[serde(default)]
+    pub line: Option<u64>,
+    #[serde(default)]
+    pub original_line: Option<u64>,
+    #[serde(default)]
+    pub body: String,
 }
 
 /// A pull request, as much as is read.

@@ -26,6 +26,8 @@ pub struct HttpState {
     pub driver: DriverHandle,
     pub github: Arc<GithubConfig>,
     pub rules: Arc<Rules>,
+    /// GitHub's API, when a token is configured (a review's inline comments).
+    pub client: Option<crate::github::client::Client>,
 }
 
 pub fn router(state: HttpState) -> Router {

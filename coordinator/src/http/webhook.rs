@@ -114,6 +114,7 @@ async fn handle(
             warn!(%why, "webhook delivery ignored: untrusted");
             return answer(StatusCode::ACCEPTED, "ignored", format!("ignored: {why}"));
         }
+        Decision::FollowUp(follow) => return follow_up(&state, &delivery, follow).await,
         Decision::Trigger(work) => (work, None),
         Decision::Command(work, command) => (work, Some(command)),
     };
@@ -150,10 +151,64 @@ async fn handle(
                 .await
         }
     };
+    if let Ok(IssueOutcome::Created(id)) = &outcome {
+        info!(task_id = %id, issue = work.number, repo = %work.repo.name, "issue triggered");
+    }
+    outcome_answer(outcome)
+}
+
+/// A follow-up on a pull request: a review's inline comments are fetched
+/// and given with their file and line; the task on the same branch is made
+/// by the driver.
+async fn follow_up(state: &HttpState, delivery: &str, follow: event::FollowUp) -> Response {
+    let mut instructions = follow.instructions;
+    if let (Some(review), Some(client)) = (follow.review, state.client.as_ref()) {
+        match client
+            .review_comments(&follow.repo, follow.number, review)
+            .await
+        {
+            Ok(comments) if !comments.is_empty() => {
+                instructions.push_str("\n\nInline comments:");
+                for c in comments {
+                    let line = c
+                        .line
+                        .or(c.original_line)
+                        .map(|l| format!(" line {l}"))
+                        .unwrap_or_default();
+                    let (text, _) = crate::github::sanitize::clean(c.body.trim());
+                    instructions.push_str(&format!("\n- {}{line}: {text}", c.path));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "cannot read the review's inline comments");
+                if e.is_retryable() {
+                    // GitHub will not redeliver; a 5xx here asks the sender
+                    // to try again (the delivery is not recorded yet).
+                    return answer(StatusCode::SERVICE_UNAVAILABLE, "refused", e.to_string());
+                }
+            }
+        }
+    }
+    let outcome = state
+        .driver
+        .call(|reply| Command::PullFollowUp {
+            delivery: delivery.to_owned(),
+            repo: follow.repo.clone(),
+            number: follow.number,
+            by: follow.by.clone(),
+            instructions,
+            reply,
+        })
+        .await;
+    outcome_answer(outcome)
+}
+
+fn outcome_answer(outcome: Result<IssueOutcome, crate::driver::DriverGone>) -> Response {
     match outcome {
         Err(gone) => answer(StatusCode::SERVICE_UNAVAILABLE, "refused", gone.to_string()),
         Ok(IssueOutcome::Created(id)) => {
-            info!(task_id = %id, issue = work.number, repo = %work.repo.name, "task created from a webhook");
+            info!(task_id = %id, "task created from a webhook");
             answer_task(
                 StatusCode::ACCEPTED,
                 "created",

@@ -3,7 +3,8 @@
 //! --verbose ...` with the prompt on stdin or as an argument, the workspace
 //! as working directory) and prints real-format stream-json events.
 //!
-//! What it does is read from a `FAKE:` line in the prompt (the task's body),
+//! What it does is read from the last `FAKE:` line in the prompt (the task's body,
+//! where a follow-up's instructions come last),
 //! e.g. `FAKE: lines=20 interval_ms=50 exit=1 result=error hang=1
 //! write=notes.txt grandchild=1 stderr=2 binary=1 bulk_kb=1024`; unknown keys
 //! are ignored. `binary=1` prints bytes that are not UTF-8; `bulk_kb=N`
@@ -102,7 +103,8 @@ fn main() {
     }
     let script: HashMap<String, String> = prompt
         .lines()
-        .find_map(|l| l.trim().strip_prefix("FAKE:"))
+        .filter_map(|l| l.trim().strip_prefix("FAKE:"))
+        .last()
         .unwrap_or_default()
         .split_whitespace()
         .filter_map(|kv| kv.split_once('='))

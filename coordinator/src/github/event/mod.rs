@@ -82,6 +82,31 @@ pub struct IssuesEvent {
     pub label: Option<Label>,
 }
 
+#[derive(Clone, Debug, Deserialize)]
+pub struct Review {
+    pub id: u64,
+    #[serde(default)]
+    pub body: Option<String>,
+    pub user: User,
+    #[serde(default)]
+    pub author_association: String,
+    #[serde(default)]
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct PullRequest {
+    pub number: u64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PullRequestReviewEvent {
+    pub action: String,
+    pub review: Review,
+    pub pull_request: PullRequest,
+    pub repository: Repository,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct IssueCommentEvent {
     pub action: String,
@@ -96,6 +121,7 @@ pub enum Event {
     Ping,
     Issues(Box<IssuesEvent>),
     IssueComment(Box<IssueCommentEvent>),
+    PullRequestReview(Box<PullRequestReviewEvent>),
     /// An event this coordinator does not act on, by name.
     Other(String),
 }
@@ -122,6 +148,9 @@ pub fn parse(event: &str, payload: &[u8]) -> Result<Event, Malformed> {
             serde_json::from_slice(payload).map_err(malformed)?,
         )),
         "issue_comment" => Ok(Event::IssueComment(
+            serde_json::from_slice(payload).map_err(malformed)?,
+        )),
+        "pull_request_review" => Ok(Event::PullRequestReview(
             serde_json::from_slice(payload).map_err(malformed)?,
         )),
         other => {
@@ -160,6 +189,21 @@ pub enum Decision {
     Untrusted(String),
     Trigger(IssueWork),
     Command(IssueWork, IssueCommand),
+    /// A follow-up on a pull request: a `/claude` comment on it, or a
+    /// review (whose inline comments the handler fetches).
+    FollowUp(FollowUp),
+}
+
+/// A follow-up asked for on a pull request.
+#[derive(Debug, PartialEq)]
+pub struct FollowUp {
+    /// `owner/name`.
+    pub repo: String,
+    pub number: u64,
+    pub by: String,
+    pub instructions: String,
+    /// For a review: its id, to fetch its inline comments.
+    pub review: Option<u64>,
 }
 
 pub fn decide(event: &Event, config: &GithubConfig) -> Decision {
@@ -168,7 +212,46 @@ pub fn decide(event: &Event, config: &GithubConfig) -> Decision {
         Event::Other(name) => Decision::Ignore(format!("event {name:?} is not handled")),
         Event::Issues(e) => issues(e, config),
         Event::IssueComment(e) => comment(e, config),
+        Event::PullRequestReview(e) => review(e, config),
     }
+}
+
+fn review(e: &PullRequestReviewEvent, config: &GithubConfig) -> Decision {
+    if e.action != "submitted" {
+        return Decision::Ignore(format!("pull_request_review.{} is not handled", e.action));
+    }
+    let Some(repo) = config.repo(&e.repository.full_name) else {
+        return Decision::Ignore(format!(
+            "repository {} is not configured",
+            e.repository.full_name
+        ));
+    };
+    if e.review.state.eq_ignore_ascii_case("approved")
+        && e.review.body.as_deref().is_none_or(|b| b.trim().is_empty())
+    {
+        return Decision::Ignore("an approval without comments asks for nothing".into());
+    }
+    if let Some(why) = untrusted(
+        &e.review.user,
+        &e.review.author_association,
+        config,
+        "reviewer",
+    ) {
+        return Decision::Untrusted(why);
+    }
+    let (body, _) = sanitize::clean(e.review.body.as_deref().unwrap_or_default());
+    Decision::FollowUp(FollowUp {
+        repo: repo.name.clone(),
+        number: e.pull_request.number,
+        by: e.review.user.login.clone(),
+        instructions: format!(
+            "Review by @{} ({}):\n{}",
+            e.review.user.login,
+            e.review.state.to_lowercase().replace('_', " "),
+            body.trim()
+        ),
+        review: Some(e.review.id),
+    })
 }
 
 fn issues(e: &IssuesEvent, config: &GithubConfig) -> Decision {
@@ -235,9 +318,6 @@ fn comment(e: &IssueCommentEvent, config: &GithubConfig) -> Decision {
     ) else {
         return Decision::Ignore("no /claude command in the comment".into());
     };
-    if e.issue.pull_request.is_some() {
-        return Decision::Ignore("commands on pull requests are not handled yet".into());
-    }
     if let Some(why) = untrusted(
         &e.comment.user,
         &e.comment.author_association,
@@ -245,6 +325,21 @@ fn comment(e: &IssueCommentEvent, config: &GithubConfig) -> Decision {
         "commenter",
     ) {
         return Decision::Untrusted(why);
+    }
+    if e.issue.pull_request.is_some() {
+        // On the cluster's pull request: a follow-up on its branch.
+        return match command {
+            IssueCommand::Run { instructions, by } => Decision::FollowUp(FollowUp {
+                repo: repo.name.clone(),
+                number: e.issue.number,
+                by,
+                instructions,
+                review: None,
+            }),
+            IssueCommand::Cancel { .. } | IssueCommand::Retry { .. } => Decision::Ignore(
+                "/claude cancel and retry are given on the issue, not on its pull request".into(),
+            ),
+        };
     }
     if let Some(why) = untrusted(
         &e.issue.user,
