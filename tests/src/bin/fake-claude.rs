@@ -103,8 +103,8 @@ fn main() {
     }
     let script: HashMap<String, String> = prompt
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("FAKE:"))
-        .last()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("FAKE:"))
         .unwrap_or_default()
         .split_whitespace()
         .filter_map(|kv| kv.split_once('='))
