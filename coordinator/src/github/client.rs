@@ -4,6 +4,7 @@
 //! rate-limit headers is the caller's (a retry inside a request would fight
 //! the caller's backoff and ignore `Retry-After`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::HeaderMap;
@@ -56,6 +57,9 @@ const MAX_PAGES: usize = 50;
 pub struct Client {
     octo: Octocrab,
     api_url: String,
+    /// GitHub asked every request to wait until then (a rate limit is per
+    /// token): shared by every clone, so the reconciler waits too.
+    paused_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
 
 impl Client {
@@ -74,6 +78,7 @@ impl Client {
         Ok(Self {
             octo,
             api_url: config.api_url.clone(),
+            paused_until: Arc::default(),
         })
     }
 
@@ -222,6 +227,7 @@ impl Client {
     /// `Link` header on the same host): the body and the next page's URL.
     async fn get(&self, route: &str, what: &str) -> Result<(Vec<u8>, Option<String>), Error> {
         let url = self.url(route, what)?;
+        self.wait_for_github().await;
         let response = self
             .octo
             ._get(url.as_str())
@@ -232,7 +238,7 @@ impl Client {
             .get("link")
             .and_then(|v| v.to_str().ok())
             .and_then(next_link);
-        let body = read(response, what).await?;
+        let body = self.noted(read(response, what).await)?;
         Ok((body, next))
     }
 
@@ -245,12 +251,41 @@ impl Client {
         what: &str,
     ) -> Result<Vec<u8>, Error> {
         let url = self.url(route, what)?;
+        self.wait_for_github().await;
         let response = match method {
             Method::Post => self.octo._post(url.as_str(), Some(body)).await,
             Method::Patch => self.octo._patch(url.as_str(), Some(body)).await,
         }
         .map_err(|e| transport(e, what))?;
-        read(response, what).await
+        self.noted(read(response, what).await)
+    }
+
+    /// Waits while GitHub's rate limit says so.
+    async fn wait_for_github(&self) {
+        let until = *self
+            .paused_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(until) = until {
+            tokio::time::sleep_until(until).await;
+        }
+    }
+
+    /// Remembers a wait GitHub asked for, for every later request.
+    fn noted<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
+        if let Err(Error::Status {
+            retry_after: Some(wait),
+            ..
+        }) = &result
+        {
+            let until = tokio::time::Instant::now() + *wait;
+            let mut paused = self
+                .paused_until
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *paused = Some(paused.map_or(until, |p| p.max(until)));
+        }
+        result
     }
 
     fn url(&self, route: &str, what: &str) -> Result<String, Error> {
