@@ -106,6 +106,12 @@ pub struct Args {
     /// The webhook secret itself; prefer the environment or a file over the command line.
     #[arg(long, env = "CCC_COORDINATOR_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+    /// A GitHub App's id, instead of a token (with --github-app-key-file).
+    #[arg(long, env = "CCC_COORDINATOR_GITHUB_APP_ID")]
+    pub github_app_id: Option<u64>,
+    /// The GitHub App's private key (PEM).
+    #[arg(long, env = "CCC_COORDINATOR_GITHUB_APP_KEY_FILE")]
+    pub github_app_key_file: Option<PathBuf>,
     /// A file holding the webhook secret; without a secret, deliveries are refused.
     #[arg(long, env = "CCC_COORDINATOR_WEBHOOK_SECRET_FILE")]
     pub webhook_secret_file: Option<PathBuf>,
@@ -291,6 +297,8 @@ impl Config {
                         webhook_secret: args.webhook_secret,
                         webhook_secret_file: args.webhook_secret_file,
                         reconcile_every: args.github_reconcile_every,
+                        app_id: args.github_app_id,
+                        app_key_file: args.github_app_key_file,
                     },
                     file.github,
                     file.repos,

@@ -168,8 +168,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     ));
     let client = config
         .github
-        .token
-        .is_some()
+        .can_write()
         .then(|| github::client::Client::new(&config.github))
         .transpose()?;
     let http_state = http::HttpState {

@@ -254,7 +254,7 @@ fn fakes_octocrab_through_prism_finds_no_violation() {
 }
 
 /// An RSA key pair: (private PKCS#1 PEM, public PKCS#1 PEM).
-fn rsa_key_pair() -> (String, String) {
+pub(crate) fn rsa_key_pair() -> (String, String) {
     use rsa::pkcs1::{EncodeRsaPrivateKey, EncodeRsaPublicKey, LineEnding};
     let mut rng = rsa::rand_core::OsRng;
     let private = rsa::RsaPrivateKey::new(&mut rng, 2048).expect("an RSA key");

@@ -33,7 +33,7 @@ pub(crate) struct Setup {
 /// bare repository) with the fake GitHub as its API, optionally behind
 /// Prism; `agents` are started with their specialties.
 pub(crate) fn setup(name: &str, agents: &[(&str, &str)], through_prism: bool) -> Setup {
-    setup_with(name, agents, through_prism, "")
+    setup_with(name, agents, through_prism, "", None)
 }
 
 /// Like `setup`, with more keys for the `[[repos]]` entry (e.g. a test
@@ -43,9 +43,20 @@ pub(crate) fn setup_with(
     agents: &[(&str, &str)],
     through_prism: bool,
     repo_extra: &str,
+    app: Option<(u64, &str, &str)>,
 ) -> Setup {
     let cluster = Cluster::new(name);
-    let github = FakeGitHub::start(GitHubConfig::with_token(TOKEN));
+    // A GitHub App (id, private and public key PEM) or the token.
+    let github = FakeGitHub::start(match app {
+        Some((app_id, _, public)) => GitHubConfig {
+            tokens: Vec::new(),
+            app: Some(tests::github::AppConfig {
+                app_id,
+                public_key_pem: public.to_owned(),
+            }),
+        },
+        None => GitHubConfig::with_token(TOKEN),
+    });
     github.create_repo(REPO);
     let bare = git::bare_repo(
         cluster.dir.path(),
@@ -60,17 +71,29 @@ pub(crate) fn setup_with(
     let api_url = prism.as_ref().map_or_else(|| github.url(), Prism::url);
     let secret_file = cluster.dir.join("webhook-secret");
     std::fs::write(&secret_file, SECRET).expect("secret");
-    let token_file = cluster.dir.join("github-token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
+    let credential = match app {
+        Some((app_id, private, _)) => {
+            let key_file = cluster.dir.join("app-key.pem");
+            std::fs::write(&key_file, private).expect("app key");
+            format!(
+                "app_id = {app_id}\napp_key_file = {:?}",
+                key_file.display().to_string()
+            )
+        }
+        None => {
+            let token_file = cluster.dir.join("github-token");
+            std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
+            format!("token_file = {:?}", token_file.display().to_string())
+        }
+    };
     let config = cluster.dir.join("coordinator.toml");
     std::fs::write(
         &config,
         format!(
-            "version = 1\n\n[github]\napi_url = {api:?}\ntoken_file = {token:?}\n\
+            "version = 1\n\n[github]\napi_url = {api:?}\n{credential}\n\
              webhook_secret_file = {secret:?}\nreconcile_every = \"2s\"\n\n\
              [[repos]]\nname = {REPO:?}\nlabel = \"claude\"\nclone_url = {clone:?}\n{repo_extra}\n",
             api = api_url,
-            token = token_file.display().to_string(),
             secret = secret_file.display().to_string(),
             clone = bare.display().to_string(),
         ),

@@ -305,6 +305,7 @@ fn failing_tests_and_a_turn_limit_open_draft_pull_requests_and_a_failing_cli_ope
         &[("pc-be", "backend")],
         false,
         "test_command = \"test -e never-there.txt\"",
+        None,
     );
     setup.github.use_git_remote(REPO, &setup.bare);
     let n61 = issue(&setup, "Fix the login API");
@@ -488,4 +489,65 @@ fn a_claude_comment_and_a_review_on_the_clusters_pull_request_push_to_its_branch
     .expect("the follow-up's pull request is the same");
     assert_eq!(setup.github.pulls(REPO).len(), 1);
     assert_eq!(count(&setup, "POST", &format!("/repos/{REPO}/pulls")), 1);
+}
+
+#[test]
+fn a_github_app_writes_with_installation_tokens_that_never_reach_the_logs() {
+    let (private, public) = crate::fakes::rsa_key_pair();
+    let mut setup = setup_with(
+        "gh-app",
+        &[("pc-be", "backend")],
+        false,
+        "",
+        Some((4242, &private, &public)),
+    );
+    setup.github.use_git_remote(REPO, &setup.bare);
+    let n = setup.github.create_issue(
+        REPO,
+        tests::github::NewIssue::new("Fix the login API")
+            .labels(&["claude"])
+            .user(tests::github::User::person("alice"))
+            .author_association("OWNER"),
+    );
+    let id = task_id(&send(
+        &setup,
+        &labeled(
+            n,
+            "Fix the login API",
+            "FAKE: write=fix.txt\nThe login API fails.",
+        )
+        .sign(SECRET, Encoding::Json),
+    ));
+    setup.cluster.wait_task(&id, "succeeded", LONG);
+    let pull = one_pull(&setup);
+    comment_saying(&setup, n, &pull_url(&pull));
+    // Every write went with a token the App minted for the repository.
+    let minted = setup.github.minted_tokens();
+    assert!(!minted.is_empty());
+    for r in setup
+        .github
+        .requests()
+        .iter()
+        .filter(|r| r.method != "GET" && r.status < 300)
+    {
+        if r.path.starts_with("/app/") {
+            continue;
+        }
+        let credential = r.header("authorization").unwrap_or_default();
+        assert!(
+            minted.iter().any(|t| credential.ends_with(t.as_str())),
+            "{} {} was not made with an installation token: {credential}",
+            r.method,
+            r.path
+        );
+    }
+    // Neither the tokens nor the App's key show in the coordinator's log.
+    setup.cluster.coordinator().kill();
+    let log = std::fs::read_to_string(setup.cluster.dir.join("coordinator.log")).expect("log");
+    for token in &minted {
+        assert!(!log.contains(token.as_str()), "a token in the log");
+    }
+    assert!(log.contains("minted an installation token"), "{log}");
+    let key_line = private.lines().nth(1).expect("a key line");
+    assert!(!log.contains(key_line), "the key in the log");
 }

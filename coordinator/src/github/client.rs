@@ -14,6 +14,11 @@ use octocrab::Octocrab;
 use octocrab::service::middleware::retry::RetryConfig;
 use serde::de::DeserializeOwned;
 
+use common::time::UnixMillis;
+use common::types::Secret;
+use tracing::info;
+
+use super::auth::{App, Minted, parse_time};
 use super::config::GithubConfig;
 use super::event::{Issue, Repository};
 
@@ -55,7 +60,11 @@ const MAX_PAGES: usize = 50;
 
 #[derive(Clone)]
 pub struct Client {
+    /// The client with the configured token (or none, for an App).
     octo: Octocrab,
+    /// With a GitHub App: the App, and a client per repository with its
+    /// installation token.
+    app: Option<Arc<App>>,
     api_url: String,
     /// GitHub asked every request to wait until then (a rate limit is per
     /// token): shared by every clone, so the reconciler waits too.
@@ -65,18 +74,16 @@ pub struct Client {
 impl Client {
     /// Must be called inside a tokio runtime (octocrab spawns its worker).
     pub fn new(config: &GithubConfig) -> Result<Self, Error> {
-        let mut builder = Octocrab::builder()
-            .base_uri(config.api_url.as_str())
-            .map_err(|e| Error::Build(format!("api_url {}: {e}", config.api_url)))?
-            .add_retry_config(RetryConfig::None)
-            .set_connect_timeout(Some(Duration::from_secs(10)))
-            .set_read_timeout(Some(Duration::from_secs(30)));
-        if let Some(token) = &config.token {
-            builder = builder.personal_token(token.expose().to_owned());
-        }
-        let octo = builder.build().map_err(|e| Error::Build(e.to_string()))?;
+        let octo = build(&config.api_url, config.token.as_ref())?;
+        let app = config
+            .app
+            .as_ref()
+            .map(|a| App::new(a.app_id, a.key_pem.expose()).map(Arc::new))
+            .transpose()
+            .map_err(Error::Build)?;
         Ok(Self {
             octo,
+            app,
             api_url: config.api_url.clone(),
             paused_until: Arc::default(),
         })
@@ -84,7 +91,7 @@ impl Client {
 
     pub async fn repository(&self, repo: &str) -> Result<Repository, Error> {
         let (body, _) = self
-            .get(&format!("/repos/{repo}"), "the repository")
+            .get(repo, &format!("/repos/{repo}"), "the repository")
             .await?;
         decode(&body, "the repository")
     }
@@ -103,7 +110,7 @@ impl Client {
         );
         let mut issues = Vec::new();
         for _ in 0..MAX_PAGES {
-            let (body, next) = self.get(&url, &what).await?;
+            let (body, next) = self.get(repo, &url, &what).await?;
             let page: Vec<Issue> = decode(&body, &what)?;
             issues.extend(page.into_iter().filter(|i| i.pull_request.is_none()));
             match next {
@@ -120,7 +127,7 @@ impl Client {
         let mut url = format!("/repos/{repo}/issues/{issue}/comments?per_page=100");
         let mut comments = Vec::new();
         for _ in 0..MAX_PAGES {
-            let (body, next) = self.get(&url, &what).await?;
+            let (body, next) = self.get(repo, &url, &what).await?;
             comments.extend(decode::<Vec<IssueComment>>(&body, &what)?);
             match next {
                 Some(n) => url = n,
@@ -140,6 +147,7 @@ impl Client {
         let route = format!("/repos/{repo}/issues/{issue}/comments");
         let answer = self
             .send(
+                repo,
                 Method::Post,
                 &route,
                 &serde_json::json!({ "body": body }),
@@ -159,6 +167,7 @@ impl Client {
         let route = format!("/repos/{repo}/issues/comments/{id}");
         let answer = self
             .send(
+                repo,
                 Method::Patch,
                 &route,
                 &serde_json::json!({ "body": body }),
@@ -178,6 +187,7 @@ impl Client {
         let what = format!("the comments of review {review} on {repo}#{pull}");
         let (body, _) = self
             .get(
+                repo,
                 &format!("/repos/{repo}/pulls/{pull}/reviews/{review}/comments?per_page=100"),
                 &what,
             )
@@ -192,14 +202,20 @@ impl Client {
             "/repos/{repo}/pulls?state=open&head={}&per_page=100",
             form_urlencoded::byte_serialize(head.as_bytes()).collect::<String>()
         );
-        let (body, _) = self.get(&route, &what).await?;
+        let (body, _) = self.get(repo, &route, &what).await?;
         Ok(decode::<Vec<Pull>>(&body, &what)?.into_iter().next())
     }
 
     pub async fn create_pull(&self, repo: &str, new: &NewPull<'_>) -> Result<Pull, Error> {
         let what = format!("a new pull request on {repo} from {}", new.head);
         let answer = self
-            .send(Method::Post, &format!("/repos/{repo}/pulls"), new, &what)
+            .send(
+                repo,
+                Method::Post,
+                &format!("/repos/{repo}/pulls"),
+                new,
+                &what,
+            )
             .await?;
         decode(&answer, &what)
     }
@@ -214,6 +230,7 @@ impl Client {
         let what = format!("pull request {repo}#{number}");
         let answer = self
             .send(
+                repo,
                 Method::Patch,
                 &format!("/repos/{repo}/pulls/{number}"),
                 &serde_json::json!({ "title": title, "body": body }),
@@ -225,11 +242,16 @@ impl Client {
 
     /// A GET of `route` (relative to the API URL, or a full URL from a
     /// `Link` header on the same host): the body and the next page's URL.
-    async fn get(&self, route: &str, what: &str) -> Result<(Vec<u8>, Option<String>), Error> {
+    async fn get(
+        &self,
+        repo: &str,
+        route: &str,
+        what: &str,
+    ) -> Result<(Vec<u8>, Option<String>), Error> {
         let url = self.url(route, what)?;
         self.wait_for_github().await;
-        let response = self
-            .octo
+        let octo = self.octo_for(repo).await?;
+        let response = octo
             ._get(url.as_str())
             .await
             .map_err(|e| transport(e, what))?;
@@ -245,6 +267,7 @@ impl Client {
     /// A POST or PATCH with a JSON body; the answer's body.
     async fn send<B: serde::Serialize + ?Sized>(
         &self,
+        repo: &str,
         method: Method,
         route: &str,
         body: &B,
@@ -252,12 +275,72 @@ impl Client {
     ) -> Result<Vec<u8>, Error> {
         let url = self.url(route, what)?;
         self.wait_for_github().await;
+        let octo = self.octo_for(repo).await?;
         let response = match method {
-            Method::Post => self.octo._post(url.as_str(), Some(body)).await,
-            Method::Patch => self.octo._patch(url.as_str(), Some(body)).await,
+            Method::Post => octo._post(url.as_str(), Some(body)).await,
+            Method::Patch => octo._patch(url.as_str(), Some(body)).await,
         }
         .map_err(|e| transport(e, what))?;
         self.noted(read(response, what).await)
+    }
+
+    /// The client that writes to `repo`: the token's, or one with the App's
+    /// installation token for it (minted, then cached until shortly
+    /// before it expires).
+    async fn octo_for(&self, repo: &str) -> Result<Octocrab, Error> {
+        let Some(app) = &self.app else {
+            return Ok(self.octo.clone());
+        };
+        let now = UnixMillis::now();
+        if let Some(token) = app.cached(repo, now).await {
+            return build(&self.api_url, Some(&token));
+        }
+        let jwt = build(&self.api_url, Some(&app.jwt(now).map_err(Error::Build)?))?;
+        let what = format!("the GitHub App's installation on {repo}");
+        let installation: Installation = decode(
+            &self.noted(
+                read(
+                    jwt._get(format!("{}/repos/{repo}/installation", self.api_url).as_str())
+                        .await
+                        .map_err(|e| transport(e, &what))?,
+                    &what,
+                )
+                .await,
+            )?,
+            &what,
+        )?;
+        let what = format!("an installation token for {repo}");
+        let minted: Minted = decode(
+            &self.noted(
+                read(
+                    jwt._post(
+                        format!(
+                            "{}/app/installations/{}/access_tokens",
+                            self.api_url, installation.id
+                        )
+                        .as_str(),
+                        None::<&()>,
+                    )
+                    .await
+                    .map_err(|e| transport(e, &what))?,
+                    &what,
+                )
+                .await,
+            )?,
+            &what,
+        )?;
+        let expires = parse_time(&minted.expires_at).ok_or_else(|| Error::Decode {
+            what: what.clone(),
+            message: format!("expires_at {:?} is not a time", minted.expires_at),
+        })?;
+        let token = Secret::new(minted.token);
+        info!(
+            repo,
+            installation = installation.id,
+            "minted an installation token"
+        );
+        app.remember(repo, token.clone(), expires).await;
+        build(&self.api_url, Some(&token))
     }
 
     /// Waits while GitHub's rate limit says so.
@@ -379,6 +462,26 @@ pub struct NewPull<'a> {
     pub base: &'a str,
     pub body: &'a str,
     pub draft: bool,
+}
+
+/// A client of the API at `api_url` with `token`, without octocrab's own
+/// retry.
+fn build(api_url: &str, token: Option<&Secret>) -> Result<Octocrab, Error> {
+    let mut builder = Octocrab::builder()
+        .base_uri(api_url)
+        .map_err(|e| Error::Build(format!("api_url {api_url}: {e}")))?
+        .add_retry_config(RetryConfig::None)
+        .set_connect_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(Duration::from_secs(30)));
+    if let Some(token) = token {
+        builder = builder.personal_token(token.expose().to_owned());
+    }
+    builder.build().map_err(|e| Error::Build(e.to_string()))
+}
+
+#[derive(serde::Deserialize)]
+struct Installation {
+    id: u64,
 }
 
 fn decode<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Error> {

@@ -31,6 +31,9 @@ use serde::Deserialize;
 pub struct GithubFile {
     pub api_url: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// A GitHub App instead of a token: its id and private key (PEM).
+    pub app_id: Option<u64>,
+    pub app_key_file: Option<PathBuf>,
     pub webhook_secret_file: Option<PathBuf>,
     pub trusted_associations: Option<Vec<String>>,
     #[serde(default, deserialize_with = "de_opt_duration")]
@@ -76,6 +79,8 @@ pub struct RepoConfig {
 pub struct GithubConfig {
     pub api_url: String,
     pub token: Option<Secret>,
+    /// A GitHub App (installation tokens per repository) instead of a token.
+    pub app: Option<AppSettings>,
     /// Without one, webhook deliveries are refused.
     pub webhook_secret: Option<Secret>,
     /// `author_association` values whose issues and comments may trigger
@@ -83,6 +88,12 @@ pub struct GithubConfig {
     pub trusted_associations: Vec<String>,
     pub reconcile_every: Duration,
     pub repos: Vec<RepoConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AppSettings {
+    pub app_id: u64,
+    pub key_pem: Secret,
 }
 
 /// The settings that come from flags and the environment.
@@ -94,6 +105,8 @@ pub struct GithubArgs {
     pub webhook_secret: Option<String>,
     pub webhook_secret_file: Option<PathBuf>,
     pub reconcile_every: Option<Duration>,
+    pub app_id: Option<u64>,
+    pub app_key_file: Option<PathBuf>,
 }
 
 pub const DEFAULT_API_URL: &str = "https://api.github.com";
@@ -120,6 +133,36 @@ impl GithubConfig {
             args.token_file.or(file.token_file),
             "github token",
         )?;
+        let app = match (
+            args.app_id.or(file.app_id),
+            args.app_key_file.or(file.app_key_file),
+        ) {
+            (None, None) => None,
+            (Some(app_id), Some(key)) => Some(AppSettings {
+                app_id,
+                key_pem: read_secret(&key, "GitHub App key")?,
+            }),
+            (Some(_), None) => {
+                return Err(
+                    "github.app_id is set without github.app_key_file (--github-app-key-file)"
+                        .into(),
+                );
+            }
+            (None, Some(_)) => {
+                return Err(
+                    "github.app_key_file is set without github.app_id (--github-app-id)".into(),
+                );
+            }
+        };
+        if token.is_some() && app.is_some() {
+            return Err(
+                "give either a GitHub token or a GitHub App (app_id, app_key_file), not both"
+                    .into(),
+            );
+        }
+        if let Some(app) = &app {
+            super::auth::App::new(app.app_id, app.key_pem.expose())?;
+        }
         let webhook_secret = secret(
             args.webhook_secret,
             args.webhook_secret_file.or(file.webhook_secret_file),
@@ -223,11 +266,17 @@ impl GithubConfig {
         Ok(Self {
             api_url: api_url.trim_end_matches('/').to_owned(),
             token,
+            app,
             webhook_secret,
             trusted_associations,
             reconcile_every,
             repos: resolved,
         })
+    }
+
+    /// Whether the coordinator can write to GitHub (a token or an App).
+    pub fn can_write(&self) -> bool {
+        self.token.is_some() || self.app.is_some()
     }
 
     /// The configured repository `full_name` names, if any.

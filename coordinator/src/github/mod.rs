@@ -7,6 +7,7 @@ use crate::core::{NewTask, TaskSource, TaskTriage};
 use crate::triage::{self, Issue, Rules};
 use common::types::TaskSpec;
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod event;
