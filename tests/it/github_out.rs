@@ -44,6 +44,30 @@ fn comment_saying(setup: &Setup, issue: u64, says: &str) -> String {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// An issue on GitHub and its labeled delivery: the task it became.
+fn trigger(setup: &Setup, title: &str, body: &str) -> (u64, String) {
+    let n = issue(setup, title);
+    let id = task_id(&send(
+        setup,
+        &labeled(n, title, body).sign(SECRET, Encoding::Json),
+    ));
+    (n, id)
+}
+
+/// Waits for the pull request that closes issue `n`.
+fn pull_closing(setup: &Setup, n: u64) -> tests::github::Issue {
+    let closes = format!("Closes #{n}");
+    eventually(LONG, || {
+        setup
+            .github
+            .pulls(REPO)
+            .into_iter()
+            .find(|p| p.body.as_deref().is_some_and(|b| b.contains(&closes)))
+            .ok_or_else(|| "no pull request yet".to_owned())
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn pull_url(pull: &tests::github::Issue) -> String {
     format!("https://github.com/{REPO}/pull/{}", pull.number)
 }
@@ -308,30 +332,13 @@ fn failing_tests_and_a_turn_limit_open_draft_pull_requests_and_a_failing_cli_ope
         None,
     );
     setup.github.use_git_remote(REPO, &setup.bare);
-    let n61 = issue(&setup, "Fix the login API");
-    let tests_fail = task_id(&send(
+    let (n61, tests_fail) = trigger(
         &setup,
-        &labeled(
-            n61,
-            "Fix the login API",
-            "FAKE: write=fix.txt\nThe login API fails.",
-        )
-        .sign(SECRET, Encoding::Json),
-    ));
+        "Fix the login API",
+        "FAKE: write=fix.txt\nThe login API fails.",
+    );
     setup.cluster.wait_task(&tests_fail, "succeeded", LONG);
-    let draft = eventually(LONG, || {
-        setup
-            .github
-            .pulls(REPO)
-            .into_iter()
-            .find(|p| {
-                p.body
-                    .as_deref()
-                    .is_some_and(|b| b.contains(&format!("Closes #{n61}")))
-            })
-            .ok_or_else(|| "no pull request yet".to_owned())
-    })
-    .expect("a draft");
+    let draft = pull_closing(&setup, n61);
     assert!(is_draft(&draft), "{draft:?}");
     assert!(
         draft
@@ -340,30 +347,13 @@ fn failing_tests_and_a_turn_limit_open_draft_pull_requests_and_a_failing_cli_ope
             .is_some_and(|b| b.contains("the tests failed"))
     );
 
-    let n62 = issue(&setup, "Refactor the login API");
-    let limit = task_id(&send(
+    let (n62, limit) = trigger(
         &setup,
-        &labeled(
-            n62,
-            "Refactor the login API",
-            "FAKE: write=partial.txt exit=1 result=error_max_turns\nRefactor it.",
-        )
-        .sign(SECRET, Encoding::Json),
-    ));
+        "Refactor the login API",
+        "FAKE: write=partial.txt exit=1 result=error_max_turns\nRefactor it.",
+    );
     setup.cluster.wait_task(&limit, "failed", LONG);
-    let draft = eventually(LONG, || {
-        setup
-            .github
-            .pulls(REPO)
-            .into_iter()
-            .find(|p| {
-                p.body
-                    .as_deref()
-                    .is_some_and(|b| b.contains(&format!("Closes #{n62}")))
-            })
-            .ok_or_else(|| "no pull request yet".to_owned())
-    })
-    .expect("a draft");
+    let draft = pull_closing(&setup, n62);
     assert!(is_draft(&draft));
     assert!(
         draft
