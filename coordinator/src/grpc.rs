@@ -135,12 +135,49 @@ pub fn admin_only(
 
 pub struct Gateway {
     driver: DriverHandle,
+    /// Where push credentials come from (the GitHub token, or the App's
+    /// installation tokens); none without GitHub credentials.
+    github: Option<crate::github::client::Client>,
 }
 
 impl Gateway {
-    pub fn new(driver: DriverHandle) -> Self {
-        Self { driver }
+    pub fn new(driver: DriverHandle, github: Option<crate::github::client::Client>) -> Self {
+        Self { driver, github }
     }
+}
+
+/// An assignment's push credential: the GitHub token, or an installation
+/// token minted for the task's repository. It travels inside the mTLS
+/// stream and is never stored (the core's copy of the assignment has none).
+async fn with_credential(
+    github: Option<&crate::github::client::Client>,
+    msg: ToAgent,
+) -> CoordinatorMessage {
+    let push_as = match &msg {
+        ToAgent::Assign {
+            push_as: Some(repo),
+            ..
+        } => Some(repo.clone()),
+        _ => None,
+    };
+    let mut out = to_proto(msg);
+    if let (Some(repo), Some(github)) = (push_as, github) {
+        match github.push_token(&repo).await {
+            Ok(Some(token)) => {
+                if let Some(coordinator_message::Msg::Assign(assign)) = out.msg.as_mut() {
+                    assign.credential = Some(proto::PushCredential {
+                        username: "x-access-token".into(),
+                        token: token.expose().to_owned(),
+                    });
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(repo = %repo, error = %e, "no push credential for the assignment; the agent uses its own")
+            }
+        }
+    }
+    out
 }
 
 type OutboundStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
@@ -184,12 +221,17 @@ impl agent_gateway_server::AgentGateway for Gateway {
             pump_inbound(self.driver.clone(), conn, req.into_inner(), stop.clone())
                 .instrument(span),
         );
-        let guard = stop.drop_guard();
-        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |out| {
-            let _keep = &guard;
-            match out {
-                Outbound::Msg(msg) => Ok(to_proto(msg)),
-                Outbound::Close(reason) => Err(close_status(reason)),
+        let guard = Arc::new(stop.drop_guard());
+        let github = self.github.clone();
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).then(move |out| {
+            let guard = Arc::clone(&guard);
+            let github = github.clone();
+            async move {
+                let _keep = guard;
+                match out {
+                    Outbound::Msg(msg) => Ok(with_credential(github.as_ref(), msg).await),
+                    Outbound::Close(reason) => Err(close_status(reason)),
+                }
             }
         });
         // The driver drops its sender right after a `Close`, so the stream
@@ -398,6 +440,7 @@ fn to_proto(msg: ToAgent) -> CoordinatorMessage {
             attempt,
             spec,
             deadline,
+            ..
         } => Msg::Assign(proto::Assign {
             task: Some(spec_to_proto(task, &spec)),
             attempt: attempt.0,

@@ -151,6 +151,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let http_addr = http_listener.local_addr().map_err(io("http address"))?;
     info!(%grpc_addr, %http_addr, "coordinator listening");
 
+    let client = config
+        .github
+        .can_write()
+        .then(|| github::client::Client::new(&config.github))
+        .transpose()?;
     let driver_task = tokio::spawn(driver.run(shutdown.clone()));
     let incoming = server::tls_incoming(
         grpc_listener,
@@ -164,13 +169,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         store,
         revoked_admins,
         Arc::clone(&config.triage_rules),
+        client.clone(),
         shutdown.clone(),
     ));
-    let client = config
-        .github
-        .can_write()
-        .then(|| github::client::Client::new(&config.github))
-        .transpose()?;
     let http_state = http::HttpState {
         driver: handle.clone(),
         github: Arc::clone(&config.github),

@@ -161,6 +161,7 @@ pub async fn serve_grpc(
     store: Arc<dyn Store>,
     revoked_admins: tokio::sync::watch::Receiver<crate::driver::RevokedAdmins>,
     triage_rules: Arc<crate::triage::Rules>,
+    github: Option<crate::github::client::Client>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -171,7 +172,10 @@ pub async fn serve_grpc(
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .add_service(AgentGatewayServer::new(Gateway::new(driver.clone())))
+        .add_service(AgentGatewayServer::new(Gateway::new(
+            driver.clone(),
+            github,
+        )))
         .add_service(AdminServer::with_interceptor(
             Admin::new(driver, store, triage_rules),
             move |req| admin_only(req, &revoked_admins),

@@ -541,3 +541,81 @@ fn a_github_app_writes_with_installation_tokens_that_never_reach_the_logs() {
     let key_line = private.lines().nth(1).expect("a key line");
     assert!(!log.contains(key_line), "the key in the log");
 }
+
+#[test]
+fn an_agent_pushes_with_the_installation_token_minted_for_its_task_and_keeps_it_nowhere() {
+    let (private, public) = crate::fakes::rsa_key_pair();
+    let mut setup = setup_with(
+        "gh-push",
+        &[("pc-be", "backend")],
+        false,
+        "",
+        Some((4343, &private, &public)),
+    );
+    setup.github.use_git_remote(REPO, &setup.bare);
+    // The repository over HTTP, letting in only the App's minted tokens.
+    let accepts = setup.github.token_checker();
+    let server =
+        tests::git_http::GitHttp::start(setup.cluster.dir.path(), std::sync::Arc::new(accepts));
+    let config = setup.cluster.dir.join("coordinator.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let clone_line = format!("clone_url = {:?}", setup.bare.display().to_string());
+    assert!(text.contains(&clone_line), "{text}");
+    std::fs::write(
+        &config,
+        text.replace(
+            &clone_line,
+            &format!("clone_url = {:?}", server.url("hello-world.git")),
+        ),
+    )
+    .expect("config");
+    setup.cluster.coordinator().kill();
+    setup.cluster.start_coordinator();
+    setup.cluster.wait_agents(&["pc-be"], "connected");
+
+    let (n, id) = trigger(
+        &setup,
+        "Fix the login API",
+        "FAKE: write=fix.txt\nThe login API fails.",
+    );
+    let done = setup.cluster.wait_task(&id, "succeeded", LONG);
+    let branch = done["branch"].as_str().expect("branch");
+    let files = tests::git::branch_files(&setup.bare, branch).expect("the pushed branch");
+    assert!(files.iter().any(|f| f == "fix.txt"), "{files:?}");
+    pull_closing(&setup, n);
+    // The agent offered only the installation token, as x-access-token.
+    let minted = setup.github.minted_tokens();
+    let offered = server.offered();
+    assert!(!offered.is_empty());
+    for (user, token) in &offered {
+        assert_eq!(user, "x-access-token");
+        assert!(minted.contains(token), "an unknown token was offered");
+    }
+    // Not in any log, nor anywhere in the agent's data directory.
+    setup.cluster.coordinator().kill();
+    let mut files = vec![
+        setup.cluster.dir.join("coordinator.log"),
+        setup.cluster.dir.join("agent-pc-be.log"),
+    ];
+    let mut dirs = vec![setup.cluster.dir.join("agent-pc-be")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    for file in &files {
+        let bytes = std::fs::read(file).unwrap_or_default();
+        for token in &minted {
+            assert!(
+                !bytes.windows(token.len()).any(|w| w == token.as_bytes()),
+                "a token in {}",
+                file.display()
+            );
+        }
+    }
+}

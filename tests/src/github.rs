@@ -558,6 +558,19 @@ impl FakeGitHub {
         self.world().minted.keys().cloned().collect()
     }
 
+    /// Tells whether a token is one the fake minted (for a git server that
+    /// should accept installation tokens).
+    pub fn token_checker(&self) -> impl Fn(&str) -> bool + Send + Sync + 'static {
+        let shared = Arc::clone(&self.shared);
+        move |token| {
+            shared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .minted
+                .contains_key(token)
+        }
+    }
+
     fn world(&self) -> MutexGuard<'_, World> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -13,6 +13,7 @@
 pub mod cluster;
 pub mod fake_anthropic;
 pub mod git;
+pub mod git_http;
 pub mod github;
 pub mod http;
 pub mod npm;

@@ -202,6 +202,9 @@ pub enum ToAgent {
         attempt: Attempt,
         spec: Box<TaskSpec>,
         deadline: UnixMillis,
+        /// The GitHub repository (`owner/name`) whose push credential the
+        /// assignment carries: a GitHub task cloned over HTTP(S).
+        push_as: Option<String>,
     },
     Cancel {
         task: TaskId,

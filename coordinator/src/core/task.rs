@@ -1009,6 +1009,15 @@ impl Core {
         info!(task_id = %id, attempt = attempt.0, agent_id = %agent, %placement, "task assigned");
         self.persist_task(id);
         self.publish_state(id);
+        let push_as = self.tasks.get(&id).and_then(|t| match &t.source {
+            TaskSource::Github { repo, .. }
+                if spec.repo_url.starts_with("https://")
+                    || spec.repo_url.starts_with("http://") =>
+            {
+                Some(repo.clone())
+            }
+            _ => None,
+        });
         self.send(
             conn,
             ToAgent::Assign {
@@ -1016,6 +1025,7 @@ impl Core {
                 attempt,
                 spec: Box::new(spec),
                 deadline: wall.saturating_add(self.config.task_deadline),
+                push_as,
             },
         );
     }

@@ -65,6 +65,8 @@ pub struct Client {
     /// With a GitHub App: the App, and a client per repository with its
     /// installation token.
     app: Option<Arc<App>>,
+    /// The configured token (pushes use it too).
+    token: Option<Secret>,
     api_url: String,
     /// GitHub asked every request to wait until then (a rate limit is per
     /// token): shared by every clone, so the reconciler waits too.
@@ -84,6 +86,7 @@ impl Client {
         Ok(Self {
             octo,
             app,
+            token: config.token.clone(),
             api_url: config.api_url.clone(),
             paused_until: Arc::default(),
         })
@@ -288,12 +291,30 @@ impl Client {
     /// installation token for it (minted, then cached until shortly
     /// before it expires).
     async fn octo_for(&self, repo: &str) -> Result<Octocrab, Error> {
-        let Some(app) = &self.app else {
+        if self.app.is_none() {
             return Ok(self.octo.clone());
+        }
+        let token = self.app_token(repo).await?;
+        build(&self.api_url, Some(&token))
+    }
+
+    /// What an agent pushes `repo` with: the configured token, or an
+    /// installation token of the App for that repository.
+    pub async fn push_token(&self, repo: &str) -> Result<Option<Secret>, Error> {
+        match (&self.app, &self.token) {
+            (Some(_), _) => self.app_token(repo).await.map(Some),
+            (None, token) => Ok(token.clone()),
+        }
+    }
+
+    /// The App's installation token for `repo`: cached, or minted.
+    async fn app_token(&self, repo: &str) -> Result<Secret, Error> {
+        let Some(app) = &self.app else {
+            return Err(Error::Build("no GitHub App is configured".into()));
         };
         let now = UnixMillis::now();
         if let Some(token) = app.cached(repo, now).await {
-            return build(&self.api_url, Some(&token));
+            return Ok(token);
         }
         let jwt = build(&self.api_url, Some(&app.jwt(now).map_err(Error::Build)?))?;
         let what = format!("the GitHub App's installation on {repo}");
@@ -340,7 +361,7 @@ impl Client {
             "minted an installation token"
         );
         app.remember(repo, token.clone(), expires).await;
-        build(&self.api_url, Some(&token))
+        Ok(token)
     }
 
     /// Waits while GitHub's rate limit says so.
