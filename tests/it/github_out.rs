@@ -9,15 +9,16 @@ use tests::eventually;
 use tests::github::Fault;
 use tests::webhooks::Encoding;
 
-use crate::github_in::{LONG, REPO, SECRET, Setup, labeled, send, setup, setup_with, task_id};
+use crate::github_in::{LONG, REPO, SECRET, Setup, labeled, send, setup, setup_with};
 
-/// The issue as GitHub holds it (labeled, by a trusted author), so that the
-/// cluster's comments have somewhere to go; its number.
+/// The issue as GitHub holds it (by a trusted author), so that the
+/// cluster's comments have somewhere to go; its number. Not labeled on the
+/// fake: the reconciler (every 2 s) must not start it before its delivery,
+/// which these tests send with the text they want.
 fn issue(setup: &Setup, title: &str) -> u64 {
     setup.github.create_issue(
         REPO,
         tests::github::NewIssue::new(title)
-            .labels(&["claude"])
             .user(tests::github::User::person("alice"))
             .author_association("OWNER"),
     )
@@ -47,11 +48,22 @@ fn comment_saying(setup: &Setup, issue: u64, says: &str) -> String {
 /// An issue on GitHub and its labeled delivery: the task it became.
 fn trigger(setup: &Setup, title: &str, body: &str) -> (u64, String) {
     let n = issue(setup, title);
-    let id = task_id(&send(
+    let id = started(&send(
         setup,
         &labeled(n, title, body).sign(SECRET, Encoding::Json),
     ));
     (n, id)
+}
+
+/// The task a delivery started: created by it, or, for an issue that is
+/// also labeled on the fake, by the reconciler (every 2 s) just before it.
+fn started(answer: &(u16, serde_json::Value)) -> String {
+    assert_eq!(answer.0, 202, "{answer:?}");
+    answer.1["task_id"]
+        .as_str()
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| panic!("{answer:?}"))
+        .to_owned()
 }
 
 /// Waits for the pull request that closes issue `n`.
@@ -101,7 +113,7 @@ fn an_issue_ends_with_one_status_comment_and_one_pull_request_with_provenance() 
         &setup,
         "Login API returns 500 when the password has a quote",
     );
-    let id = task_id(&send(
+    let id = started(&send(
         &setup,
         &labeled(n31, "Login API returns 500 when the password has a quote",
             "FAKE: write=fix.txt lines=5 interval_ms=100\nPOST /api/login returns an internal server error.",
@@ -178,7 +190,7 @@ fn github_failing_and_rate_limiting_still_ends_with_one_comment_and_one_pull_who
             .times(1)
             .matching("GET", &format!("/repos/{REPO}/pulls")),
     );
-    let id = task_id(&send(
+    let id = started(&send(
         &setup,
         &labeled(
             n41,
@@ -238,7 +250,7 @@ fn a_coordinator_killed_before_or_right_after_the_pull_request_call_opens_exactl
             .matching("GET", &format!("/repos/{REPO}/pulls")),
     );
     let n51 = issue(&setup, "Fix the login API");
-    let id = task_id(&send(
+    let id = started(&send(
         &setup,
         &labeled(
             n51,
@@ -364,7 +376,7 @@ fn failing_tests_and_a_turn_limit_open_draft_pull_requests_and_a_failing_cli_ope
     );
 
     let n63 = issue(&setup, "Fix the API");
-    let broken = task_id(&send(
+    let broken = started(&send(
         &setup,
         &labeled(n63, "Fix the API", "FAKE: exit=3 result=error\nIt fails.")
             .sign(SECRET, Encoding::Json),
@@ -386,7 +398,7 @@ fn a_claude_comment_and_a_review_on_the_clusters_pull_request_push_to_its_branch
     let setup = setup("gh-follow", &[("pc-be", "backend")], false);
     setup.github.use_git_remote(REPO, &setup.bare);
     let n = issue(&setup, "Fix the login API");
-    let first = task_id(&send(
+    let first = started(&send(
         &setup,
         &labeled(
             n,
@@ -421,7 +433,7 @@ fn a_claude_comment_and_a_review_on_the_clusters_pull_request_push_to_its_branch
             tests::webhooks::UserKind::User,
             "MEMBER",
         );
-    let second = task_id(&send(&setup, &on_pull.sign(SECRET, Encoding::Json)));
+    let second = started(&send(&setup, &on_pull.sign(SECRET, Encoding::Json)));
     let done = setup.cluster.wait_task(&second, "succeeded", LONG);
     assert_eq!(done["branch"], branch.as_str(), "{done}");
     let files = tests::git::branch_files(&setup.bare, &branch).expect("the branch");
@@ -453,7 +465,7 @@ fn a_claude_comment_and_a_review_on_the_clusters_pull_request_push_to_its_branch
         .set("/review/author_association", serde_json::json!("MEMBER"))
         .set("/review/user/login", serde_json::json!("carol"))
         .set("/review/user/type", serde_json::json!("User"));
-    let third = task_id(&send(&setup, &reviewed.sign(SECRET, Encoding::Json)));
+    let third = started(&send(&setup, &reviewed.sign(SECRET, Encoding::Json)));
     setup.cluster.wait_task(&third, "succeeded", LONG);
     let files = tests::git::branch_files(&setup.bare, &branch).expect("the branch");
     assert!(files.iter().any(|f| f == "review.txt"), "{files:?}");
@@ -492,14 +504,8 @@ fn a_github_app_writes_with_installation_tokens_that_never_reach_the_logs() {
         Some((4242, &private, &public)),
     );
     setup.github.use_git_remote(REPO, &setup.bare);
-    let n = setup.github.create_issue(
-        REPO,
-        tests::github::NewIssue::new("Fix the login API")
-            .labels(&["claude"])
-            .user(tests::github::User::person("alice"))
-            .author_association("OWNER"),
-    );
-    let id = task_id(&send(
+    let n = issue(&setup, "Fix the login API");
+    let id = started(&send(
         &setup,
         &labeled(
             n,
