@@ -451,6 +451,7 @@ pub fn to_proto(msg: ToCoordinator, advert: &AgentAdvert, name: &str) -> Option<
                 is_error: c.is_error,
                 subtype: c.subtype,
                 result: c.result,
+                model: c.model,
             }),
             rate_limit_reset_unix_ms: report.rate_limit_reset_unix_ms,
             last_output_seq: report.last_output_seq,

@@ -448,6 +448,16 @@ pub fn cli_outcome(run: &RunResult, deadline: Duration) -> (Outcome, String, Opt
             .chars()
             .take(4096)
             .collect(),
+        // The result event names the models it used (`modelUsage`); the
+        // first, in the CLI's order.
+        model: r["modelUsage"]
+            .as_object()
+            .and_then(|m| m.keys().next().cloned())
+            .or_else(|| r["model"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+            .chars()
+            .take(128)
+            .collect(),
     });
     let status = match &run.end {
         End::Stopped => return (Outcome::Cancelled, "stopped on request".into(), cli),

@@ -223,6 +223,9 @@ pub struct CliResult {
     pub is_error: bool,
     pub subtype: String,
     pub result: String,
+    /// The model that did the work, when the CLI said.
+    #[serde(default)]
+    pub model: String,
 }
 
 /// An agent's report that an attempt ended.

@@ -336,6 +336,7 @@ fn report_from_proto(f: proto::TaskFinished) -> Result<FinishedReport, String> {
             is_error: c.is_error,
             subtype: bounded(c.subtype, 128),
             result: bounded(c.result, 16 * 1024),
+            model: bounded(c.model, 128),
         }),
         rate_limit_reset_unix_ms: f.rate_limit_reset_unix_ms,
         last_output_seq: f.last_output_seq,
@@ -644,6 +645,7 @@ pub fn task_info(task: &Task) -> proto::TaskInfo {
                             is_error: c.is_error,
                             subtype: c.subtype.clone(),
                             result: c.result.clone(),
+                            model: c.model.clone(),
                         }),
                 }
             })

@@ -143,6 +143,7 @@ fn an_issue_ends_with_one_status_comment_and_one_pull_request_with_provenance() 
         "Provenance",
         "agent `pc-be`",
         "Claude Code CLI",
+        "model `fake-model`",
         "Session `",
     ] {
         assert!(body.contains(says), "{says:?} missing from {body}");

@@ -235,6 +235,14 @@ impl Core {
         if let Some((repo, issue)) = task.source.issue()
             && let Some(active) = self.active_issue_task(repo, issue)
         {
+            // Answered on the issue, by the status comment.
+            if let Some(t) = self.tasks.get_mut(&active) {
+                t.github.get_or_insert_with(Default::default).note = Some(format!(
+                    "It was triggered again at {} while this task was active; it goes on as it is.",
+                    wall.to_rfc3339()
+                ));
+            }
+            self.persist_task(active);
             return IssueOutcome::Declined(
                 Some(active),
                 format!("a task is already active for this issue: {active}"),

@@ -55,6 +55,23 @@ fn a_delivery_creates_one_task_and_a_replay_creates_nothing() {
             format!("a task is already active for this issue: {t}")
         )
     );
+    // The second trigger is answered on the issue: a note, and the status
+    // comment asked for again.
+    let task = h.core.task(t).expect("task");
+    assert!(
+        task.github
+            .as_ref()
+            .and_then(|g| g.note.as_deref())
+            .is_some_and(|n| n.contains("triggered again")),
+        "{:?}",
+        task.github
+    );
+    assert!(
+        h.core
+            .pending_effects(t)
+            .iter()
+            .any(|e| e.effect == super::outbox::Effect::StatusComment)
+    );
     let delivered: Vec<String> = h
         .core
         .take_writes()

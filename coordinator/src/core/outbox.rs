@@ -78,6 +78,10 @@ pub struct GithubState {
     pub pull: Option<PullRef>,
     /// The last effect that GitHub refused for good, in words.
     pub error: Option<String>,
+    /// Something the status comment answers (a second trigger while the
+    /// task is active).
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -118,6 +118,9 @@ pub fn status_comment(task: &Task) -> String {
         }
         out.push_str(".\n");
     }
+    if let Some(note) = task.github.as_ref().and_then(|g| g.note.as_ref()) {
+        out.push_str(&format!("\n{note}\n"));
+    }
     if let Some(error) = task.github.as_ref().and_then(|g| g.error.as_ref()) {
         out.push_str(&format!("\nGitHub refused a write: {error}\n"));
     }
@@ -196,8 +199,12 @@ pub fn pull_body(task: &Task, draft: bool, cli_version: Option<&str>) -> String 
     } else {
         out.push('\n');
     }
-    if let Some(v) = cli_version {
-        out.push_str(&format!("- Claude Code CLI {v}\n"));
+    let model = cli.map(|c| c.model.as_str()).filter(|m| !m.is_empty());
+    match (cli_version, model) {
+        (Some(v), Some(m)) => out.push_str(&format!("- Claude Code CLI {v}, model `{m}`\n")),
+        (Some(v), None) => out.push_str(&format!("- Claude Code CLI {v}\n")),
+        (None, Some(m)) => out.push_str(&format!("- Model `{m}`\n")),
+        (None, None) => {}
     }
     if let Some(c) = cli {
         out.push_str(&format!(

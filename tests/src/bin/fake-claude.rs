@@ -243,6 +243,7 @@ fn main() {
                 "duration_api_ms": 0, "total_cost_usd": 0.0123, "session_id": session,
                 "result": if exit == 0 { "done".to_owned() } else { format!("failed as scripted ({subtype})") },
                 "permission_denials": [],
+                "modelUsage": {"fake-model": {"inputTokens": 10, "outputTokens": 5, "costUSD": 0.0123}},
             }),
         );
     }
