@@ -37,14 +37,6 @@ impl Deliveries {
         }
         self.by_age.insert((at, id));
     }
-
-    pub fn len(&self) -> usize {
-        self.by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
 }
 
 /// What an issue's `/claude` comment asks for.
@@ -344,13 +336,7 @@ impl Core {
             }
             TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled => {
                 add_instructions(&mut task.spec.body, by, instructions);
-                task.max_attempts = task.counted_attempts() + self.config.max_attempts;
-                task.cancel_requested = None;
-                task.not_before = None;
-                task.output_since = task.next_attempt();
-                self.output.remove(&id);
-                self.requeue(id, format!("run again by @{by} (/claude)"), None, now, wall);
-                self.schedule(now, wall);
+                self.run_again(id, format!("run again by @{by} (/claude)"), now, wall);
                 IssueOutcome::Applied(id, "queued again with the new instructions".into())
             }
             TaskState::Queued | TaskState::Assigned | TaskState::Running | TaskState::Finishing => {

@@ -46,14 +46,6 @@ impl Effect {
             Self::PullRequest => 2,
         }
     }
-
-    pub fn from_byte(b: u8) -> Option<Self> {
-        match b {
-            1 => Some(Self::StatusComment),
-            2 => Some(Self::PullRequest),
-            _ => None,
-        }
-    }
 }
 
 /// A pending effect, as stored.
@@ -149,10 +141,6 @@ impl Core {
             .range((task, Effect::StatusComment)..=(task, Effect::PullRequest))
             .map(|(_, e)| e.clone())
             .collect()
-    }
-
-    pub fn outbox_len(&self) -> usize {
-        self.outbox.len()
     }
 
     /// Asks for `effect` of `task` (again): the newest ask replaces older.

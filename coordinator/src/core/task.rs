@@ -415,6 +415,16 @@ impl Core {
         if !matches!(task.state, TaskState::Failed | TaskState::Cancelled) {
             return Err(TaskError::NotFinished(id, task.state));
         }
+        self.run_again(id, "retried by an admin".into(), now, wall);
+        Ok(())
+    }
+
+    /// Queues an ended task again with a fresh attempt budget (an admin's
+    /// retry, a `/claude` on the issue).
+    pub(super) fn run_again(&mut self, id: TaskId, reason: String, now: Instant, wall: UnixMillis) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
         task.max_attempts = task.counted_attempts() + self.config.max_attempts;
         task.cancel_requested = None;
         task.not_before = None;
@@ -422,9 +432,8 @@ impl Core {
         // store nothing of its retry (and a restart would restore the same).
         task.output_since = task.next_attempt();
         self.output.remove(&id);
-        self.requeue(id, "retried by an admin".into(), None, now, wall);
+        self.requeue(id, reason, None, now, wall);
         self.schedule(now, wall);
-        Ok(())
     }
 
     // ---- agent reports ----

@@ -107,37 +107,41 @@ impl Client {
         label: &str,
     ) -> Result<Vec<Issue>, Error> {
         let what = format!("the open issues of {repo} labeled {label}");
-        let mut url = format!(
+        let url = format!(
             "/repos/{repo}/issues?state=open&labels={}&per_page=100",
             form_urlencoded::byte_serialize(label.as_bytes()).collect::<String>()
         );
-        let mut issues = Vec::new();
-        for _ in 0..MAX_PAGES {
-            let (body, next) = self.get(repo, &url, &what).await?;
-            let page: Vec<Issue> = decode(&body, &what)?;
-            issues.extend(page.into_iter().filter(|i| i.pull_request.is_none()));
-            match next {
-                Some(n) => url = n,
-                None => break,
-            }
-        }
-        Ok(issues)
+        let issues: Vec<Issue> = self.all_pages(repo, url, &what).await?;
+        Ok(issues
+            .into_iter()
+            .filter(|i| i.pull_request.is_none())
+            .collect())
     }
 
     /// The comments of an issue, every page.
     pub async fn issue_comments(&self, repo: &str, issue: u64) -> Result<Vec<IssueComment>, Error> {
         let what = format!("the comments of {repo}#{issue}");
-        let mut url = format!("/repos/{repo}/issues/{issue}/comments?per_page=100");
-        let mut comments = Vec::new();
+        let url = format!("/repos/{repo}/issues/{issue}/comments?per_page=100");
+        self.all_pages(repo, url, &what).await
+    }
+
+    /// Every page of a listing (at most `MAX_PAGES`), following `Link`.
+    async fn all_pages<T: DeserializeOwned>(
+        &self,
+        repo: &str,
+        mut url: String,
+        what: &str,
+    ) -> Result<Vec<T>, Error> {
+        let mut items = Vec::new();
         for _ in 0..MAX_PAGES {
-            let (body, next) = self.get(repo, &url, &what).await?;
-            comments.extend(decode::<Vec<IssueComment>>(&body, &what)?);
+            let (body, next) = self.get(repo, &url, what).await?;
+            items.extend(decode::<Vec<T>>(&body, what)?);
             match next {
                 Some(n) => url = n,
                 None => break,
             }
         }
-        Ok(comments)
+        Ok(items)
     }
 
     pub async fn create_comment(
@@ -148,16 +152,14 @@ impl Client {
     ) -> Result<IssueComment, Error> {
         let what = format!("a new comment on {repo}#{issue}");
         let route = format!("/repos/{repo}/issues/{issue}/comments");
-        let answer = self
-            .send(
-                repo,
-                Method::Post,
-                &route,
-                &serde_json::json!({ "body": body }),
-                &what,
-            )
-            .await?;
-        decode(&answer, &what)
+        self.send(
+            repo,
+            Method::Post,
+            &route,
+            &serde_json::json!({ "body": body }),
+            &what,
+        )
+        .await
     }
 
     pub async fn update_comment(
@@ -168,16 +170,14 @@ impl Client {
     ) -> Result<IssueComment, Error> {
         let what = format!("comment {id} on {repo}");
         let route = format!("/repos/{repo}/issues/comments/{id}");
-        let answer = self
-            .send(
-                repo,
-                Method::Patch,
-                &route,
-                &serde_json::json!({ "body": body }),
-                &what,
-            )
-            .await?;
-        decode(&answer, &what)
+        self.send(
+            repo,
+            Method::Patch,
+            &route,
+            &serde_json::json!({ "body": body }),
+            &what,
+        )
+        .await
     }
 
     /// A review's inline comments.
@@ -211,16 +211,14 @@ impl Client {
 
     pub async fn create_pull(&self, repo: &str, new: &NewPull<'_>) -> Result<Pull, Error> {
         let what = format!("a new pull request on {repo} from {}", new.head);
-        let answer = self
-            .send(
-                repo,
-                Method::Post,
-                &format!("/repos/{repo}/pulls"),
-                new,
-                &what,
-            )
-            .await?;
-        decode(&answer, &what)
+        self.send(
+            repo,
+            Method::Post,
+            &format!("/repos/{repo}/pulls"),
+            new,
+            &what,
+        )
+        .await
     }
 
     pub async fn update_pull(
@@ -231,16 +229,14 @@ impl Client {
         body: &str,
     ) -> Result<Pull, Error> {
         let what = format!("pull request {repo}#{number}");
-        let answer = self
-            .send(
-                repo,
-                Method::Patch,
-                &format!("/repos/{repo}/pulls/{number}"),
-                &serde_json::json!({ "title": title, "body": body }),
-                &what,
-            )
-            .await?;
-        decode(&answer, &what)
+        self.send(
+            repo,
+            Method::Patch,
+            &format!("/repos/{repo}/pulls/{number}"),
+            &serde_json::json!({ "title": title, "body": body }),
+            &what,
+        )
+        .await
     }
 
     /// A GET of `route` (relative to the API URL, or a full URL from a
@@ -268,14 +264,14 @@ impl Client {
     }
 
     /// A POST or PATCH with a JSON body; the answer's body.
-    async fn send<B: serde::Serialize + ?Sized>(
+    async fn send<B: serde::Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         repo: &str,
         method: Method,
         route: &str,
         body: &B,
         what: &str,
-    ) -> Result<Vec<u8>, Error> {
+    ) -> Result<T, Error> {
         let url = self.url(route, what)?;
         self.wait_for_github().await;
         let octo = self.octo_for(repo).await?;
@@ -284,7 +280,7 @@ impl Client {
             Method::Patch => octo._patch(url.as_str(), Some(body)).await,
         }
         .map_err(|e| transport(e, what))?;
-        self.noted(read(response, what).await)
+        decode(&self.noted(read(response, what).await)?, what)
     }
 
     /// The client that writes to `repo`: the token's, or one with the App's

@@ -220,11 +220,9 @@ fn review(e: &PullRequestReviewEvent, config: &GithubConfig) -> Decision {
     if e.action != "submitted" {
         return Decision::Ignore(format!("pull_request_review.{} is not handled", e.action));
     }
-    let Some(repo) = config.repo(&e.repository.full_name) else {
-        return Decision::Ignore(format!(
-            "repository {} is not configured",
-            e.repository.full_name
-        ));
+    let repo = match configured(&e.repository, config) {
+        Ok(repo) => repo,
+        Err(why) => return Decision::Ignore(why),
     };
     if e.review.state.eq_ignore_ascii_case("approved")
         && e.review.body.as_deref().is_none_or(|b| b.trim().is_empty())
@@ -255,11 +253,9 @@ fn review(e: &PullRequestReviewEvent, config: &GithubConfig) -> Decision {
 }
 
 fn issues(e: &IssuesEvent, config: &GithubConfig) -> Decision {
-    let Some(repo) = config.repo(&e.repository.full_name) else {
-        return Decision::Ignore(format!(
-            "repository {} is not configured",
-            e.repository.full_name
-        ));
+    let repo = match configured(&e.repository, config) {
+        Ok(repo) => repo,
+        Err(why) => return Decision::Ignore(why),
     };
     if e.issue.pull_request.is_some() {
         return Decision::Ignore("a pull request, not an issue".into());
@@ -306,11 +302,9 @@ fn comment(e: &IssueCommentEvent, config: &GithubConfig) -> Decision {
     if e.action != "created" {
         return Decision::Ignore(format!("issue_comment.{} is not handled", e.action));
     }
-    let Some(repo) = config.repo(&e.repository.full_name) else {
-        return Decision::Ignore(format!(
-            "repository {} is not configured",
-            e.repository.full_name
-        ));
+    let repo = match configured(&e.repository, config) {
+        Ok(repo) => repo,
+        Err(why) => return Decision::Ignore(why),
     };
     let Some(command) = parse_command(
         e.comment.body.as_deref().unwrap_or_default(),
@@ -350,6 +344,16 @@ fn comment(e: &IssueCommentEvent, config: &GithubConfig) -> Decision {
         return Decision::Untrusted(why);
     }
     Decision::Command(work(&e.issue, &e.repository, repo), command)
+}
+
+/// The configuration of the delivery's repository, or why it is ignored.
+fn configured<'a>(
+    repository: &Repository,
+    config: &'a GithubConfig,
+) -> Result<&'a RepoConfig, String> {
+    config
+        .repo(&repository.full_name)
+        .ok_or_else(|| format!("repository {} is not configured", repository.full_name))
 }
 
 /// Why `user` may not trigger work, if so.
