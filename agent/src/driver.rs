@@ -303,7 +303,7 @@ impl Driver {
                 {
                     // Still sent while connected; lost only if the
                     // stream breaks before it is acknowledged.
-                    warn!(task_id = %task, error = %e, "cannot spool output");
+                    warn!(task_id = %task, attempt = attempt.0, error = %e, "cannot spool output");
                 }
             }
             ChildEvent::Progress {
@@ -321,7 +321,7 @@ impl Driver {
                     && let Err(e) = self.spool.save_result(task, attempt, &report)
                 {
                     // Still sent; lost only if the agent dies before the ack.
-                    warn!(task_id = %task, error = %e, "cannot save the result");
+                    warn!(task_id = %task, attempt = attempt.0, error = %e, "cannot save the result");
                 }
             }
         }
@@ -420,7 +420,7 @@ impl Driver {
             {
                 Ok(chunks) => chunks,
                 Err(e) => {
-                    warn!(task_id = %task, error = %e, "cannot read spooled output");
+                    warn!(task_id = %task, attempt = attempt.0, error = %e, "cannot read spooled output");
                     return true;
                 }
             };

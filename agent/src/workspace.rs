@@ -367,11 +367,13 @@ pub fn set_network_timeout(timeout: Duration) -> Result<(), Error> {
     }
 }
 
-/// Runs git work on the blocking pool (git2 blocks), as an async step.
+/// Runs git work on the blocking pool (git2 blocks), as an async step, in
+/// the caller's span (its log lines keep the task id and attempt).
 pub async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Error> {
-    tokio::task::spawn_blocking(work)
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work))
         .await
         .unwrap_or_else(|join| Err(Error::Interrupted(join.to_string())))
 }

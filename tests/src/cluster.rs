@@ -402,8 +402,13 @@ impl Cluster {
     }
 }
 
-/// The value of `key=value` in a log line.
+/// The value of `key=value` in a human log line, or of `"key":"value"` in a
+/// JSON one.
 pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    if let Some(at) = line.find(&format!("\"{key}\":\"")) {
+        let rest = &line[at + key.len() + 4..];
+        return rest.split('"').next();
+    }
     let start = line.find(&format!("{key}="))? + key.len() + 1;
     line[start..].split_whitespace().next()
 }

@@ -152,7 +152,7 @@ impl Core {
             self.index_pull(&snapshot);
             self.writes.push(Write::Task(Box::new(snapshot)));
         }
-        info!(task_id = %id, pull = number, by = %by, "follow-up on a pull request");
+        info!(task_id = %id, attempt = 0, pull = number, by = %by, "follow-up on a pull request");
         IssueOutcome::Created(id)
     }
 
@@ -264,6 +264,21 @@ impl Core {
         now: Instant,
         wall: UnixMillis,
     ) -> IssueOutcome {
+        let outcome = self.apply_issue_command(delivery, command, task, now, wall);
+        if let IssueOutcome::Applied(id, what) = &outcome {
+            info!(task_id = %id, attempt = self.attempt_of(*id), %what, "issue command applied");
+        }
+        outcome
+    }
+
+    fn apply_issue_command(
+        &mut self,
+        delivery: &str,
+        command: IssueCommand,
+        task: NewTask,
+        now: Instant,
+        wall: UnixMillis,
+    ) -> IssueOutcome {
         if !self.first_delivery(delivery, wall) {
             return IssueOutcome::Duplicate;
         }
@@ -287,7 +302,7 @@ impl Core {
                 };
                 match self.retry(id, now, wall) {
                     Ok(()) => {
-                        info!(task_id = %id, by = %by, "retried from the issue");
+                        info!(task_id = %id, attempt = self.attempt_of(id), by = %by, "retried from the issue");
                         IssueOutcome::Applied(id, "queued again".into())
                     }
                     Err(_) => IssueOutcome::Declined(

@@ -237,7 +237,7 @@ impl Core {
                 self.finish_effect(key, current);
             }
             EffectResult::PullOpened(pull) => {
-                info!(task_id = %task, number = pull.number, url = %pull.url, draft = pull.draft, "pull request opened");
+                info!(task_id = %task, attempt = self.attempt_of(task), number = pull.number, url = %pull.url, draft = pull.draft, "pull request opened");
                 let changed = self
                     .tasks
                     .get(&task)
@@ -264,14 +264,14 @@ impl Core {
                     self.github_paused_until =
                         Some(self.github_paused_until.map_or(until, |u| u.max(until)));
                 }
-                warn!(task_id = %task, effect = effect.as_str(), tries = entry.tries, wait_s = wait.as_secs(), %error, "GitHub effect failed; trying again later");
+                warn!(task_id = %task, attempt = self.attempt_of(task), effect = effect.as_str(), tries = entry.tries, wait_s = wait.as_secs(), %error, "GitHub effect failed; trying again later");
                 entry.not_before = Some(wall.saturating_add(wait));
                 entry.last_error = Some(error);
                 self.writes.push(Write::Outbox(Box::new(entry.clone())));
                 self.outbox.insert(key, entry);
             }
             EffectResult::GiveUp { error } => {
-                warn!(task_id = %task, effect = effect.as_str(), %error, "GitHub refused an effect for good");
+                warn!(task_id = %task, attempt = self.attempt_of(task), effect = effect.as_str(), %error, "GitHub refused an effect for good");
                 self.note_github(task, |g| {
                     g.error = Some(format!("{}: {error}", effect.as_str()))
                 });

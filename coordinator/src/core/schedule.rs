@@ -89,7 +89,7 @@ impl Core {
             let Some((agent, reason)) = self.place(candidate.id) else {
                 // The queue offered it because a free agent serves it, so
                 // `place` finds one; if not, wait for the next event.
-                warn!(task_id = %candidate.id, "no agent found for a task a free agent should serve");
+                warn!(task_id = %candidate.id, attempt = self.attempt_of(candidate.id), "no agent found for a task a free agent should serve");
                 return;
             };
             self.assign(candidate.id, agent, reason, now, wall);

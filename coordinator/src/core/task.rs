@@ -178,6 +178,12 @@ impl Task {
         self.attempts.last_mut()
     }
 
+    /// The latest attempt's number, 0 before the first: what every log line
+    /// about the task carries as `attempt`.
+    pub fn attempt_number(&self) -> u32 {
+        self.current().map_or(0, |a| a.attempt.0)
+    }
+
     pub fn next_attempt(&self) -> Attempt {
         Attempt(self.current().map_or(1, |a| a.attempt.0 + 1))
     }
@@ -308,6 +314,12 @@ impl Core {
         self.tasks.values()
     }
 
+    /// A task's latest attempt number (0 before the first or for an unknown
+    /// task), for log lines.
+    pub(super) fn attempt_of(&self, id: TaskId) -> u32 {
+        self.tasks.get(&id).map_or(0, Task::attempt_number)
+    }
+
     /// Output position of a live attempt, for `WatchTask`.
     pub fn acked_seq(&self, id: TaskId) -> Option<u64> {
         self.live.get(&id).map(|l| l.acked)
@@ -350,7 +362,7 @@ impl Core {
             triage: new.triage,
             github: None,
         };
-        info!(task_id = %id, repo = %task.spec.repo_url, specialty = %task.spec.specialty, state = task.state.as_str(), "task submitted");
+        info!(task_id = %id, attempt = 0, repo = %task.spec.repo_url, specialty = %task.spec.specialty, state = task.state.as_str(), "task submitted");
         if task.state == TaskState::Queued {
             self.queue
                 .insert(Queued::of(&task, now), self.config.general_fallback_after);
@@ -373,7 +385,7 @@ impl Core {
         if task.state.is_terminal() {
             return Err(TaskError::AlreadyFinished(id, task.state));
         }
-        info!(task_id = %id, %reason, "cancel requested");
+        info!(task_id = %id, attempt = task.attempt_number(), %reason, "cancel requested");
         if !task.state.is_live() {
             task.state = TaskState::Cancelled;
             task.state_reason = reason;
@@ -671,7 +683,7 @@ impl Core {
             live.acked = live.acked.max(seq);
         } else if seq > next {
             // A gap: the agent resends in order from our ack after reconnecting.
-            debug!(task_id = %id, seq, expected = next, "output gap; waiting for the missing chunks");
+            debug!(task_id = %id, attempt = attempt.0, seq, expected = next, "output gap; waiting for the missing chunks");
         } else {
             let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
             let (kind, data) = if budget.stored_bytes.saturating_add(len) > cap {
@@ -822,7 +834,7 @@ impl Core {
             {
                 self.send_cancel(conn, id, attempt, why);
             }
-            warn!(task_id = %id, outcome = %outcome, "{why}");
+            warn!(task_id = %id, attempt = self.attempt_of(id), outcome = %outcome, "{why}");
             self.end_attempt(id, outcome, why.into(), None, now, wall);
         }
     }
@@ -904,7 +916,7 @@ impl Core {
                 } else {
                     format!("{outcome}: {message}")
                 };
-                info!(task_id = %id, state = state.as_str(), "task finished");
+                info!(task_id = %id, attempt = task.attempt_number(), state = state.as_str(), "task finished");
                 self.persist_task(id);
                 self.publish_state(id);
             }
@@ -914,7 +926,7 @@ impl Core {
                     "{outcome}: {message} (no attempts left of {})",
                     task.max_attempts
                 );
-                warn!(task_id = %id, "task failed: no attempts left");
+                warn!(task_id = %id, attempt = task.attempt_number(), "task failed: no attempts left");
                 self.persist_task(id);
                 self.publish_state(id);
             }

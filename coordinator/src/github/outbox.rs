@@ -42,7 +42,7 @@ pub async fn run(client: Client, driver: DriverHandle, shutdown: CancellationTok
         };
         let worked = !jobs.is_empty();
         for job in jobs {
-            let span = info_span!("effect", task_id = %job.entry.task, effect = job.entry.effect.as_str(), version = job.entry.version);
+            let span = info_span!("effect", task_id = %job.entry.task, attempt = job.task.attempt_number(), effect = job.entry.effect.as_str(), version = job.entry.version);
             let result = perform(&client, &job, &failpoint).instrument(span).await;
             let done = driver
                 .call(|reply| Command::EffectDone {

@@ -67,7 +67,7 @@ pub async fn round(
                 .await
             {
                 Ok(IssueOutcome::Created(id)) => {
-                    info!(task_id = %id, repo = %repo.name, issue = issue.number, "task created for an issue whose delivery was missed");
+                    info!(task_id = %id, attempt = 0, repo = %repo.name, issue = issue.number, "task created for an issue whose delivery was missed");
                     created += 1;
                 }
                 Ok(_) => {}

@@ -152,7 +152,7 @@ async fn handle(
         }
     };
     if let Ok(IssueOutcome::Created(id)) = &outcome {
-        info!(task_id = %id, issue = work.number, repo = %work.repo.name, "issue triggered");
+        info!(task_id = %id, attempt = 0, issue = work.number, repo = %work.repo.name, "issue triggered");
     }
     outcome_answer(outcome)
 }
@@ -208,7 +208,7 @@ fn outcome_answer(outcome: Result<IssueOutcome, crate::driver::DriverGone>) -> R
     match outcome {
         Err(gone) => answer(StatusCode::SERVICE_UNAVAILABLE, "refused", gone.to_string()),
         Ok(IssueOutcome::Created(id)) => {
-            info!(task_id = %id, "task created from a webhook");
+            info!(task_id = %id, attempt = 0, "task created from a webhook");
             answer_task(
                 StatusCode::ACCEPTED,
                 "created",
@@ -217,7 +217,6 @@ fn outcome_answer(outcome: Result<IssueOutcome, crate::driver::DriverGone>) -> R
             )
         }
         Ok(IssueOutcome::Applied(id, what)) => {
-            info!(task_id = %id, %what, "issue command applied");
             answer_task(StatusCode::ACCEPTED, "applied", &id.to_string(), what)
         }
         Ok(IssueOutcome::Declined(id, why)) => {
