@@ -77,7 +77,7 @@ fmt:
 
 # The demo binary is built by `build` with the same feature set as the rest.
 demo: build
-	./target/debug/demo
+	./target/debug/demo $(DEMO_ARGS)
 
 # A PKI for running the binaries by hand with their defaults; what exists is
 # kept (and said so), so running it again is harmless.

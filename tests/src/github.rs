@@ -521,6 +521,31 @@ impl FakeGitHub {
         self.with_repo(repo, |r| r.issues.get(&number).cloned())
     }
 
+    /// The payload GitHub sends for an `issues` event (`opened`, `labeled`
+    /// with `label`, ...) on issue `number` of `repo`, sent by the issue's
+    /// author: made of the same issue, repository and user objects the
+    /// fake's REST API answers. `None` for an unknown issue.
+    pub fn issues_event(
+        &self,
+        repo: &str,
+        number: u64,
+        action: &str,
+        label: Option<&str>,
+    ) -> Option<Value> {
+        let mut world = self.world();
+        let issue = world.repo_mut(repo).issues.get(&number).cloned()?;
+        let mut payload = json!({
+            "action": action,
+            "issue": world.issue_json(repo, &issue),
+            "repository": world.repo_json(repo),
+            "sender": world.user_json(&issue.user),
+        });
+        if let Some(label) = label {
+            payload["label"] = world.labels_json(repo, &[label.to_owned()])[0].clone();
+        }
+        Some(payload)
+    }
+
     /// The pull requests of `repo` (issues that are pull requests).
     pub fn pulls(&self, repo: &str) -> Vec<Issue> {
         self.issues(repo)

@@ -275,6 +275,10 @@ impl Acc {
         let mut best: Option<(Specialty, f64)> = None;
         for m in rules.path_matcher.find_overlapping_iter(path) {
             let rule = &rules.paths[m.pattern().as_usize()];
+            if cuts_a_name(path, m.end()) {
+                // `.cs` in `style.css`: a pattern ends where a name goes on.
+                continue;
+            }
             for (meaning, weight) in &rule.meanings {
                 match meaning {
                     Meaning::Specialty(s) if best.is_none_or(|(_, w)| *weight > w) => {
@@ -441,6 +445,14 @@ impl Acc {
             missing,
         }
     }
+}
+
+/// Whether a path pattern matched up to `end` stops inside a name: the
+/// pattern's last character and the next one are both letters or digits.
+fn cuts_a_name(path: &str, end: usize) -> bool {
+    let before = path[..end].chars().next_back();
+    let after = path[end..].chars().next();
+    before.is_some_and(char::is_alphanumeric) && after.is_some_and(char::is_alphanumeric)
 }
 
 /// One signal's weight, its text and the technology it names, if any.

@@ -111,6 +111,36 @@ fn a_stack_trace_speaks_through_the_files_its_frames_name() {
 }
 
 #[test]
+fn a_path_pattern_does_not_match_inside_a_longer_name() {
+    // `.cs` (C#) is not in `style.css`; `.css` and `.cs` files still count.
+    let t = run(
+        "Restyle the header",
+        "Change web/style.css and web/app.js.",
+        &[],
+    );
+    assert!(
+        !t.technologies.iter().any(|t| t == "C#"),
+        "{:?}",
+        t.technologies
+    );
+    assert!(
+        t.technologies.iter().any(|t| t == "CSS"),
+        "{:?}",
+        t.technologies
+    );
+    let t = run(
+        "Fix the parser",
+        "The bug is in src/Parser.cs, line 10.",
+        &[],
+    );
+    assert!(
+        t.technologies.iter().any(|t| t == "C#"),
+        "{:?}",
+        t.technologies
+    );
+}
+
+#[test]
 fn vague_reports_are_unclear_and_say_what_is_missing() {
     for (title, body) in [
         ("Not working after update", "It's broken. Please fix."),

@@ -18,6 +18,12 @@
 //! is logged out: `auth status` says so (exit 1) and a run ends as the real
 //! CLI's does ("Not logged in · Please run /login", exit 1). With
 //! `FAKE_CLAUDE_PROMPTS` set to a directory, each run's prompt is kept there.
+//!
+//! With `FAKE_CLAUDE_PLAYS` naming a TOML file of plays (see
+//! `tests/demo/plays.toml`), the first play whose `when` appears in the
+//! prompt is acted out instead: its `say` steps are printed as the
+//! assistant's text and its `write` steps change files of the workspace for
+//! real, `pace_ms` apart; then it succeeds with the play's `result`.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -52,6 +58,103 @@ fn log_run(what: &str) {
     {
         let _ = writeln!(file, "{what} {now}");
     }
+}
+
+/// A file of plays (`FAKE_CLAUDE_PLAYS`).
+#[derive(serde::Deserialize)]
+struct Plays {
+    #[serde(default)]
+    pace_ms: u64,
+    #[serde(default)]
+    play: Vec<Play>,
+}
+
+#[derive(serde::Deserialize)]
+struct Play {
+    when: String,
+    result: String,
+    #[serde(default)]
+    step: Vec<Step>,
+}
+
+/// One step of a play: something said, or a file written.
+#[derive(serde::Deserialize)]
+struct Step {
+    say: Option<String>,
+    write: Option<String>,
+    #[serde(default)]
+    content: String,
+}
+
+/// The first play of `FAKE_CLAUDE_PLAYS` whose `when` the prompt contains,
+/// and the pace; a file that cannot be read or parsed ends the run, as a
+/// broken test setup should.
+fn find_play(prompt: &str) -> Option<(Play, Duration)> {
+    let path = std::env::var_os("FAKE_CLAUDE_PLAYS")?;
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        eprintln!("fake-claude: cannot read {}: {e}", path.display());
+        std::process::exit(2);
+    });
+    let plays: Plays = toml::from_str(&text).unwrap_or_else(|e| {
+        eprintln!("fake-claude: {}: {e}", path.display());
+        std::process::exit(2);
+    });
+    let prompt = prompt.to_lowercase();
+    let pace = Duration::from_millis(plays.pace_ms);
+    plays
+        .play
+        .into_iter()
+        .find(|p| prompt.contains(&p.when.to_lowercase()))
+        .map(|p| (p, pace))
+}
+
+/// Acts a play out: its steps as stream-json events (files written for
+/// real), then a successful result.
+fn act(play: &Play, pace: Duration, out: &mut impl Write, session: &str, started: Instant) {
+    for step in &play.step {
+        if let Some(text) = &step.say {
+            emit(
+                out,
+                serde_json::json!({
+                    "type": "assistant", "session_id": session,
+                    "message": {"content": [{"type": "text", "text": text}]},
+                }),
+            );
+        }
+        if let Some(file) = &step.write {
+            let tool = if std::path::Path::new(file).exists() {
+                "Edit"
+            } else {
+                "Write"
+            };
+            emit(
+                out,
+                serde_json::json!({
+                    "type": "assistant", "session_id": session,
+                    "message": {"content": [{"type": "tool_use", "name": tool, "input": {"file_path": file}}]},
+                }),
+            );
+            if let Some(dir) = std::path::Path::new(file).parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            if let Err(e) = std::fs::write(file, &step.content) {
+                eprintln!("fake-claude: cannot write {file}: {e}");
+                std::process::exit(1);
+            }
+        }
+        std::thread::sleep(pace);
+    }
+    let turns = play.step.len();
+    emit(
+        out,
+        serde_json::json!({
+            "type": "result", "subtype": "success", "is_error": false,
+            "num_turns": turns, "duration_ms": started.elapsed().as_millis() as u64,
+            "duration_api_ms": 0, "total_cost_usd": 0.0123 * turns as f64, "session_id": session,
+            "result": play.result, "permission_denials": [],
+            "modelUsage": {"fake-model": {"inputTokens": 10, "outputTokens": 5, "costUSD": 0.0123 * turns as f64}},
+        }),
+    );
 }
 
 /// One stream-json event: a JSON object on a line, flushed at once.
@@ -144,6 +247,11 @@ fn main() {
         );
         log_run("end");
         std::process::exit(1);
+    }
+    if let Some((play, pace)) = find_play(&prompt) {
+        act(&play, pace, &mut out, &session, started);
+        log_run("end");
+        return;
     }
     if num("grandchild", 0) == 1 {
         // A process of its own group that outlives nothing: killing the
