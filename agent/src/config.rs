@@ -240,41 +240,6 @@ impl ClaudeConfig {
             None => crate::prompt::build(task, spec),
         }
     }
-
-    /// The argument vector for one run: headless, stream-json events (which
-    /// require --verbose), edits allowed without prompting. The prompt is
-    /// not among them: it goes on stdin, where `-p` reads it when no prompt
-    /// argument is given, because one argument is limited to 128 KiB on
-    /// Linux and cannot be mistaken for an option there.
-    pub fn args(&self) -> Vec<String> {
-        let mut args = vec![
-            "-p".to_owned(),
-            "--output-format".into(),
-            "stream-json".into(),
-            "--verbose".into(),
-            "--permission-mode".into(),
-            self.permission_mode.clone(),
-            "--max-turns".into(),
-            self.max_turns.to_string(),
-        ];
-        if let Some(budget) = self.max_budget_usd {
-            args.extend(["--max-budget-usd".into(), budget.to_string()]);
-        }
-        if let Some(model) = &self.model {
-            args.extend(["--model".into(), model.clone()]);
-        }
-        if !self.allowed_tools.is_empty() {
-            args.extend(["--allowedTools".into(), self.allowed_tools.join(",")]);
-        }
-        if !self.disallowed_tools.is_empty() {
-            args.extend(["--disallowedTools".into(), self.disallowed_tools.join(",")]);
-        }
-        if let Some(extra) = &self.append_system_prompt {
-            args.extend(["--append-system-prompt".into(), extra.clone()]);
-        }
-        args.extend(self.extra_args.iter().cloned());
-        args
-    }
 }
 
 /// `[toolchains]`: which tools to look for at start.

@@ -17,6 +17,7 @@ use common::types::{
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
+use crate::claude;
 use crate::config::{ClaudeConfig, TestsConfig};
 use crate::runner::{self, End, Invocation, RunResult, Sink};
 use crate::workspace::{self, Author, Workspaces};
@@ -132,9 +133,10 @@ impl Executor {
         // The CLI.
         sink.progress(Phase::RunningClaude).await;
         let prompt = self.claude.prompt(job.task, &job.spec);
+        let watch = Arc::new(claude::EventWatch::default());
         let inv = Invocation {
             program: self.claude.program.clone(),
-            args: self.claude.args(),
+            args: claude::run_args(&self.claude),
             env: self.claude.env.clone(),
             cwd: prepared.dir.clone(),
             input: Some(prompt.into_bytes()),
@@ -144,6 +146,7 @@ impl Executor {
                 .min(self.claude.timeout),
             grace: self.claude.kill_grace,
             record: Some(self.children.clone()),
+            events: Some(watch.clone()),
         };
         sink.system(format!("[ccc] running {}", self.claude.program))
             .await;
@@ -158,7 +161,9 @@ impl Executor {
                 );
             }
         };
-        let (cli_outcome, cli_message, cli) = cli_outcome(&run, inv.deadline);
+        let result = watch.take_result();
+        let (cli_outcome, cli_message, cli) =
+            claude::outcome(&run.end, result.as_ref(), inv.deadline);
         let partial = matches!(
             cli_outcome,
             Outcome::TurnLimit | Outcome::BudgetExceeded | Outcome::TimedOut
@@ -166,7 +171,9 @@ impl Executor {
         if !(cli_outcome == Outcome::Succeeded || (partial && self.push_incomplete)) {
             let mut r = FinishedReport::new(cli_outcome, cli_message);
             r.cli = cli;
-            r.rate_limit_reset_unix_ms = rate_limit_reset(run.result_event.as_ref());
+            r.rate_limit_reset_unix_ms = result
+                .as_ref()
+                .map_or(0, claude::ResultEvent::rate_limit_reset_unix_ms);
             return r;
         }
 
@@ -321,6 +328,7 @@ impl Executor {
             deadline: self.tests.timeout,
             grace: self.claude.kill_grace,
             record: Some(self.children.clone()),
+            events: None,
         };
         let summary = match runner::run_streaming(&inv, sink, stop).await {
             Ok(RunResult { end, tail, .. }) => {
@@ -429,182 +437,4 @@ fn commit_message(
         }
     }
     message
-}
-
-/// How the CLI run went, from its exit and its `result` event together (a
-/// failed API call still says `subtype: success` but `is_error: true`).
-pub fn cli_outcome(run: &RunResult, deadline: Duration) -> (Outcome, String, Option<CliResult>) {
-    let r = run.result_event.as_ref();
-    let cli = r.map(|r| CliResult {
-        cost_usd: r["total_cost_usd"].as_f64().unwrap_or(0.0),
-        turns: u32::try_from(r["num_turns"].as_u64().unwrap_or(0)).unwrap_or(u32::MAX),
-        duration_ms: r["duration_ms"].as_u64().unwrap_or(0),
-        session_id: r["session_id"].as_str().unwrap_or_default().to_owned(),
-        is_error: r["is_error"].as_bool().unwrap_or(false),
-        subtype: r["subtype"].as_str().unwrap_or_default().to_owned(),
-        result: r["result"]
-            .as_str()
-            .unwrap_or_default()
-            .chars()
-            .take(4096)
-            .collect(),
-        // The result event names the models it used (`modelUsage`); the
-        // first, in the CLI's order.
-        model: r["modelUsage"]
-            .as_object()
-            .and_then(|m| m.keys().next().cloned())
-            .or_else(|| r["model"].as_str().map(str::to_owned))
-            .unwrap_or_default()
-            .chars()
-            .take(128)
-            .collect(),
-    });
-    let status = match &run.end {
-        End::Stopped => return (Outcome::Cancelled, "stopped on request".into(), cli),
-        End::TimedOut => {
-            return (
-                Outcome::TimedOut,
-                format!("the CLI did not finish within {}s", deadline.as_secs()),
-                cli,
-            );
-        }
-        End::Exited(status) => *status,
-    };
-    let exit = runner::exit_text(status);
-    let Some(c) = cli.as_ref() else {
-        let outcome = if status.is_some_and(|s| s.success()) {
-            (
-                Outcome::Succeeded,
-                "the CLI exited 0 without a result event".into(),
-            )
-        } else {
-            (
-                Outcome::CliFailed,
-                format!("the CLI crashed (exit {exit}) without a result"),
-            )
-        };
-        return (outcome.0, outcome.1, cli);
-    };
-    let api_status = r.and_then(|r| r["api_error_status"].as_u64());
-    let text = c.result.to_ascii_lowercase();
-    let (outcome, message) = if status.is_some_and(|s| s.success()) && !c.is_error {
-        (
-            Outcome::Succeeded,
-            format!("the CLI finished in {} turns", c.turns),
-        )
-    } else if c.subtype == "error_max_turns" {
-        (
-            Outcome::TurnLimit,
-            format!("the CLI stopped at its turn limit after {} turns", c.turns),
-        )
-    } else if c.subtype.contains("budget") {
-        (
-            Outcome::BudgetExceeded,
-            format!("the CLI stopped at its budget after ${:.4}", c.cost_usd),
-        )
-    } else if api_status == Some(429) || text.contains("usage limit") || text.contains("rate limit")
-    {
-        (
-            Outcome::RateLimited,
-            format!("the API's usage or rate limit was reached: {}", c.result),
-        )
-    } else if text.contains("not logged in") {
-        (
-            Outcome::AgentFault,
-            format!("the CLI is not logged in on this PC: {}", c.result),
-        )
-    } else if api_status == Some(401) || text.contains("invalid api key") {
-        (
-            Outcome::AgentFault,
-            format!(
-                "the API refused this PC's credentials (HTTP 401; check ANTHROPIC_API_KEY or the login): {}",
-                c.result
-            ),
-        )
-    } else if let Some(code) = api_status {
-        (
-            Outcome::CliFailed,
-            format!("the API failed with HTTP {code}: {}", c.result),
-        )
-    } else {
-        (
-            Outcome::CliFailed,
-            format!("the CLI failed (exit {exit}): {}", c.result),
-        )
-    };
-    (outcome, message, cli)
-}
-
-/// The reset time of a usage limit, when the CLI gives one: its message
-/// ends with `|<unix seconds>` ("Claude AI usage limit reached|1700000000").
-pub fn rate_limit_reset(result: Option<&serde_json::Value>) -> u64 {
-    result
-        .and_then(|r| r["result"].as_str())
-        .and_then(|text| text.rsplit_once('|'))
-        .and_then(|(_, secs)| secs.trim().parse::<u64>().ok())
-        .map_or(0, |secs| secs.saturating_mul(1000))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(end: End, result: Option<serde_json::Value>) -> RunResult {
-        RunResult {
-            end,
-            result_event: result,
-            tail: String::new(),
-        }
-    }
-
-    fn exit(code: i32) -> End {
-        use std::os::unix::process::ExitStatusExt;
-        End::Exited(Some(std::process::ExitStatus::from_raw(code << 8)))
-    }
-
-    #[test]
-    fn outcomes_read_both_the_exit_code_and_the_result_event() {
-        let d = Duration::from_secs(60);
-        let ok = serde_json::json!({"type":"result","subtype":"success","is_error":false,"num_turns":3,"result":"done"});
-        assert_eq!(
-            cli_outcome(&run(exit(0), Some(ok)), d).0,
-            Outcome::Succeeded
-        );
-        let api = serde_json::json!({"type":"result","subtype":"success","is_error":true,"api_error_status":500,"result":"API Error: 500"});
-        let (o, m, _) = cli_outcome(&run(exit(1), Some(api)), d);
-        assert_eq!(o, Outcome::CliFailed);
-        assert!(m.contains("HTTP 500"), "{m}");
-        let turns = serde_json::json!({"type":"result","subtype":"error_max_turns","is_error":true,"num_turns":2});
-        assert_eq!(
-            cli_outcome(&run(exit(1), Some(turns)), d).0,
-            Outcome::TurnLimit
-        );
-        let limited = serde_json::json!({"type":"result","subtype":"success","is_error":true,"result":"Claude AI usage limit reached|1700000000"});
-        assert_eq!(
-            cli_outcome(&run(exit(1), Some(limited.clone())), d).0,
-            Outcome::RateLimited
-        );
-        assert_eq!(rate_limit_reset(Some(&limited)), 1_700_000_000_000);
-        let login = serde_json::json!({"type":"result","is_error":true,"result":"Not logged in · Please run /login"});
-        let (o, m, _) = cli_outcome(&run(exit(1), Some(login)), d);
-        assert_eq!(o, Outcome::AgentFault);
-        assert!(m.contains("not logged in"), "{m}");
-        // What the real CLI 2.1 prints for a key the API refuses.
-        let key = serde_json::json!({"type":"result","subtype":"success","is_error":true,"api_error_status":401,"result":"Invalid API key · Fix external API key"});
-        let (o, m, _) = cli_outcome(&run(exit(1), Some(key)), d);
-        assert_eq!(o, Outcome::AgentFault);
-        assert!(
-            m.contains("HTTP 401") && m.contains("Invalid API key"),
-            "{m}"
-        );
-        assert_eq!(cli_outcome(&run(exit(139), None), d).0, Outcome::CliFailed);
-        assert_eq!(
-            cli_outcome(&run(End::TimedOut, None), d).0,
-            Outcome::TimedOut
-        );
-        assert_eq!(
-            cli_outcome(&run(End::Stopped, None), d).0,
-            Outcome::Cancelled
-        );
-    }
 }

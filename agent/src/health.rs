@@ -88,15 +88,10 @@ pub async fn version(path: &Path, env: &[(String, String)]) -> Result<String, Er
         why,
     };
     let program = path.to_string_lossy();
-    let out = runner::run_captured(
-        &program,
-        &["--version".to_owned()],
-        env,
-        None,
-        CHECK_TIMEOUT,
-    )
-    .await
-    .map_err(|e| broken(e.to_string()))?;
+    let args = crate::claude::VERSION_ARGS.map(str::to_owned);
+    let out = runner::run_captured(&program, &args, env, None, CHECK_TIMEOUT)
+        .await
+        .map_err(|e| broken(e.to_string()))?;
     let version = crate::toolchains::parse_version(&out.stdout, "claude");
     match version {
         Some(v) if out.success => Ok(v),
@@ -114,12 +109,11 @@ pub async fn version(path: &Path, env: &[(String, String)]) -> Result<String, Er
 /// counts as logged in: the next attempt tells.
 pub async fn logged_in(path: &Path, env: &[(String, String)]) -> Result<(), String> {
     let program = path.to_string_lossy();
-    let args = ["auth".to_owned(), "status".to_owned(), "--json".to_owned()];
+    let args = crate::claude::AUTH_STATUS_ARGS.map(str::to_owned);
     let out = runner::run_captured(&program, &args, env, None, CHECK_TIMEOUT)
         .await
         .map_err(|e| format!("cannot ask the CLI whether it is logged in: {e}"))?;
-    let status: Option<serde_json::Value> = serde_json::from_str(out.stdout.trim()).ok();
-    match status.as_ref().and_then(|s| s["loggedIn"].as_bool()) {
+    match crate::claude::logged_in(&out.stdout) {
         Some(true) => Ok(()),
         Some(false) => Err(format!(
             "the CLI {} is not logged in on this PC (claude auth status: loggedIn false); run `claude auth login` or set ANTHROPIC_API_KEY",

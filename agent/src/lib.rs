@@ -12,6 +12,7 @@
 //! error; not logged in: unhealthy), processes an earlier run left behind
 //! ended, toolchains probed, then the coordinator link.
 
+pub mod claude;
 pub mod config;
 pub mod conn;
 pub mod driver;

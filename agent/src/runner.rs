@@ -111,6 +111,22 @@ pub struct Invocation {
     pub grace: Duration,
     /// Where the run's process group is recorded while it lives.
     pub record: Option<Registry>,
+    /// What the program's stdout lines mean, for a program that prints
+    /// events (the CLI's stream-json); without it stdout is plain output.
+    pub events: Option<Arc<dyn LineEvents>>,
+}
+
+/// Reads the stdout lines of a program that prints events.
+pub trait LineEvents: Send + Sync {
+    /// Sees a whole stdout line (one cut into several chunks is put back
+    /// together first, up to `MAX_EVENT_LINE`); whether it is an event.
+    fn observe(&self, line: &[u8]) -> bool;
+}
+
+impl std::fmt::Debug for dyn LineEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LineEvents")
+    }
 }
 
 /// What an attempt reports to the driver while it works.
@@ -196,15 +212,12 @@ pub enum End {
 #[derive(Debug)]
 pub struct RunResult {
     pub end: End,
-    /// The CLI's stream-json `result` event, when the run printed one.
-    pub result_event: Option<serde_json::Value>,
     /// The last lines of output, lossily decoded.
     pub tail: String,
 }
 
 /// Runs `inv` in its own process group, streaming its output to `sink`
-/// (stdout lines that are JSON objects with a `type` are stream-json
-/// events), until it exits, `stop` is cancelled or its deadline passes; in
+/// (stdout lines its `events` recognise are sent as events), until it exits, `stop` is cancelled or its deadline passes; in
 /// the last two cases the whole group gets TERM, then KILL after the grace.
 pub async fn run_streaming(
     inv: &Invocation,
@@ -261,10 +274,22 @@ pub async fn run_streaming(
     let collected = Arc::new(std::sync::Mutex::new(Collected::default()));
     let mut readers = tokio::task::JoinSet::new();
     if let Some(out) = child.stdout.take() {
-        readers.spawn(forward(out, true, sink.clone(), Arc::clone(&collected)));
+        readers.spawn(forward(
+            out,
+            OutputKind::Stdout,
+            inv.events.clone(),
+            sink.clone(),
+            Arc::clone(&collected),
+        ));
     }
     if let Some(err) = child.stderr.take() {
-        readers.spawn(forward(err, false, sink.clone(), Arc::clone(&collected)));
+        readers.spawn(forward(
+            err,
+            OutputKind::Stderr,
+            None,
+            sink.clone(),
+            Arc::clone(&collected),
+        ));
     }
     let end = tokio::select! {
         status = child.wait() => End::Exited(status.ok()),
@@ -312,14 +337,12 @@ pub async fn run_streaming(
         .unwrap_or_default();
     Ok(RunResult {
         end,
-        result_event: collected.result_event,
         tail: collected.tail.into_iter().collect::<Vec<_>>().join(""),
     })
 }
 
 #[derive(Default)]
 struct Collected {
-    result_event: Option<serde_json::Value>,
     tail: std::collections::VecDeque<String>,
     /// Readers waiting for the driver to take a chunk.
     sending: usize,
@@ -329,8 +352,9 @@ struct Collected {
     after_group: usize,
 }
 
-/// The longest stdout line still read as a stream-json event when it is cut
-/// into several chunks (a `result` with large fields can exceed a chunk).
+/// The longest stdout line still shown to `LineEvents` when it is cut into
+/// several chunks (a CLI's `result` event with large fields can exceed a
+/// chunk).
 const MAX_EVENT_LINE: usize = 8 * 1024 * 1024;
 
 /// `line` and a newline, within `MAX_CHUNK` bytes (cut on a char boundary).
@@ -347,10 +371,11 @@ fn system_line(mut line: String) -> String {
 /// Reads a pipe in chunks of at most one line (long lines are cut at
 /// `MAX_CHUNK`), as raw bytes: output need not be UTF-8. A stdout line cut
 /// into pieces goes out as plain pieces, and is also put back together (up
-/// to `MAX_EVENT_LINE`) so that a long `result` event is still understood.
+/// to `MAX_EVENT_LINE`) for `events`, so that a long event is still seen.
 async fn forward(
     pipe: impl tokio::io::AsyncRead + Unpin,
-    is_stdout: bool,
+    plain: OutputKind,
+    events: Option<Arc<dyn LineEvents>>,
     sink: Sink,
     collected: Arc<std::sync::Mutex<Collected>>,
 ) {
@@ -377,7 +402,7 @@ async fn forward(
             }
         };
         let whole = ends_line && long_line.is_empty() && !long_line_too_long;
-        if is_stdout && !whole {
+        if let Some(events) = events.as_deref().filter(|_| !whole) {
             if long_line.len() + chunk.len() <= MAX_EVENT_LINE {
                 long_line.extend_from_slice(&chunk);
             } else {
@@ -386,56 +411,29 @@ async fn forward(
             }
             if ends_line {
                 if !long_line_too_long {
-                    note_event(parse_event(&long_line), &collected);
+                    events.observe(&long_line);
                 }
                 long_line.clear();
                 long_line_too_long = false;
             }
         }
-        if !send_chunk(chunk, is_stdout, whole, &sink, &collected).await {
+        let kind = match events.as_deref() {
+            Some(events) if whole && events.observe(&chunk) => OutputKind::Event,
+            _ => plain,
+        };
+        if !send_chunk(chunk, kind, &sink, &collected).await {
             return;
         }
     }
 }
 
-/// A stdout line that is a stream-json event: a JSON object with a `type`.
-fn parse_event(line: &[u8]) -> Option<serde_json::Value> {
-    serde_json::from_slice::<serde_json::Value>(line)
-        .ok()
-        .filter(|e| e.get("type").is_some_and(serde_json::Value::is_string))
-}
-
-/// Keeps the `result` event for the outcome.
-fn note_event(event: Option<serde_json::Value>, collected: &std::sync::Mutex<Collected>) {
-    if let Some(e) = event.filter(|e| e["type"] == "result")
-        && let Ok(mut c) = collected.lock()
-    {
-        c.result_event = Some(e);
-    }
-}
-
-/// Sends one chunk; `whole` when it is a whole line (a whole stdout line
-/// may be an event). Returns false once the receiver is gone.
+/// Sends one chunk of `kind`. Returns false once the receiver is gone.
 async fn send_chunk(
     chunk: Vec<u8>,
-    is_stdout: bool,
-    whole: bool,
+    kind: OutputKind,
     sink: &Sink,
     collected: &std::sync::Mutex<Collected>,
 ) -> bool {
-    let event = if is_stdout && whole {
-        parse_event(&chunk)
-    } else {
-        None
-    };
-    let kind = match (&event, is_stdout) {
-        (Some(_), _) => OutputKind::Event,
-        (None, true) => OutputKind::Stdout,
-        (None, false) => OutputKind::Stderr,
-    };
-    if event.is_some() {
-        note_event(event, collected);
-    }
     // One lock per chunk for the bookkeeping before the send.
     if let Ok(mut c) = collected.lock() {
         if kind != OutputKind::Event {
@@ -690,24 +688,32 @@ mod tests {
             deadline: Duration::from_secs(60),
             grace: Duration::from_secs(1),
             record: None,
+            events: None,
         }
     }
 
-    /// Runs `forward` over `input` as stdout; the chunks sent and what was
-    /// collected.
-    async fn read_stdout(input: &[u8]) -> (Vec<(OutputKind, Vec<u8>)>, Collected) {
+    /// Runs `forward` over `input` as the CLI's stdout; the chunks sent
+    /// and the CLI's events it saw.
+    async fn read_stdout(
+        input: &[u8],
+    ) -> (Vec<(OutputKind, Vec<u8>)>, Arc<crate::claude::EventWatch>) {
         let (sink, mut rx) = sink(1024);
         let collected = Arc::new(std::sync::Mutex::new(Collected::default()));
-        forward(input, true, sink, Arc::clone(&collected)).await;
+        let watch = Arc::new(crate::claude::EventWatch::default());
+        let events: Arc<dyn LineEvents> = watch.clone();
+        forward(
+            input,
+            OutputKind::Stdout,
+            Some(events),
+            sink,
+            Arc::clone(&collected),
+        )
+        .await;
         let mut chunks = Vec::new();
         while let Ok(ChildEvent::Output { kind, data, .. }) = rx.try_recv() {
             chunks.push((kind, data.to_vec()));
         }
-        let collected = collected
-            .lock()
-            .map(|mut c| std::mem::take(&mut *c))
-            .unwrap_or_default();
-        (chunks, collected)
+        (chunks, watch)
     }
 
     #[tokio::test]
@@ -756,7 +762,7 @@ mod tests {
             "result": "x".repeat(3 * MAX_CHUNK),
         });
         let input = format!("plain\n{{\"type\":\"system\"}}\n{long_result}\ntail without newline");
-        let (chunks, collected) = read_stdout(input.as_bytes()).await;
+        let (chunks, watch) = read_stdout(input.as_bytes()).await;
 
         assert_eq!(chunks[0], (OutputKind::Stdout, b"plain\n".to_vec()));
         assert_eq!(chunks[1].0, OutputKind::Event);
@@ -778,11 +784,8 @@ mod tests {
             Some(&(OutputKind::Stdout, b"tail without newline".to_vec()))
         );
         assert_eq!(
-            collected
-                .result_event
-                .as_ref()
-                .map(|e| e["subtype"].clone()),
-            Some(serde_json::json!("success")),
+            watch.take_result().map(|r| r.subtype),
+            Some("success".to_owned()),
             "the result event is understood although it spans chunks"
         );
     }
