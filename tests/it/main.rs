@@ -2,6 +2,7 @@
 //! files, over loopback. See `tests/src` for the harness.
 
 mod agent_health;
+mod docs;
 mod executor;
 mod fakes;
 mod foundation;
