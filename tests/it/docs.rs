@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tests::{Cluster, eventually};
+use tests::{Cluster, TestDir, bin, eventually};
 
 /// How long one recipe may take; `WatchTask` waits for its task to end.
 const RECIPE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -280,10 +280,9 @@ fn run_recipe(
             .map_err(|e| e.to_string())?
             .ok_or_else(|| "still running".to_owned())
     });
-    let status = status.map_err(|e| {
+    let status = status.inspect_err(|_| {
         let _ = child.kill();
         let _ = child.wait();
-        e
     })?;
     let stdout = fs::read_to_string(&stdout_path).unwrap_or_default();
     let stderr = fs::read_to_string(&stderr_path).unwrap_or_default();
@@ -435,4 +434,227 @@ fn every_grpcurl_recipe_runs_and_prints_its_sample_and_every_admin_method_has_on
         !agents.iter().any(|a| a["agent_id"] == "pc-03"),
         "pc-03 was forgotten: {agents:?}"
     );
+}
+
+/// The unit files shipped in `deploy/systemd`.
+const UNITS: &[&str] = &["ccc-coordinator.service", "ccc-agent.service"];
+
+/// Where the host keeps systemd's own units (targets, `network-online`).
+const HOST_UNIT_DIR: &str = "/usr/lib/systemd/system";
+
+/// `Key=value` values of a unit file, in order.
+fn unit_values<'a>(unit: &'a str, key: &str) -> Vec<&'a str> {
+    unit.lines()
+        .filter_map(|line| line.trim().strip_prefix(key)?.strip_prefix('='))
+        .collect()
+}
+
+/// The workspace binary and its arguments that a unit's `ExecStart=` runs.
+fn exec_start(unit_name: &str, unit: &str) -> (PathBuf, Vec<String>) {
+    let [line] = unit_values(unit, "ExecStart")[..] else {
+        panic!("{unit_name}: expected one ExecStart=");
+    };
+    let mut words = line.split_whitespace().map(str::to_owned);
+    let program = PathBuf::from(words.next().expect("a program"));
+    assert!(
+        program.is_absolute(),
+        "{unit_name}: ExecStart= runs {} (not absolute)",
+        program.display()
+    );
+    (program, words.collect())
+}
+
+#[test]
+fn systemd_units_pass_systemd_analyze_verify_with_their_binaries_in_place() {
+    // The units' flags exist: clap refuses an unknown one before --help.
+    for unit_name in UNITS {
+        let unit = read_repository_file(&format!("deploy/systemd/{unit_name}"));
+        let (program, args) = exec_start(unit_name, &unit);
+        let name = program.file_name().expect("file name").to_string_lossy();
+        let out = Command::new(bin(&name))
+            .args(&args)
+            .arg("--help")
+            .output()
+            .expect("run the unit's binary");
+        assert!(
+            out.status.success(),
+            "{unit_name}: {name} refuses its ExecStart= arguments {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let version = Command::new("systemd-analyze").arg("--version").output();
+    if version.is_err() {
+        eprintln!(
+            "could not check the units: systemd-analyze is not installed (`make deps` installs systemd)"
+        );
+        return;
+    }
+    // A root holding the host's systemd units, ours as they are in the
+    // repository, and the built binaries where ExecStart= looks for them.
+    let dir = TestDir::new("systemd-verify");
+    let root = dir.join("root");
+    let system_units = root.join("usr/lib/systemd");
+    fs::create_dir_all(&system_units).expect("root");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(HOST_UNIT_DIR)
+        .arg(&system_units)
+        .status()
+        .expect("cp");
+    assert!(copied.success(), "cannot copy {HOST_UNIT_DIR}");
+    let our_units = root.join("etc/systemd/system");
+    fs::create_dir_all(&our_units).expect("unit dir");
+    for unit_name in UNITS {
+        fs::copy(
+            repository_file(&format!("deploy/systemd/{unit_name}")),
+            our_units.join(unit_name),
+        )
+        .expect("install the unit");
+        let unit = read_repository_file(&format!("deploy/systemd/{unit_name}"));
+        let (program, _) = exec_start(unit_name, &unit);
+        let in_root = root.join(program.strip_prefix("/").expect("absolute"));
+        fs::create_dir_all(in_root.parent().expect("bin dir")).expect("bin dir");
+        let name = program.file_name().expect("file name").to_string_lossy();
+        fs::copy(bin(&name), &in_root).expect("install the binary");
+    }
+    for unit_name in UNITS {
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(format!("--root={}", root.display()))
+            .arg(unit_name)
+            .output()
+            .expect("systemd-analyze verify");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let about_ours: Vec<&str> = said
+            .lines()
+            .filter(|line| UNITS.iter().any(|u| line.contains(u)))
+            .collect();
+        assert!(
+            out.status.success() && about_ours.is_empty(),
+            "systemd-analyze verify {unit_name} ({}):\n{said}",
+            out.status
+        );
+        if !said.is_empty() {
+            eprintln!("systemd-analyze verify {unit_name}, about other units:\n{said}");
+        }
+    }
+}
+
+#[test]
+fn example_configs_are_read_by_the_binaries_types_and_named_by_the_units() {
+    let coordinator_file = read_repository_file("deploy/coordinator.toml");
+    toml::from_str::<coordinator::config::FileConfig>(&coordinator_file)
+        .unwrap_or_else(|e| panic!("deploy/coordinator.toml: {e}"));
+    let agent_file = read_repository_file("deploy/agent.toml");
+    toml::from_str::<agent::config::FileConfig>(&agent_file)
+        .unwrap_or_else(|e| panic!("deploy/agent.toml: {e}"));
+    for (unit_name, example) in [
+        ("ccc-coordinator.service", "coordinator.toml"),
+        ("ccc-agent.service", "agent.toml"),
+    ] {
+        let unit = read_repository_file(&format!("deploy/systemd/{unit_name}"));
+        let (_, args) = exec_start(unit_name, &unit);
+        let config = args
+            .windows(2)
+            .find(|pair| pair[0] == "--config")
+            .map(|pair| PathBuf::from(&pair[1]))
+            .unwrap_or_else(|| panic!("{unit_name}: no --config"));
+        assert_eq!(
+            config.file_name().map(|n| n.to_string_lossy().into_owned()),
+            Some(example.to_owned()),
+            "{unit_name} reads {}, shipped as deploy/{example}",
+            config.display()
+        );
+    }
+}
+
+/// The commands of the cluster's binaries in a markdown's code blocks, as
+/// words (continued lines joined, pipelines and lists split, comments
+/// dropped): those whose first word is `ccc`, `ccc-coordinator` or
+/// `ccc-agent`.
+fn documented_invocations(markdown: &str) -> Vec<Vec<String>> {
+    let mut invocations = Vec::new();
+    let mut in_code = false;
+    let mut pending = String::new();
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            in_code = !in_code;
+            continue;
+        }
+        if !in_code {
+            continue;
+        }
+        let line = line.split(" #").next().unwrap_or_default();
+        if let Some(continued) = line.trim_end().strip_suffix('\\') {
+            pending.push_str(continued);
+            pending.push(' ');
+            continue;
+        }
+        pending.push_str(line);
+        for part in pending.split(['|', ';', '&']) {
+            let words: Vec<String> = part.split_whitespace().map(str::to_owned).collect();
+            let program = words
+                .first()
+                .and_then(|w| w.rsplit('/').next())
+                .unwrap_or_default();
+            if ["ccc", "ccc-coordinator", "ccc-agent"].contains(&program) {
+                invocations.push(words);
+            }
+        }
+        pending.clear();
+    }
+    invocations
+}
+
+#[test]
+fn deploy_doc_names_only_flags_and_variables_that_exist() {
+    let doc = read_repository_file("docs/deploy.md");
+    for words in documented_invocations(&doc) {
+        let name = words[0].rsplit('/').next().unwrap_or_default().to_owned();
+        // Subcommands and their arguments come before the first flag.
+        let leading: Vec<&String> = words[1..]
+            .iter()
+            .take_while(|w| !w.starts_with('-'))
+            .collect();
+        let out = Command::new(bin(&name))
+            .args(&leading)
+            .arg("--help")
+            .output()
+            .expect("help");
+        let help = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{words:?}: {help}");
+        for flag in words.iter().filter(|w| w.starts_with("--")) {
+            let flag = flag.split('=').next().unwrap_or_default();
+            assert!(
+                help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+                "docs/deploy.md: `{}` has no {flag}",
+                words.join(" ")
+            );
+        }
+    }
+    for (prefix, program) in [
+        ("CCC_COORDINATOR_", "ccc-coordinator"),
+        ("CCC_AGENT_", "ccc-agent"),
+    ] {
+        let help = Command::new(bin(program))
+            .arg("--help")
+            .output()
+            .expect("help");
+        let help = String::from_utf8_lossy(&help.stdout).into_owned();
+        for (at, _) in doc.match_indices(prefix) {
+            let variable: String = doc[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            assert!(
+                help.contains(&format!("[env: {variable}")),
+                "docs/deploy.md names {variable}, which {program} does not read"
+            );
+        }
+    }
 }
