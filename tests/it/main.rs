@@ -3,6 +3,7 @@
 
 mod agent_health;
 mod demo;
+mod docs;
 mod executor;
 mod fakes;
 mod foundation;
