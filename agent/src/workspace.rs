@@ -897,14 +897,12 @@ fn write_exclude(exclude: &Path) -> Result<(), Error> {
     std::fs::write(exclude, ".claude/\n").map_err(io)
 }
 
-/// A name that can be a branch: nothing that would change the meaning of a
-/// refspec it is put into (`:`, `*`, spaces, `..`, ...).
+/// A name that can be a branch: the cluster's one rule
+/// (`common::repo::check_branch`, which the coordinator applies at submit),
+/// so nothing that would change the meaning of a refspec it is put into
+/// (`:`, `*`, spaces, `..`, ...).
 fn check_branch(name: &str) -> Result<(), Error> {
-    if git2::Reference::is_valid_name(&format!("refs/heads/{name}")) {
-        Ok(())
-    } else {
-        Err(Error::InvalidBranch(name.to_owned()))
-    }
+    common::repo::check_branch(name).map_err(|e| Error::InvalidBranch(e.0))
 }
 
 /// Sets a directory's modification time to now: a kept workspace's age

@@ -3,6 +3,15 @@
 
 use std::time::Duration;
 
+/// The delay after the `failures`-th failure in a row (1 for the first):
+/// `initial`, doubling per failure up to `max`. The one exponential backoff
+/// of the project; `Backoff` adds jitter to it.
+pub fn exponential(initial: Duration, max: Duration, failures: u32) -> Duration {
+    initial
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+        .min(max)
+}
+
 /// Delays grow from `initial` doubling up to `max`; each delay is drawn from
 /// the upper half of its step ("equal jitter"), so a fleet of agents that lost
 /// the coordinator at the same moment does not come back in lockstep, while
@@ -25,11 +34,8 @@ impl Backoff {
 
     /// The delay before the next try; `random` is any uniformly drawn `u64`.
     pub fn next_delay(&mut self, random: u64) -> Duration {
-        let step = self
-            .initial
-            .saturating_mul(1u32 << self.failures.min(20))
-            .min(self.max);
         self.failures = self.failures.saturating_add(1);
+        let step = exponential(self.initial, self.max, self.failures);
         let half = step / 2;
         let half_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
         half + Duration::from_millis(random % (half_ms + 1))
@@ -50,6 +56,16 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn exponential_doubles_from_the_first_failure_up_to_the_cap() {
+        let steps: Vec<u64> = (0..8)
+            .map(|n| exponential(Duration::from_secs(2), Duration::from_secs(60), n).as_secs())
+            .collect();
+        assert_eq!(steps, vec![2, 2, 4, 8, 16, 32, 60, 60]);
+        let far = exponential(Duration::from_secs(1), Duration::from_secs(600), u32::MAX);
+        assert_eq!(far, Duration::from_secs(600));
+    }
 
     #[test]
     fn doubles_up_to_the_cap_and_resets() {

@@ -35,32 +35,23 @@ pub fn check_version(version: Option<u32>) -> Result<(), String> {
     }
 }
 
-/// Parses `250ms`, `5s`, `10m`, `2h`, `1d`; a bare number is seconds.
+/// Parses a human duration with `humantime` (`250ms`, `5s`, `10m`, `2h`,
+/// `1d`, `1h 30m`); a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (expected e.g. 500ms, 5s, 10m, 1h)"))?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "" | "s" | "sec" | "secs" => value,
-        "m" | "min" | "mins" => value * 60.0,
-        "h" => value * 3600.0,
-        "d" => value * 86_400.0,
-        other => {
-            return Err(format!(
-                "invalid duration unit {other:?} in {s:?} (use ms, s, m, h or d)"
-            ));
+    let duration = match s.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && (0.0..=1e9).contains(&seconds) => {
+            Duration::from_secs_f64(seconds)
         }
+        Ok(_) => return Err(format!("duration {s:?} is out of range")),
+        Err(_) => humantime::parse_duration(s).map_err(|e| {
+            format!("invalid duration {s:?}: {e} (expected e.g. 500ms, 5s, 10m, 1h 30m)")
+        })?,
     };
-    if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
+    if duration.as_secs() > 1_000_000_000 {
         return Err(format!("duration {s:?} is out of range"));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    Ok(duration)
 }
 
 /// Parses a size: `4096`, `512KiB`, `64MiB`, `1GiB` (also KB/MB/GB as powers of 1024).
@@ -130,8 +121,10 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        for bad in ["", "s", "5 weeks", "-1s", "1e99s"] {
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        for bad in ["", "s", "5 fortnights", "-1s", "1e99s", "-3", "100000y"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -112,8 +112,7 @@ pub enum EffectResult {
 
 /// Backoff of a failed effect: 2 s doubling to 10 min.
 fn backoff(tries: u32) -> Duration {
-    Duration::from_secs(2u64.saturating_mul(1 << tries.saturating_sub(1).min(9)))
-        .min(Duration::from_secs(600))
+    common::backoff::exponential(Duration::from_secs(2), Duration::from_secs(600), tries)
 }
 
 /// Whether a task's end leaves a pushed branch to propose: a success, or

@@ -955,11 +955,11 @@ impl Core {
     }
 
     fn retry_delay(&self, failures: u32) -> Duration {
-        let shift = failures.saturating_sub(1).min(16);
-        self.config
-            .retry_backoff_initial
-            .saturating_mul(1 << shift)
-            .min(self.config.retry_backoff_max)
+        common::backoff::exponential(
+            self.config.retry_backoff_initial,
+            self.config.retry_backoff_max,
+            failures,
+        )
     }
 
     pub(super) fn requeue(
