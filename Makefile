@@ -36,15 +36,17 @@ build: build-deps
 	$(CARGO) build --workspace --bins
 
 # What the tests need beyond the build: grpcurl, the real CLI, the npm
-# tools of the GitHub fakes, an OpenSSH server and client (the SSH
-# remote tests run a real sshd on loopback with keys made by ssh-keygen),
-# and systemd-analyze (the units in deploy/systemd are verified with it).
+# tools of the GitHub fakes, an OpenSSH server and client (the SSH remote
+# tests run a real sshd on loopback with keys made by ssh-keygen),
+# systemd-analyze (the units in deploy/systemd are verified with it) and
+# tmux (`ccc top` is driven in a real terminal).
 deps: build-deps
 	@command -v npm >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nodejs npm; }
 	@missing=""; \
 	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
 	command -v ssh-keygen >/dev/null 2>&1 || missing="$$missing openssh-client"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v tmux >/dev/null 2>&1 || missing="$$missing tmux"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && apt-get install -y -qq $$missing; \

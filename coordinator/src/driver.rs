@@ -22,6 +22,7 @@ use crate::core::{
     Action, AdminError, AdminRecord, AgentView, CloseReason, ConnId, Core, FromAgent, NewTask,
     OpenRejected, Task, TaskError, TaskEvent, ToAgent, Write,
 };
+use crate::feed::{self, FeedEvent};
 use crate::store::{self, Store};
 
 /// How many commands one batch takes before committing; bounds latency.
@@ -204,6 +205,13 @@ pub enum Command {
         task: TaskId,
         reply: Reply<Result<Task, TaskError>>,
     },
+    /// Answers the cluster as it is now (with at most `recent_ended` ended
+    /// tasks), once committed, and registers `events` for its changes.
+    WatchCluster {
+        recent_ended: usize,
+        events: mpsc::Sender<FeedEvent>,
+        reply: Reply<feed::Snapshot>,
+    },
 }
 
 /// A cheap handle to send commands to the driver.
@@ -245,6 +253,11 @@ pub struct Driver {
     next_conn: u64,
     streams: HashMap<ConnId, mpsc::Sender<Outbound>>,
     watchers: HashMap<TaskId, Vec<mpsc::Sender<TaskEvent>>>,
+    /// `WatchCluster` feeds.
+    cluster_watchers: Vec<mpsc::Sender<FeedEvent>>,
+    /// The latest committed output chunk of each task not yet ended, for
+    /// the snapshots of new feeds.
+    last_lines: HashMap<TaskId, feed::Line>,
     /// Answers held back until the batch that produced them is committed.
     replies: Vec<Box<dyn FnOnce() + Send>>,
     /// Revoked admins for the Admin API's check, published after a commit.
@@ -270,6 +283,8 @@ impl Driver {
             next_conn: 0,
             streams: HashMap::new(),
             watchers: HashMap::new(),
+            cluster_watchers: Vec::new(),
+            last_lines: HashMap::new(),
             replies: Vec::new(),
             revoked_admins,
             admins_changed: false,
@@ -493,7 +508,86 @@ impl Driver {
                     .map(|()| self.task_view(task).expect("invariant: task exists"));
                 self.reply(reply, result);
             }
+            Command::WatchCluster {
+                recent_ended,
+                events,
+                reply,
+            } => {
+                let snapshot = self.cluster_snapshot(recent_ended);
+                self.cluster_watchers.retain(|w| !w.is_closed());
+                self.cluster_watchers.push(events);
+                self.reply(reply, snapshot);
+            }
         }
+    }
+
+    /// Every agent, every task not yet ended and the `recent_ended` most
+    /// recently updated ended ones, and the latest lines of the former.
+    fn cluster_snapshot(&self, recent_ended: usize) -> feed::Snapshot {
+        let (active, mut ended): (Vec<&Task>, Vec<&Task>) =
+            self.core.tasks().partition(|t| !t.state.is_terminal());
+        ended.sort_by_key(|t| std::cmp::Reverse((t.updated_at, t.id)));
+        ended.truncate(recent_ended);
+        ended.sort_by_key(|t| t.id);
+        let lines = active
+            .iter()
+            .filter_map(|t| self.last_lines.get(&t.id).cloned())
+            .collect();
+        let tasks = active
+            .iter()
+            .chain(&ended)
+            .filter_map(|t| self.task_view(t.id))
+            .collect();
+        feed::Snapshot {
+            agents: self.core.agents(),
+            tasks,
+            lines,
+        }
+    }
+
+    /// Keeps the latest lines of tasks not yet ended, and hands a committed
+    /// batch's changes to the cluster feeds. A feed that is gone or too slow
+    /// is dropped (a slow one starts over from a snapshot). A changed task
+    /// also republishes the agent of its latest attempt, whose free slots
+    /// follow its tasks.
+    fn publish_changes(&mut self, changes: feed::Changes) {
+        for id in &changes.tasks {
+            if self.core.task(*id).is_none_or(|t| t.state.is_terminal()) {
+                self.last_lines.remove(id);
+            }
+        }
+        for (id, line) in &changes.lines {
+            if self.core.task(*id).is_some_and(|t| !t.state.is_terminal()) {
+                self.last_lines.insert(*id, line.clone());
+            }
+        }
+        if self.cluster_watchers.is_empty() || changes.is_empty() {
+            return;
+        }
+        let mut agents = changes.agents;
+        agents.extend(
+            changes
+                .tasks
+                .iter()
+                .filter_map(|id| self.core.task(*id)?.current())
+                .map(|a| a.agent.clone()),
+        );
+        let events: Vec<FeedEvent> = agents
+            .iter()
+            .filter_map(|id| self.core.agent(id))
+            .map(|view| FeedEvent::Agent(Box::new(view)))
+            .chain(changes.forgotten.into_iter().map(FeedEvent::AgentForgotten))
+            .chain(
+                changes
+                    .tasks
+                    .iter()
+                    .filter_map(|id| self.task_view(*id))
+                    .map(|task| FeedEvent::Task(Box::new(task))),
+            )
+            .chain(changes.lines.into_values().map(FeedEvent::Line))
+            .collect();
+        self.cluster_watchers
+            .retain(|w| events.iter().all(|e| w.try_send(e.clone()).is_ok()));
     }
 
     fn list_tasks(&self, q: &TaskQuery) -> TaskPage {
@@ -564,6 +658,7 @@ impl Driver {
         loop {
             let writes = self.core.take_writes();
             let owes_github = writes.iter().any(|w| matches!(w, Write::Outbox(_)));
+            let changes = feed::Changes::of(&writes);
             if !writes.is_empty() {
                 let store = Arc::clone(&self.store);
                 let n_writes = writes.len();
@@ -584,6 +679,7 @@ impl Driver {
             for reply in self.replies.drain(..) {
                 reply();
             }
+            self.publish_changes(changes);
             let mut performed = false;
             while let Some(action) = self.core.poll_action() {
                 performed = true;
@@ -784,6 +880,69 @@ mod tests {
         assert_eq!(store.commits(), 1);
         let snapshot = answer.try_recv().expect("answered after the commit");
         assert_eq!(snapshot.map(|t| t.id), Some(task));
+    }
+
+    fn watch_cluster(
+        driver: &mut Driver,
+        queue: usize,
+    ) -> (oneshot::Receiver<feed::Snapshot>, mpsc::Receiver<FeedEvent>) {
+        let (events, events_rx) = mpsc::channel(queue);
+        let (reply, reply_rx) = oneshot::channel();
+        driver.apply(Command::WatchCluster {
+            recent_ended: 5,
+            events,
+            reply,
+        });
+        (reply_rx, events_rx)
+    }
+
+    #[tokio::test]
+    async fn a_cluster_feed_gets_a_snapshot_then_committed_changes_until_it_goes_or_lags() {
+        let (mut driver, _store) = driver();
+        let first = submit(&mut driver);
+        driver.commit_and_dispatch().await.expect("commit");
+        let (mut answer, mut events) = watch_cluster(&mut driver, 8);
+        assert!(answer.try_recv().is_err(), "answered only after the commit");
+        driver.commit_and_dispatch().await.expect("commit");
+        let snapshot = answer.try_recv().expect("answered");
+        assert_eq!(
+            snapshot.tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
+            [first]
+        );
+        assert!(
+            snapshot.tasks[0].waiting_reason.is_some(),
+            "tasks are shown as to admins"
+        );
+
+        let second = submit(&mut driver);
+        driver.commit_and_dispatch().await.expect("commit");
+        match events.try_recv() {
+            Ok(FeedEvent::Task(task)) => assert_eq!(task.id, second),
+            other => panic!("expected the new task, got {other:?}"),
+        }
+
+        let (_answer, slow) = watch_cluster(&mut driver, 1);
+        driver.commit_and_dispatch().await.expect("commit");
+        assert_eq!(driver.cluster_watchers.len(), 2);
+        for _ in 0..2 {
+            submit(&mut driver);
+            driver.commit_and_dispatch().await.expect("commit");
+        }
+        assert_eq!(
+            driver.cluster_watchers.len(),
+            1,
+            "a feed whose queue is full is dropped (it resyncs)"
+        );
+        drop(slow);
+
+        drop(events);
+        let (_answer, _kept) = watch_cluster(&mut driver, 8);
+        assert_eq!(
+            driver.cluster_watchers.len(),
+            1,
+            "a closed feed is pruned at the next registration"
+        );
+        driver.commit_and_dispatch().await.expect("commit");
     }
 
     #[tokio::test]

@@ -32,6 +32,7 @@ use crate::driver::{
     Command, DriverGone, DriverHandle, OUTBOUND_QUEUE, Outbound, RevokedAdmins, TaskQuery,
     WATCH_QUEUE,
 };
+use crate::feed::{self, Coalescer, FeedEvent};
 use crate::store::Store;
 use crate::triage::{self, Rules};
 
@@ -914,10 +915,153 @@ fn agent_info(view: AgentView) -> AgentInfo {
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<proto::TaskEvent, Status>> + Send>>;
+type ClusterStream = Pin<Box<dyn Stream<Item = Result<proto::ClusterEvent, Status>> + Send>>;
+
+/// How often a cluster feed sends output lines at most.
+const FEED_LINE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// A task in a cluster feed: without its body and triage, which a live
+/// view does not show and which would make a snapshot of many tasks large.
+fn task_summary(task: &Task) -> proto::TaskInfo {
+    proto::TaskInfo {
+        body: String::new(),
+        triage: None,
+        ..task_info(task)
+    }
+}
+
+fn task_line(line: &feed::Line) -> proto::TaskOutput {
+    proto::TaskOutput {
+        task_id: line.task.to_string(),
+        attempt: line.attempt.0,
+        seq: line.seq,
+        kind: wire::kind_to_proto(line.kind) as i32,
+        data: line.data.to_vec(),
+    }
+}
+
+fn snapshot_event(snapshot: feed::Snapshot) -> proto::ClusterEvent {
+    proto::ClusterEvent {
+        event: Some(proto::cluster_event::Event::Snapshot(
+            proto::ClusterSnapshot {
+                agents: snapshot.agents.into_iter().map(agent_info).collect(),
+                tasks: snapshot.tasks.iter().map(task_summary).collect(),
+                lines: snapshot.lines.iter().map(task_line).collect(),
+            },
+        )),
+    }
+}
+
+fn cluster_event(event: FeedEvent) -> proto::ClusterEvent {
+    use proto::cluster_event::Event;
+    proto::ClusterEvent {
+        event: Some(match event {
+            FeedEvent::Agent(view) => Event::Agent(agent_info(*view)),
+            FeedEvent::AgentForgotten(id) => Event::AgentForgotten(id.to_string()),
+            FeedEvent::Task(task) => Event::Task(task_summary(&task)),
+            FeedEvent::Line(line) => Event::Line(task_line(&line)),
+        }),
+    }
+}
+
+/// Registers a cluster feed with the driver: its changes, and the snapshot
+/// they follow.
+async fn register_feed(
+    driver: &DriverHandle,
+    recent_ended: usize,
+) -> Result<(mpsc::Receiver<FeedEvent>, feed::Snapshot), DriverGone> {
+    let (events, rx) = mpsc::channel(feed::FEED_QUEUE);
+    let snapshot = driver
+        .call(|reply| Command::WatchCluster {
+            recent_ended,
+            events,
+            reply,
+        })
+        .await?;
+    Ok((rx, snapshot))
+}
+
+/// Streams a cluster feed to one client: the snapshot, then the driver's
+/// changes through a [`Coalescer`], which keeps taking them while the
+/// client is slow. Output lines go out at most every
+/// [`FEED_LINE_INTERVAL`]. When the driver drops the feed (it fell behind),
+/// it registers again and sends a fresh snapshot.
+async fn stream_feed(
+    driver: DriverHandle,
+    recent_ended: usize,
+    mut events: mpsc::Receiver<FeedEvent>,
+    snapshot: feed::Snapshot,
+    tx: mpsc::Sender<Result<proto::ClusterEvent, Status>>,
+) {
+    if tx.send(Ok(snapshot_event(snapshot))).await.is_err() {
+        return;
+    }
+    let mut pending = Coalescer::default();
+    let mut line_ticks = tokio::time::interval(FEED_LINE_INTERVAL);
+    line_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lines_due = false;
+    loop {
+        let ready = pending.has_changes() || (lines_due && pending.has_lines());
+        tokio::select! {
+            () = tx.closed() => return,
+            event = events.recv() => match event {
+                Some(event) => pending.push(event),
+                None => {
+                    let (again, snapshot) = match register_feed(&driver, recent_ended).await {
+                        Ok(registered) => registered,
+                        Err(gone) => {
+                            let _ = tx.send(Err(gone.into())).await;
+                            return;
+                        }
+                    };
+                    debug!("a cluster feed fell behind; sending a fresh snapshot");
+                    events = again;
+                    pending.clear();
+                    if tx.send(Ok(snapshot_event(snapshot))).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            _ = line_ticks.tick(), if !lines_due && pending.has_lines() => lines_due = true,
+            permit = tx.reserve(), if ready => {
+                let Ok(permit) = permit else { return };
+                if let Some(event) = pending.pop(lines_due) {
+                    permit.send(Ok(cluster_event(event)));
+                }
+                lines_due &= pending.has_lines();
+            }
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl admin_server::Admin for Admin {
     type WatchTaskStream = WatchStream;
+    type WatchClusterStream = ClusterStream;
+
+    async fn watch_cluster(
+        &self,
+        req: Request<proto::WatchClusterRequest>,
+    ) -> Result<Response<Self::WatchClusterStream>, Status> {
+        let recent_ended = match req.get_ref().recent_ended {
+            0 => feed::DEFAULT_RECENT_ENDED,
+            n => {
+                usize::try_from(n).map_or(feed::MAX_RECENT_ENDED, |n| n.min(feed::MAX_RECENT_ENDED))
+            }
+        };
+        let (events, snapshot) = register_feed(&self.driver, recent_ended).await?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(stream_feed(
+            self.driver.clone(),
+            recent_ended,
+            events,
+            snapshot,
+            tx,
+        ));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
 
     async fn undrain_agent(
         &self,

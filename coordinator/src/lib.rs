@@ -3,11 +3,13 @@
 //!
 //! Code map: `core` decides (pure), `driver` runs the one event loop and
 //! commits through `store` before acting, `grpc` adapts tonic to driver
-//! commands, `server` owns sockets and TLS, `config` resolves settings.
+//! commands (`feed` is what `WatchCluster` streams), `server` owns sockets
+//! and TLS, `config` resolves settings.
 
 pub mod config;
 pub mod core;
 pub mod driver;
+pub mod feed;
 pub mod github;
 pub mod grpc;
 pub mod http;

@@ -16,4 +16,5 @@ mod raw_stream;
 mod real_cli;
 mod sim;
 mod tasks;
+mod top;
 mod triage;

@@ -8,6 +8,7 @@
 mod admin;
 mod table;
 mod tasks;
+mod top;
 mod triage;
 
 use std::path::{Path, PathBuf};
@@ -28,8 +29,9 @@ use crate::tasks::say;
 /// admin <name>`); by default the one certs/admin-*.pem is used. Their
 /// connection options may also come before the command.
 ///
-/// Exit codes: 0 success, 1 error, 2 usage; `ccc logs -f`: 3 the task
-/// failed (or its tests did), 4 the task was cancelled.
+/// Exit codes: 0 success, 1 error, 2 usage; `ccc logs -f` and `ccc submit
+/// --follow`: 3 the task failed (or its tests did), 4 the task was
+/// cancelled.
 #[derive(Parser, Debug)]
 #[command(name = "ccc", version)]
 struct Cli {
@@ -182,6 +184,10 @@ enum Cmd {
     /// complexity, technologies and the evidence. Needs no coordinator.
     Triage(triage::TriageArgs),
     /// Submit a task by hand; prints its id once it is durably queued.
+    #[command(
+        after_help = "Exit codes with --follow: 0 the task succeeded, 1 error, 2 usage, \
+                            3 the task failed (or succeeded with failing tests), 4 the task was cancelled."
+    )]
     Submit(Box<tasks::SubmitArgs>),
     /// List tasks, newest first.
     Tasks(tasks::ListArgs),
@@ -212,6 +218,17 @@ enum Cmd {
         #[arg(long)]
         raw: bool,
     },
+    /// A live view of the cluster: agents, running and recent tasks with their
+    /// latest output, updated as the coordinator pushes changes.
+    ///
+    /// Keys: up/down (or k/j) select a task, enter (or l) follows its log,
+    /// c cancels it (after a y), r retries it, esc or q goes back or quits.
+    /// When standard output is not a terminal, prints the agents and tasks
+    /// once as plain tables.
+    #[command(
+        after_help = "Turns and cost are reported when an attempt ends: a running task shows \"at end\"."
+    )]
+    Top(top::TopArgs),
     /// Cancel a task; a running one is stopped on its agent. Prints the state it is in after.
     Cancel {
         #[command(flatten)]
@@ -282,9 +299,9 @@ enum CertsCmd {
 /// How a successful run ends.
 pub enum Exit {
     Success,
-    /// `ccc logs -f`: the task failed, or its tests did.
+    /// A followed task failed, or its tests did.
     TaskFailed,
-    /// `ccc logs -f`: the task was cancelled.
+    /// A followed task was cancelled.
     TaskCancelled,
 }
 
@@ -409,6 +426,7 @@ async fn admin_command(cmd: Cmd, outer: &ConnArgs, env: &Env) -> anyhow::Result<
         | Cmd::UnrevokeAdmin { conn, .. } => conn.clone(),
         Cmd::Submit(args) => args.conn.clone(),
         Cmd::Tasks(args) => args.conn.clone(),
+        Cmd::Top(args) => args.conn.clone(),
         Cmd::Agent { agent, .. }
         | Cmd::Drain { agent, .. }
         | Cmd::Undrain { agent }
@@ -424,9 +442,14 @@ async fn admin_command(cmd: Cmd, outer: &ConnArgs, env: &Env) -> anyhow::Result<
     if let Cmd::Logs { task, follow, raw } = cmd {
         return tasks::logs(&conn, task.id, follow, raw).await;
     }
+    if let Cmd::Top(args) = cmd {
+        return top::run(conn, args).await;
+    }
     let mut client = conn.client().await?;
     match cmd {
-        Cmd::Certs { .. } | Cmd::Triage(_) | Cmd::Logs { .. } => unreachable!("handled above"),
+        Cmd::Certs { .. } | Cmd::Triage(_) | Cmd::Logs { .. } | Cmd::Top(_) => {
+            unreachable!("handled above")
+        }
         Cmd::Agents { json, .. } => {
             let agents = call!(
                 conn,
@@ -566,6 +589,7 @@ async fn admin_command(cmd: Cmd, outer: &ConnArgs, env: &Env) -> anyhow::Result<
             say(&format!("admin {} is unrevoked\n", admin.name))?;
         }
         Cmd::Submit(args) => {
+            let follow = args.follow;
             let request = args.request()?;
             let task = call!(conn, client, "SubmitTask", client.submit_task(request));
             say(&format!(
@@ -574,6 +598,9 @@ async fn admin_command(cmd: Cmd, outer: &ConnArgs, env: &Env) -> anyhow::Result<
                 tasks::state_name(task.state)
             ))?;
             tasks::submit_notes(&task);
+            if follow {
+                return tasks::logs(&conn, task.task_id, true, false).await;
+            }
         }
         Cmd::Tasks(args) => tasks::list(&mut client, &conn, args).await?,
         Cmd::Task { task, json } => {

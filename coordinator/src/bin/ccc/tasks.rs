@@ -48,6 +48,10 @@ pub struct SubmitArgs {
     /// A follow-up: continue this existing branch (e.g. after review comments).
     #[arg(long, value_name = "BRANCH")]
     follow_up_branch: Option<String>,
+    /// Then follow the task's output until it ends, like `ccc logs -f`; the
+    /// exit code tells how it ended.
+    #[arg(long, visible_alias = "wait")]
+    pub follow: bool,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -581,6 +585,15 @@ pub fn print_text(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Where followed output goes: standard output for `ccc logs`, the log
+/// pane of `ccc top`.
+pub trait LogSink {
+    /// One chunk of output (a line, or a few), or a line about the follow.
+    fn line(&mut self, data: &[u8]) -> std::io::Result<()>;
+    /// Says that the coordinator was lost and the follow reconnects.
+    fn lost(&mut self, why: &str);
+}
+
 /// Standard output, cleaned with [`for_terminal`] when it is a terminal
 /// (unless `--raw`): a file or a pipe gets the bytes as stored.
 struct Out {
@@ -594,6 +607,12 @@ impl Out {
         let stdout = std::io::stdout().lock();
         let clean = !raw && stdout.is_terminal();
         Self { stdout, clean }
+    }
+}
+
+impl LogSink for Out {
+    fn lost(&mut self, why: &str) {
+        eprintln!("ccc: lost the coordinator ({why}); reconnecting");
     }
 
     /// Writes `data`, ending it with a newline if it has none.
@@ -644,7 +663,17 @@ pub async fn logs(
     follow: bool,
     raw: bool,
 ) -> anyhow::Result<Exit> {
-    let mut out = Out::new(raw);
+    output_into(conn, &task_id, follow, raw, &mut Out::new(raw)).await
+}
+
+/// [`logs`] into any sink.
+pub async fn output_into(
+    conn: &Connection,
+    task_id: &str,
+    follow: bool,
+    raw: bool,
+    out: &mut impl LogSink,
+) -> anyhow::Result<Exit> {
     let mut progress = Progress {
         next: (0, 0),
         shown_attempt: 0,
@@ -655,7 +684,7 @@ pub async fn logs(
     let mut said_lost = false;
     loop {
         progress.opened = false;
-        let status = match watch_once(conn, &task_id, follow, raw, &mut out, &mut progress).await? {
+        let status = match watch_once(conn, task_id, follow, raw, out, &mut progress).await? {
             Watched::Ended(exit) => return Ok(exit),
             Watched::Lost(status) => status,
         };
@@ -663,10 +692,7 @@ pub async fn logs(
             backoff = Duration::from_millis(200);
         }
         if !said_lost {
-            eprintln!(
-                "ccc: lost the coordinator ({}); reconnecting",
-                status.message()
-            );
+            out.lost(status.message());
             said_lost = true;
         }
         tokio::time::sleep(backoff).await;
@@ -685,7 +711,7 @@ async fn watch_once(
     task_id: &str,
     follow: bool,
     raw: bool,
-    out: &mut Out,
+    out: &mut impl LogSink,
     progress: &mut Progress,
 ) -> anyhow::Result<Watched> {
     let resumable =
