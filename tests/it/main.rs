@@ -8,6 +8,7 @@ mod foundation;
 mod github_in;
 mod github_out;
 mod hardening;
+mod metrics;
 mod operator;
 mod raw_stream;
 mod real_cli;
