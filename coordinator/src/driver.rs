@@ -212,6 +212,10 @@ pub enum Command {
         events: mpsc::Sender<FeedEvent>,
         reply: Reply<feed::Snapshot>,
     },
+    /// The gauges' values; writes nothing.
+    MetricsSnapshot {
+        reply: Reply<crate::metrics::Snapshot>,
+    },
 }
 
 /// A cheap handle to send commands to the driver.
@@ -231,6 +235,11 @@ impl DriverHandle {
     /// happened since the last wait).
     pub async fn outbox_changed(&self) {
         self.outbox.notified().await;
+    }
+
+    /// The driver's loop still takes commands.
+    pub fn is_running(&self) -> bool {
+        !self.tx.is_closed()
     }
 
     pub async fn send(&self, cmd: Command) -> Result<(), DriverGone> {
@@ -265,6 +274,9 @@ pub struct Driver {
     /// A batch changed admin revocations: publish after its commit.
     admins_changed: bool,
     outbox: Arc<tokio::sync::Notify>,
+    /// Counts what commits change (a registry nobody scrapes by default).
+    metrics: crate::metrics::Metrics,
+    task_events: crate::metrics::TaskEvents,
 }
 
 impl Driver {
@@ -289,12 +301,22 @@ impl Driver {
             revoked_admins,
             admins_changed: false,
             outbox: Arc::new(tokio::sync::Notify::new()),
+            metrics: crate::metrics::Metrics::default(),
+            task_events: crate::metrics::TaskEvents::default(),
         };
         let handle = DriverHandle {
             tx,
             outbox: Arc::clone(&driver.outbox),
         };
         (driver, handle, revoked_rx)
+    }
+
+    /// Counts into `metrics` what commits change from now on (what the
+    /// restored state holds is not counted again).
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.task_events = crate::metrics::TaskEvents::new(self.core.tasks());
+        self.metrics = metrics;
+        self
     }
 
     /// Runs until `shutdown` fires or a commit fails. A failed commit stops
@@ -518,6 +540,10 @@ impl Driver {
                 self.cluster_watchers.push(events);
                 self.reply(reply, snapshot);
             }
+            Command::MetricsSnapshot { reply } => {
+                let snapshot = crate::metrics::Snapshot::of(&self.core);
+                self.reply(reply, snapshot);
+            }
         }
     }
 
@@ -660,6 +686,7 @@ impl Driver {
             let owes_github = writes.iter().any(|w| matches!(w, Write::Outbox(_)));
             let changes = feed::Changes::of(&writes);
             if !writes.is_empty() {
+                let observed = self.task_events.observe(&writes);
                 let store = Arc::clone(&self.store);
                 let n_writes = writes.len();
                 tokio::task::spawn_blocking(move || store.commit(&writes))
@@ -667,6 +694,7 @@ impl Driver {
                     .unwrap_or_else(|join| Err(store::Error::Task(join.to_string())))
                     .inspect_err(|e| error!(error = %e, "commit failed; stopping"))?;
                 debug!(n_writes, "committed");
+                self.metrics.record(&observed);
             }
             if owes_github {
                 self.outbox.notify_one();

@@ -4,7 +4,8 @@
 //! Code map: `core` decides (pure), `driver` runs the one event loop and
 //! commits through `store` before acting, `grpc` adapts tonic to driver
 //! commands (`feed` is what `WatchCluster` streams), `server` owns sockets
-//! and TLS, `config` resolves settings.
+//! and TLS, `config` resolves settings, `health` says whether the
+//! coordinator serves, `metrics` counts.
 
 pub mod config;
 pub mod core;
@@ -12,7 +13,9 @@ pub mod driver;
 pub mod feed;
 pub mod github;
 pub mod grpc;
+pub mod health;
 pub mod http;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod triage;
@@ -83,6 +86,7 @@ fn start_github(
     config: &Config,
     client: Option<github::client::Client>,
     driver: &driver::DriverHandle,
+    metrics: &metrics::Metrics,
     shutdown: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let Some(client) = client else {
@@ -96,6 +100,7 @@ fn start_github(
     let mut tasks = vec![tokio::spawn(github::outbox::run(
         client.clone(),
         driver.clone(),
+        metrics.clone(),
         shutdown.clone(),
     ))];
     let labeled = config
@@ -116,7 +121,11 @@ fn start_github(
 }
 
 /// Runs the coordinator until `shutdown` fires (or a fatal store error).
+/// Health checks say NOT_SERVING until the store is restored and the driver
+/// answers, and again as soon as it stops, before anything is drained.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let lifecycle = health::Lifecycle::new();
+    let metrics = metrics::Metrics::new();
     let tls = config.tls.load()?;
     let server_tls = Arc::new(tls.server_config()?);
     std::fs::create_dir_all(&config.data_dir).map_err(io(format!(
@@ -142,6 +151,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     core.restore_admins(admins);
     let store: Arc<dyn Store> = Arc::new(store);
     let (driver, handle, revoked_admins) = Driver::new(core, Arc::clone(&store));
+    let driver = driver.with_metrics(metrics.clone());
 
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await
@@ -156,14 +166,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let client = config
         .github
         .can_write()
-        .then(|| github::client::Client::new(&config.github))
+        .then(|| github::client::Client::new(&config.github, metrics.clone()))
         .transpose()?;
-    let driver_task = tokio::spawn(driver.run(shutdown.clone()));
+    // What every part stops on: cancelled only once health says NOT_SERVING.
+    let stop = CancellationToken::new();
+    let mut driver_task = tokio::spawn(driver.run(stop.clone()));
     let incoming = server::tls_incoming(
         grpc_listener,
         server_tls,
         config.handshake_timeout,
-        shutdown.clone(),
+        stop.clone(),
     );
     let grpc_task = tokio::spawn(server::serve_grpc(
         incoming,
@@ -172,20 +184,46 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         revoked_admins,
         Arc::clone(&config.triage_rules),
         client.clone(),
-        shutdown.clone(),
+        lifecycle.clone(),
+        stop.clone(),
     ));
     let http_state = http::HttpState {
         driver: handle.clone(),
         github: Arc::clone(&config.github),
         rules: Arc::clone(&config.triage_rules),
         client: client.clone(),
+        metrics: metrics.clone(),
+        lifecycle: lifecycle.clone(),
     };
-    let http_task = tokio::spawn(http::serve(http_listener, http_state, shutdown.clone()));
-    let github_tasks = start_github(&config, client, &handle, &shutdown);
+    let http_task = tokio::spawn(http::serve(http_listener, http_state, stop.clone()));
+    let github_tasks = start_github(&config, client, &handle, &metrics, &stop);
 
-    let driver_result = driver_task.await;
+    // The driver answers only once it has committed what restoring wrote.
+    tokio::select! {
+        answered = handle.call(|reply| driver::Command::MetricsSnapshot { reply }) => {
+            if answered.is_ok() {
+                lifecycle.serving();
+                info!("coordinator ready");
+            }
+        }
+        () = shutdown.cancelled() => {}
+    }
+    let driver_result = tokio::select! {
+        result = &mut driver_task => {
+            lifecycle.stopping("the coordinator's event loop stopped");
+            Some(result)
+        }
+        () = shutdown.cancelled() => {
+            lifecycle.stopping("shutting down");
+            None
+        }
+    };
     // Whatever stopped the driver stops everything else too.
-    shutdown.cancel();
+    stop.cancel();
+    let driver_result = match driver_result {
+        Some(result) => result,
+        None => driver_task.await,
+    };
     let drained = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = grpc_task.await;
         let _ = http_task.await;

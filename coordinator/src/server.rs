@@ -154,7 +154,8 @@ fn log_refused(peer: SocketAddr, reason: &str) {
     warn!(%peer, %reason, "refused connection");
 }
 
-/// Serves every gRPC service until `shutdown`.
+/// Serves every gRPC service until `shutdown`; health as `lifecycle` says.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_grpc(
     incoming: ReceiverStream<io::Result<TlsStream<TcpStream>>>,
     driver: DriverHandle,
@@ -162,14 +163,12 @@ pub async fn serve_grpc(
     revoked_admins: tokio::sync::watch::Receiver<crate::driver::RevokedAdmins>,
     triage_rules: Arc<crate::triage::Rules>,
     github: Option<crate::github::client::Client>,
+    lifecycle: crate::health::Lifecycle,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<AgentGatewayServer<Gateway>>().await;
-    health.set_serving::<AdminServer<Admin>>().await;
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(health_service)
+        .add_service(lifecycle.grpc_service())
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(AgentGatewayServer::new(Gateway::new(

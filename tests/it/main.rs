@@ -11,6 +11,7 @@ mod github_in;
 mod github_out;
 mod hardening;
 mod logs;
+mod metrics;
 mod operator;
 mod raw_stream;
 mod real_cli;

@@ -18,6 +18,7 @@ pub mod github;
 pub mod http;
 pub mod npm;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod smee;
 pub mod sshd;

@@ -134,6 +134,11 @@ pub fn proposes_pull(task: &Task) -> Option<bool> {
 }
 
 impl Core {
+    /// How many GitHub writes are owed, over every task.
+    pub fn outbox_depth(&self) -> usize {
+        self.outbox.len()
+    }
+
     /// The effects pending for a task.
     pub fn pending_effects(&self, task: TaskId) -> Vec<OutboxEntry> {
         self.outbox

@@ -21,6 +21,7 @@ use tracing::info;
 use super::auth::{App, Minted, parse_time};
 use super::config::GithubConfig;
 use super::event::{Issue, Repository};
+use crate::metrics::{GithubCallResult, Metrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -71,11 +72,13 @@ pub struct Client {
     /// GitHub asked every request to wait until then (a rate limit is per
     /// token): shared by every clone, so the reconciler waits too.
     paused_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    /// Every request is counted by its result.
+    metrics: Metrics,
 }
 
 impl Client {
     /// Must be called inside a tokio runtime (octocrab spawns its worker).
-    pub fn new(config: &GithubConfig) -> Result<Self, Error> {
+    pub fn new(config: &GithubConfig, metrics: Metrics) -> Result<Self, Error> {
         let octo = build(&config.api_url, config.token.as_ref())?;
         let app = config
             .app
@@ -89,6 +92,7 @@ impl Client {
             token: config.token.clone(),
             api_url: config.api_url.clone(),
             paused_until: Arc::default(),
+            metrics,
         })
     }
 
@@ -250,17 +254,7 @@ impl Client {
         let url = self.url(route, what)?;
         self.wait_for_github().await;
         let octo = self.octo_for(repo).await?;
-        let response = octo
-            ._get(url.as_str())
-            .await
-            .map_err(|e| transport(e, what))?;
-        let next = response
-            .headers()
-            .get("link")
-            .and_then(|v| v.to_str().ok())
-            .and_then(next_link);
-        let body = self.noted(read(response, what).await)?;
-        Ok((body, next))
+        self.exchange(octo._get(url.as_str()), what).await
     }
 
     /// A POST or PATCH with a JSON body; the answer's body.
@@ -275,12 +269,36 @@ impl Client {
         let url = self.url(route, what)?;
         self.wait_for_github().await;
         let octo = self.octo_for(repo).await?;
-        let response = match method {
-            Method::Post => octo._post(url.as_str(), Some(body)).await,
-            Method::Patch => octo._patch(url.as_str(), Some(body)).await,
+        let request = async {
+            match method {
+                Method::Post => octo._post(url.as_str(), Some(body)).await,
+                Method::Patch => octo._patch(url.as_str(), Some(body)).await,
+            }
+        };
+        let (answer, _) = self.exchange(request, what).await?;
+        decode(&answer, what)
+    }
+
+    /// Awaits one request and reads its answer: the body and the next
+    /// page's URL (from `Link`). Every request goes through here: it is
+    /// counted, and a wait GitHub asks for holds every later request.
+    async fn exchange(
+        &self,
+        request: impl Future<Output = Result<Answer, octocrab::Error>>,
+        what: &str,
+    ) -> Result<(Vec<u8>, Option<String>), Error> {
+        let result = async {
+            let response = request.await.map_err(|e| transport(e, what))?;
+            let next = response
+                .headers()
+                .get("link")
+                .and_then(|v| v.to_str().ok())
+                .and_then(next_link);
+            Ok((read(response, what).await?, next))
         }
-        .map_err(|e| transport(e, what))?;
-        decode(&self.noted(read(response, what).await)?, what)
+        .await;
+        self.metrics.github_call(call_result(&result));
+        self.noted(result)
     }
 
     /// The client that writes to `repo`: the token's, or one with the App's
@@ -314,38 +332,18 @@ impl Client {
         }
         let jwt = build(&self.api_url, Some(&app.jwt(now).map_err(Error::Build)?))?;
         let what = format!("the GitHub App's installation on {repo}");
-        let installation: Installation = decode(
-            &self.noted(
-                read(
-                    jwt._get(format!("{}/repos/{repo}/installation", self.api_url).as_str())
-                        .await
-                        .map_err(|e| transport(e, &what))?,
-                    &what,
-                )
-                .await,
-            )?,
-            &what,
-        )?;
+        let url = format!("{}/repos/{repo}/installation", self.api_url);
+        let (answer, _) = self.exchange(jwt._get(url.as_str()), &what).await?;
+        let installation: Installation = decode(&answer, &what)?;
         let what = format!("an installation token for {repo}");
-        let minted: Minted = decode(
-            &self.noted(
-                read(
-                    jwt._post(
-                        format!(
-                            "{}/app/installations/{}/access_tokens",
-                            self.api_url, installation.id
-                        )
-                        .as_str(),
-                        None::<&()>,
-                    )
-                    .await
-                    .map_err(|e| transport(e, &what))?,
-                    &what,
-                )
-                .await,
-            )?,
-            &what,
-        )?;
+        let url = format!(
+            "{}/app/installations/{}/access_tokens",
+            self.api_url, installation.id
+        );
+        let (answer, _) = self
+            .exchange(jwt._post(url.as_str(), None::<&()>), &what)
+            .await?;
+        let minted: Minted = decode(&answer, &what)?;
         let expires = parse_time(&minted.expires_at).ok_or_else(|| Error::Decode {
             what: what.clone(),
             message: format!("expires_at {:?} is not a time", minted.expires_at),
@@ -416,11 +414,34 @@ fn transport(e: octocrab::Error, what: &str) -> Error {
     }
 }
 
+/// An answer of GitHub's, as octocrab gives it.
+type Answer = axum::http::Response<BoxBody<axum::body::Bytes, octocrab::Error>>;
+
+/// How a request went, as the metrics count it.
+fn call_result<T>(result: &Result<T, Error>) -> GithubCallResult {
+    match result {
+        Ok(_) => GithubCallResult::Success,
+        Err(Error::Status {
+            status,
+            retry_after,
+            ..
+        }) => {
+            if *status == 429 || retry_after.is_some() {
+                GithubCallResult::RateLimited
+            } else if *status >= 500 {
+                GithubCallResult::ServerError
+            } else {
+                GithubCallResult::ClientError
+            }
+        }
+        Err(Error::Transport { .. } | Error::Decode { .. } | Error::Build(_)) => {
+            GithubCallResult::Transport
+        }
+    }
+}
+
 /// The body of a successful answer; anything else becomes `Error::Status`.
-async fn read(
-    response: axum::http::Response<BoxBody<axum::body::Bytes, octocrab::Error>>,
-    what: &str,
-) -> Result<Vec<u8>, Error> {
+async fn read(response: Answer, what: &str) -> Result<Vec<u8>, Error> {
     let status = response.status();
     let retry_after = retry_after(response.headers());
     let body = response

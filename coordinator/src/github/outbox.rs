@@ -18,6 +18,7 @@ use super::render;
 use crate::core::outbox::{Effect, EffectJob, EffectResult, PullRef, proposes_pull};
 use crate::core::{Task, TaskSource};
 use crate::driver::{Command, DriverHandle};
+use crate::metrics::Metrics;
 
 /// Effects taken per round.
 const BATCH: usize = 16;
@@ -28,7 +29,12 @@ const BATCH: usize = 16;
 /// second pull request).
 pub const FAILPOINT_AFTER_PULL_CREATED: &str = "after-pull-request-created";
 
-pub async fn run(client: Client, driver: DriverHandle, shutdown: CancellationToken) {
+pub async fn run(
+    client: Client,
+    driver: DriverHandle,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
     let failpoint = std::env::var("CCC_COORDINATOR_FAILPOINT").unwrap_or_default();
     loop {
         let Ok((jobs, next)) = driver
@@ -44,6 +50,9 @@ pub async fn run(client: Client, driver: DriverHandle, shutdown: CancellationTok
         for job in jobs {
             let span = info_span!("effect", task_id = %job.entry.task, attempt = job.task.attempt_number(), effect = job.entry.effect.as_str(), version = job.entry.version);
             let result = perform(&client, &job, &failpoint).instrument(span).await;
+            if matches!(result, EffectResult::Retry { .. }) {
+                metrics.github_retry(job.entry.effect);
+            }
             let done = driver
                 .call(|reply| Command::EffectDone {
                     task: job.entry.task,

@@ -25,6 +25,7 @@ use crate::core::github::IssueOutcome;
 use crate::driver::Command;
 use crate::github::event::{self, Decision};
 use crate::github::new_task;
+use crate::metrics::WebhookResult;
 
 /// The longest delivery id kept (GitHub's are UUIDs).
 const MAX_DELIVERY_ID: usize = 100;
@@ -294,6 +295,7 @@ fn payload(headers: &HeaderMap, body: &[u8]) -> Result<Vec<u8>, (StatusCode, Str
 fn answer(status: StatusCode, kind: &str, message: String) -> Response {
     (
         status,
+        axum::Extension(result_of(status, kind)),
         axum::Json(json!({ "status": kind, "message": message })),
     )
         .into_response()
@@ -302,9 +304,37 @@ fn answer(status: StatusCode, kind: &str, message: String) -> Response {
 fn answer_task(status: StatusCode, kind: &str, task: &str, message: String) -> Response {
     (
         status,
+        axum::Extension(result_of(status, kind)),
         axum::Json(json!({ "status": kind, "task_id": task, "message": message })),
     )
         .into_response()
+}
+
+/// What an answer means, as the metrics count it.
+fn result_of(status: StatusCode, kind: &str) -> WebhookResult {
+    match (kind, status) {
+        ("created", _) => WebhookResult::TaskCreated,
+        ("applied", _) => WebhookResult::CommandApplied,
+        ("duplicate", _) => WebhookResult::Duplicate,
+        ("ignored", _) => WebhookResult::Ignored,
+        ("pong", _) => WebhookResult::Ping,
+        (_, StatusCode::UNAUTHORIZED) => WebhookResult::BadSignature,
+        (_, StatusCode::SERVICE_UNAVAILABLE) => WebhookResult::Unavailable,
+        (_, StatusCode::PAYLOAD_TOO_LARGE) => WebhookResult::TooLarge,
+        _ => WebhookResult::BadRequest,
+    }
+}
+
+/// Counts every answer of the webhook route, also those given before the
+/// handler runs (a body over the limit).
+pub async fn count(State(state): State<HttpState>, response: Response) -> Response {
+    let result = response
+        .extensions()
+        .get::<WebhookResult>()
+        .copied()
+        .unwrap_or_else(|| result_of(response.status(), "refused"));
+    state.metrics.webhook_delivery(result);
+    response
 }
 
 #[cfg(test)]
