@@ -215,6 +215,7 @@ struct Work {
     stop_requested: bool,
 }
 
+#[derive(Debug)]
 pub struct Session {
     config: SessionConfig,
     work: BTreeMap<TaskId, Work>,
