@@ -675,8 +675,8 @@ impl Session {
     // ---- the child processes ----
 
     /// A chunk of the child's output (a line, or part of a long one). It
-    /// gets the next seq; the driver must spool the returned chunk before it
-    /// sends anything.
+    /// gets the next seq; the driver must hand the returned chunk to the
+    /// spool before anything it sends later (a resend reads the spool).
     pub fn handle_child_output(
         &mut self,
         task: TaskId,
