@@ -31,7 +31,7 @@ use tonic::{Code, Status};
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::session::{Held, ToCoordinator};
+use crate::session::{FromCoordinator, Held, ToCoordinator};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -53,42 +53,6 @@ pub enum LinkEvent {
     },
     /// The coordinator refuses this agent for good.
     Refused(String),
-}
-
-/// A message from the coordinator, converted and validated.
-#[derive(Debug, PartialEq)]
-pub enum FromCoordinator {
-    Welcome {
-        agent_id: String,
-        heartbeat_interval: Duration,
-        heartbeat_timeout: Duration,
-        held: Vec<(TaskId, Attempt, u64)>,
-    },
-    Heartbeat,
-    Drain {
-        reason: String,
-    },
-    Assign {
-        task: TaskId,
-        attempt: Attempt,
-        spec: Box<TaskSpec>,
-        deadline: UnixMillis,
-        credential: Option<PushCredential>,
-    },
-    Cancel {
-        task: TaskId,
-        attempt: Attempt,
-        reason: String,
-    },
-    OutputAck {
-        task: TaskId,
-        attempt: Attempt,
-        seq: u64,
-    },
-    FinishedAck {
-        task: TaskId,
-        attempt: Attempt,
-    },
 }
 
 pub struct Link {

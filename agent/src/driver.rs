@@ -1,28 +1,31 @@
-//! The agent's one event loop: it owns the [`Session`], reacts to the link
-//! (stream up, messages, down), to the children (output, exit) and to time
-//! (heartbeats, a silent coordinator), then performs what the session asks:
-//! messages to send, processes to start or stop.
+//! The agent's one event loop: it owns the [`Session`] and feeds it the
+//! link (stream up, messages, down), the children (output, exit), health
+//! check results and time, then performs what the session asks: messages to
+//! send, processes to start or stop, a silent stream to close, a check to
+//! run. Every timer lives in the session: the loop sleeps until its
+//! `poll_timeout` and reads the clock in one place ([`clock`]). Every task
+//! it starts is owned by one `TaskTracker`, so a stop waits for them; the
+//! spool's disk work runs on its own thread ([`SpoolHandle`]).
 
 use std::collections::HashMap;
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::ids::{Attempt, TaskId};
 use common::proto::AgentMessage;
 use common::time::UnixMillis;
 use common::types::AgentAdvert;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::conn::{self, FromCoordinator, Link, LinkEvent};
+use crate::conn::{self, Link, LinkEvent};
 use crate::executor::{Executor, Job};
 use crate::runner::{ChildEvent, Sink};
-use crate::session::{Command, Session, ToCoordinator};
-use crate::spool::Spool;
+use crate::session::{Command, FromCoordinator, Session, SessionConfig, ToCoordinator};
+use crate::spool::{Spool, SpoolHandle};
 use crate::workspace::Workspaces;
 
 /// Output spooled for the coordinator before the agent stops reading its
@@ -30,6 +33,8 @@ use crate::workspace::Workspaces;
 const MAX_UNACKED_BYTES: usize = 512 << 20;
 /// How much spooled output one step of a resend reads.
 const RESEND_STEP_BYTES: usize = 4 << 20;
+/// How long a stopping agent waits for the coordinator to see its stream end.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -41,15 +46,25 @@ pub enum Error {
     Refused(String),
 }
 
+/// The driver's one clock read: monotonic time for the session's timers,
+/// wall time for an attempt's deadline.
+#[allow(clippy::disallowed_methods)]
+pub fn clock() -> (Instant, UnixMillis) {
+    (Instant::now(), UnixMillis::now())
+}
+
 struct Stream {
     tx: mpsc::Sender<AgentMessage>,
     close: CancellationToken,
-    welcomed: bool,
-    /// The stream counts as dead after this much silence.
-    silence: Duration,
-    silent_after: Instant,
-    heartbeat_every: Duration,
-    next_heartbeat: Instant,
+}
+
+/// What woke the loop.
+enum Input {
+    Shutdown,
+    Link(Option<LinkEvent>),
+    Child(ChildEvent),
+    Health(Result<(), String>),
+    Timer,
 }
 
 pub struct Driver {
@@ -59,13 +74,12 @@ pub struct Driver {
     stream: Option<Stream>,
     children: HashMap<TaskId, CancellationToken>,
     child_tx: mpsc::Sender<ChildEvent>,
-    executor: Arc<Executor>,
-    spool: Spool,
-    /// While the PC is unhealthy: when its check runs again.
-    next_health_check: Option<Instant>,
-    /// A check is running; its result arrives on this channel.
+    /// A health check's result arrives on this channel.
     health_tx: mpsc::Sender<Result<(), String>>,
-    checking: bool,
+    executor: Arc<Executor>,
+    spool: SpoolHandle,
+    /// Owns every task the driver starts.
+    tasks: TaskTracker,
 }
 
 impl Driver {
@@ -77,11 +91,12 @@ impl Driver {
         unhealthy: Option<String>,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
+        let tasks = TaskTracker::new();
         let link = Link::new(&config)?;
         let (link_tx, mut link_rx) = mpsc::channel(1024);
         let link_stop = CancellationToken::new();
         let link_closing = CancellationToken::new();
-        tokio::spawn(link.run(link_tx, link_stop.clone(), link_closing.clone()));
+        tasks.spawn(link.run(link_tx, link_stop.clone(), link_closing.clone()));
         let (child_tx, mut child_rx) = mpsc::channel(1024);
         let (health_tx, mut health_rx) = mpsc::channel(4);
         let executor = Arc::new(Executor {
@@ -95,13 +110,20 @@ impl Driver {
             agent: config.name.clone(),
         });
         let (spool, finished) = Spool::open(&config.data_dir)?;
-        let mut session = Session::new(config.capacity);
-        session.handle_health(unhealthy);
+        let (now, _) = clock();
+        let mut session = Session::new(SessionConfig {
+            capacity: config.capacity,
+            welcome_timeout: config.welcome_timeout,
+            health_check_interval: config.health_check_interval,
+            stop_grace: config.stop_grace,
+        });
+        session.handle_health(unhealthy, now);
         for done in finished {
             session.restore_finished(done.task, done.attempt, done.report, done.unacked);
         }
+        let stop_grace = config.stop_grace;
         let mut driver = Self {
-            spool,
+            spool: spool.spawn(&tasks),
             executor,
             session,
             config,
@@ -109,48 +131,38 @@ impl Driver {
             stream: None,
             children: HashMap::new(),
             child_tx,
-            next_health_check: None,
             health_tx,
-            checking: false,
+            tasks: tasks.clone(),
         };
-        let mut stopping: Option<Instant> = None;
+        let mut stopping = false;
         let result = loop {
-            let wake = driver.next_wake();
-            tokio::select! {
-                () = shutdown.cancelled(), if stopping.is_none() => {
+            let wake = driver.session.poll_timeout();
+            let input = tokio::select! {
+                () = shutdown.cancelled(), if !stopping => Input::Shutdown,
+                event = link_rx.recv() => Input::Link(event),
+                Some(event) = child_rx.recv(), if driver.session.unacked_bytes() < MAX_UNACKED_BYTES => {
+                    Input::Child(event)
+                }
+                Some(result) = health_rx.recv() => Input::Health(result),
+                () = sleep_until(wake) => Input::Timer,
+            };
+            let (now, wall) = clock();
+            match input {
+                Input::Shutdown => {
                     info!("stopping: draining and handing back running tasks");
-                    stopping = Some(Instant::now() + driver.config.stop_grace);
-                    driver.session.begin_shutdown("agent shutting down");
-                    for stop in driver.children.values() {
-                        stop.cancel();
-                    }
+                    stopping = true;
+                    driver.session.begin_shutdown("agent shutting down", now);
                 }
-                event = link_rx.recv() => match event {
-                    Some(LinkEvent::Refused(why)) => break Err(Error::Refused(why)),
-                    Some(event) => driver.on_link(event),
-                    None => break Ok(()),
-                },
-                event = child_rx.recv(), if driver.session.unacked_bytes() < MAX_UNACKED_BYTES => {
-                    if let Some(event) = event {
-                        driver.on_child(event);
-                    }
-                }
-                Some(result) = health_rx.recv() => {
-                    driver.checking = false;
-                    driver.session.handle_health(result.err());
-                }
-                () = tokio::time::sleep_until(wake) => driver.on_time(),
+                Input::Link(Some(LinkEvent::Refused(why))) => break Err(Error::Refused(why)),
+                Input::Link(Some(event)) => driver.on_link(event, now).await,
+                Input::Link(None) => break Ok(()),
+                Input::Child(event) => driver.on_child(event, now).await,
+                Input::Health(result) => driver.session.handle_health(result.err(), now),
+                Input::Timer => driver.session.handle_timeout(now),
             }
-            driver.schedule_health_check();
-            driver.perform().await;
-            if let Some(deadline) = stopping {
-                // Stop once every child has ended and its result is out (or
-                // the grace period is over).
-                let flushed = driver.children.is_empty()
-                    && (driver.session.is_idle() || driver.stream.is_none());
-                if flushed || Instant::now() >= deadline {
-                    break Ok(());
-                }
+            driver.perform(wall).await;
+            if driver.session.is_stopped() {
+                break Ok(());
             }
         };
         for stop in driver.children.values() {
@@ -161,7 +173,7 @@ impl Driver {
         // ends without trying again.
         link_closing.cancel();
         if driver.stream.take().is_some() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = tokio::time::timeout(CLOSE_WAIT, async {
                 while let Some(event) = link_rx.recv().await {
                     if matches!(event, LinkEvent::Down { .. }) {
                         break;
@@ -171,60 +183,27 @@ impl Driver {
             .await;
         }
         link_stop.cancel();
+        // Nobody listens any more: what the tasks still report is dropped at
+        // once, and the spool's thread ends once its queue is done.
+        drop((driver, link_rx, child_rx, health_rx));
+        tasks.close();
+        if tokio::time::timeout(stop_grace, tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                grace_ms = u64::try_from(stop_grace.as_millis()).unwrap_or(u64::MAX),
+                "work still running after the stop grace; leaving it"
+            );
+        }
         result
     }
 
-    fn next_wake(&self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(3600);
-        let stream = match &self.stream {
-            Some(s) if s.welcomed => s.silent_after.min(s.next_heartbeat),
-            Some(s) => s.silent_after,
-            None => far,
-        };
-        self.next_health_check.map_or(stream, |at| at.min(stream))
-    }
-
-    /// While the PC is unhealthy, a check is due every
-    /// `health_check_interval`; none once it is healthy again.
-    fn schedule_health_check(&mut self) {
-        if self.session.unhealthy_reason().is_none() {
-            self.next_health_check = None;
-        } else if self.next_health_check.is_none() && !self.checking {
-            self.next_health_check = Some(Instant::now() + self.config.health_check_interval);
-        }
-    }
-
-    /// Runs the PC's check in the background if it is due.
-    fn start_health_check(&mut self) {
-        if self.next_health_check.is_none_or(|at| Instant::now() < at) {
-            return;
-        }
-        self.next_health_check = None;
-        self.checking = true;
-        let (program, env, tx) = (
-            std::path::PathBuf::from(&self.config.claude.program),
-            self.config.claude.env.clone(),
-            self.health_tx.clone(),
-        );
-        tokio::spawn(async move {
-            let result = crate::health::check(&program, &env).await;
-            let _ = tx.send(result).await;
-        });
-    }
-
-    fn on_link(&mut self, event: LinkEvent) {
+    async fn on_link(&mut self, event: LinkEvent, now: Instant) {
         match event {
             LinkEvent::Up { tx, close } => {
-                self.stream = Some(Stream {
-                    tx,
-                    close,
-                    welcomed: false,
-                    silence: self.config.welcome_timeout,
-                    silent_after: Instant::now() + self.config.welcome_timeout,
-                    heartbeat_every: Duration::from_secs(5),
-                    next_heartbeat: Instant::now(),
-                });
-                self.session.handle_connected();
+                self.stream = Some(Stream { tx, close });
+                self.session.handle_connected(now);
             }
             LinkEvent::Down { reason } => {
                 if self.stream.take().is_some() {
@@ -234,63 +213,23 @@ impl Driver {
             }
             LinkEvent::Refused(_) => {}
             LinkEvent::Message(msg) => {
-                if let Some(stream) = self.stream.as_mut() {
-                    // Any message shows the coordinator is alive.
-                    stream.silent_after = Instant::now() + stream.silence;
+                match &msg {
+                    FromCoordinator::Welcome {
+                        agent_id,
+                        heartbeat_interval,
+                        ..
+                    } => conn::log_welcome(agent_id, &self.config.name, *heartbeat_interval),
+                    FromCoordinator::OutputAck { task, attempt, seq } => {
+                        self.spool.acknowledged(*task, *attempt, *seq).await;
+                    }
+                    _ => {}
                 }
-                self.on_message(msg);
+                self.session.handle_message(msg, now);
             }
         }
     }
 
-    fn on_message(&mut self, msg: FromCoordinator) {
-        match msg {
-            FromCoordinator::Welcome {
-                agent_id,
-                heartbeat_interval,
-                heartbeat_timeout,
-                held,
-            } => {
-                conn::log_welcome(&agent_id, &self.config.name, heartbeat_interval);
-                if let Some(stream) = self.stream.as_mut() {
-                    stream.welcomed = true;
-                    stream.heartbeat_every = heartbeat_interval;
-                    stream.next_heartbeat = Instant::now() + heartbeat_interval;
-                    stream.silence = heartbeat_timeout;
-                    stream.silent_after = Instant::now() + heartbeat_timeout;
-                }
-                self.session.handle_welcome(&held);
-            }
-            FromCoordinator::Heartbeat => {}
-            FromCoordinator::Drain { reason } => {
-                info!(%reason, "the coordinator asked this agent to drain");
-                self.session.handle_drain();
-            }
-            FromCoordinator::Assign {
-                task,
-                attempt,
-                spec,
-                deadline,
-                credential,
-            } => self
-                .session
-                .handle_assign(task, attempt, *spec, deadline, credential),
-            FromCoordinator::Cancel {
-                task,
-                attempt,
-                reason,
-            } => self.session.handle_cancel(task, attempt, &reason),
-            FromCoordinator::OutputAck { task, attempt, seq } => {
-                self.session.handle_output_ack(task, attempt, seq);
-                self.spool.acknowledged(task, attempt, seq);
-            }
-            FromCoordinator::FinishedAck { task, attempt } => {
-                self.session.handle_finished_ack(task, attempt);
-            }
-        }
-    }
-
-    fn on_child(&mut self, event: ChildEvent) {
+    async fn on_child(&mut self, event: ChildEvent, now: Instant) {
         match event {
             ChildEvent::Output {
                 task,
@@ -298,12 +237,9 @@ impl Driver {
                 kind,
                 data,
             } => {
-                if let Some(chunk) = self.session.handle_child_output(task, attempt, kind, data)
-                    && let Err(e) = self.spool.append(&chunk)
-                {
-                    // Still sent while connected; lost only if the
-                    // stream breaks before it is acknowledged.
-                    warn!(task_id = %task, attempt = attempt.0, error = %e, "cannot spool output");
+                // Queued for the disk before any later resend reads it.
+                if let Some(chunk) = self.session.handle_child_output(task, attempt, kind, data) {
+                    self.spool.append(chunk).await;
                 }
             }
             ChildEvent::Progress {
@@ -317,8 +253,9 @@ impl Driver {
                 report,
             } => {
                 self.children.remove(&task);
-                if let Some(report) = self.session.handle_child_exit(task, attempt, *report)
-                    && let Err(e) = self.spool.save_result(task, attempt, &report)
+                // Saved before it is sent (by `perform`, after this).
+                if let Some(report) = self.session.handle_child_exit(task, attempt, *report, now)
+                    && let Err(e) = self.spool.save_result(task, attempt, report).await
                 {
                     // Still sent; lost only if the agent dies before the ack.
                     warn!(task_id = %task, attempt = attempt.0, error = %e, "cannot save the result");
@@ -327,28 +264,9 @@ impl Driver {
         }
     }
 
-    fn on_time(&mut self) {
-        self.start_health_check();
-        let now = Instant::now();
-        let Some(stream) = self.stream.as_mut() else {
-            return;
-        };
-        if now >= stream.silent_after {
-            warn!("the coordinator went silent; reconnecting");
-            stream.close.cancel();
-            self.stream = None;
-            self.session.handle_disconnected();
-            return;
-        }
-        if stream.welcomed && now >= stream.next_heartbeat {
-            stream.next_heartbeat = now + stream.heartbeat_every;
-            self.session.heartbeat();
-        }
-    }
-
-    /// Does what the session asked: processes first (so a Stop is not
+    /// Does what the session asked: commands first (so a Stop is not
     /// delayed by a slow stream), then messages.
-    async fn perform(&mut self) {
+    async fn perform(&mut self, wall: UnixMillis) {
         while let Some(command) = self.session.poll_command() {
             match command {
                 Command::Start {
@@ -358,41 +276,27 @@ impl Driver {
                     deadline,
                     credential,
                 } => {
-                    let stop = CancellationToken::new();
-                    self.children.insert(task, stop.clone());
                     let job = Job {
                         task,
                         attempt,
                         spec: *spec,
-                        budget: Duration::from_millis(
-                            deadline.0.saturating_sub(UnixMillis::now().0),
-                        ),
+                        budget: Duration::from_millis(deadline.0.saturating_sub(wall.0)),
                         credential,
                     };
-                    let sink = Sink {
-                        task,
-                        attempt,
-                        events: self.child_tx.clone(),
-                    };
-                    let executor = Arc::clone(&self.executor);
-                    tokio::spawn(async move {
-                        let report = executor.run(job, sink.clone(), stop).await;
-                        let _ = sink
-                            .events
-                            .send(ChildEvent::Exited {
-                                task,
-                                attempt,
-                                report: Box::new(report),
-                            })
-                            .await;
-                    });
+                    self.start(job);
                 }
                 Command::Stop { task, .. } => {
                     if let Some(stop) = self.children.get(&task) {
                         stop.cancel();
                     }
                 }
-                Command::Forget { task, attempt } => self.spool.remove(task, attempt),
+                Command::Forget { task, attempt } => self.spool.remove(task, attempt).await,
+                Command::CloseStream => {
+                    if let Some(stream) = self.stream.take() {
+                        stream.close.cancel();
+                    }
+                }
+                Command::CheckHealth => self.check_health(),
             }
         }
         while let Some(msg) = self.session.poll_outbound() {
@@ -410,6 +314,44 @@ impl Driver {
         }
     }
 
+    /// Runs one attempt in the background; its end comes back as
+    /// `ChildEvent::Exited`.
+    fn start(&mut self, job: Job) {
+        let (task, attempt) = (job.task, job.attempt);
+        let stop = CancellationToken::new();
+        self.children.insert(task, stop.clone());
+        let sink = Sink {
+            task,
+            attempt,
+            events: self.child_tx.clone(),
+        };
+        let executor = Arc::clone(&self.executor);
+        self.tasks.spawn(async move {
+            let report = executor.run(job, sink.clone(), stop).await;
+            let _ = sink
+                .events
+                .send(ChildEvent::Exited {
+                    task,
+                    attempt,
+                    report: Box::new(report),
+                })
+                .await;
+        });
+    }
+
+    /// Runs the PC's check in the background.
+    fn check_health(&self) {
+        let (program, env, tx) = (
+            std::path::PathBuf::from(&self.config.claude.program),
+            self.config.claude.env.clone(),
+            self.health_tx.clone(),
+        );
+        self.tasks.spawn(async move {
+            let result = crate::health::check(&program, &env).await;
+            let _ = tx.send(result).await;
+        });
+    }
+
     /// Resends an attempt's spooled output after `after`, a few MiB at a
     /// time. False once the stream is gone.
     async fn resend(&mut self, task: TaskId, attempt: Attempt, mut after: u64) -> bool {
@@ -417,6 +359,7 @@ impl Driver {
             let chunks = match self
                 .spool
                 .read_after(task, attempt, after, RESEND_STEP_BYTES)
+                .await
             {
                 Ok(chunks) => chunks,
                 Err(e) => {
@@ -437,8 +380,8 @@ impl Driver {
     }
 
     /// Sends one message. A coordinator that stops reading (the stream full
-    /// for a whole silence timeout) counts as gone, so a stuck stream cannot
-    /// freeze the agent. False once the stream is gone.
+    /// for as long as it may stay silent) counts as gone, so a stuck stream
+    /// cannot freeze the agent. False once the stream is gone.
     async fn send(&mut self, msg: ToCoordinator) -> bool {
         let Some(stream) = self.stream.as_ref() else {
             return false;
@@ -446,7 +389,11 @@ impl Driver {
         let Some(msg) = conn::to_proto(msg, &self.advert, &self.config.name) else {
             return true;
         };
-        match tokio::time::timeout(stream.silence, stream.tx.send(msg)).await {
+        let patience = self
+            .session
+            .silence_allowed()
+            .unwrap_or(self.config.welcome_timeout);
+        match tokio::time::timeout(patience, stream.tx.send(msg)).await {
             Ok(Ok(())) => return true,
             Ok(Err(_)) => {}
             Err(_) => {
@@ -457,5 +404,12 @@ impl Driver {
         self.stream = None;
         self.session.handle_disconnected();
         false
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }

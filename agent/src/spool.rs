@@ -11,6 +11,12 @@
 //! coordinator acknowledges the result or tells the agent to cancel the
 //! attempt; at start, output without a result belongs to an attempt whose
 //! process died with the earlier run and is removed.
+//!
+//! The driver never touches the disk itself: [`Spool::spawn`] moves the
+//! spool to a blocking thread that serves a [`SpoolHandle`]'s requests one
+//! at a time, in the order they were made. So a chunk is written before a
+//! later resend reads the file, and a result is saved before a later
+//! removal of its attempt.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -20,18 +26,65 @@ use std::sync::Arc;
 
 use common::ids::{Attempt, TaskId};
 use common::types::{FinishedReport, OutputKind};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
+use tracing::warn;
 
 use crate::session::Chunk;
 
 #[derive(Debug, thiserror::Error)]
-#[error("output spool {}: {source}", path.display())]
-pub struct Error {
-    path: PathBuf,
-    source: std::io::Error,
+pub enum Error {
+    #[error("output spool {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the output spool has stopped")]
+    Stopped,
 }
 
 /// Records longer than this are not ours: a damaged file ends there.
 const MAX_RECORD: u32 = 16 << 20;
+/// Requests the spool's thread may have queued before callers wait.
+const QUEUED_REQUESTS: usize = 256;
+
+/// A record's header: seq, kind, length of the data that follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Header {
+    seq: u64,
+    kind: OutputKind,
+    len: u32,
+}
+
+impl Header {
+    const LEN: usize = 13;
+
+    fn encode(self) -> [u8; Self::LEN] {
+        let mut bytes = [0u8; Self::LEN];
+        bytes[..8].copy_from_slice(&self.seq.to_be_bytes());
+        bytes[8] = self.kind.to_byte();
+        bytes[9..].copy_from_slice(&self.len.to_be_bytes());
+        bytes
+    }
+
+    /// Reads the next header: `None` at the end of the file, or at a
+    /// damaged record (nothing after one can be trusted).
+    fn read(reader: &mut impl Read) -> std::io::Result<Option<Self>> {
+        let mut bytes = [0u8; Self::LEN];
+        match reader.read_exact(&mut bytes) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let [s0, s1, s2, s3, s4, s5, s6, s7, kind, l0, l1, l2, l3] = bytes;
+        let header = Self {
+            seq: u64::from_be_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+            kind: OutputKind::from_byte(kind).unwrap_or(OutputKind::Stdout),
+            len: u32::from_be_bytes([l0, l1, l2, l3]),
+        };
+        Ok((header.len <= MAX_RECORD && header.seq != 0).then_some(header))
+    }
+}
 
 pub struct Spool {
     dir: PathBuf,
@@ -50,7 +103,7 @@ impl Spool {
     /// could not hand over come back; everything else it left is removed.
     pub fn open(data_dir: &Path) -> Result<(Self, Vec<Finished>), Error> {
         let dir = data_dir.join("spool");
-        std::fs::create_dir_all(&dir).map_err(|source| Error {
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
             path: dir.clone(),
             source,
         })?;
@@ -60,7 +113,7 @@ impl Spool {
             unwritten: HashMap::new(),
             broken: std::collections::HashSet::new(),
         };
-        let entries = std::fs::read_dir(&spool.dir).map_err(|source| Error {
+        let entries = std::fs::read_dir(&spool.dir).map_err(|source| Error::Io {
             path: spool.dir.clone(),
             source,
         })?;
@@ -96,11 +149,11 @@ impl Spool {
 
     fn recover(&self, (task, attempt): (TaskId, Attempt)) -> Result<Finished, Error> {
         let path = self.result_path(task, attempt);
-        let text = std::fs::read(&path).map_err(|source| Error {
+        let text = std::fs::read(&path).map_err(|source| Error::Io {
             path: path.clone(),
             source,
         })?;
-        let report: FinishedReport = serde_json::from_slice(&text).map_err(|e| Error {
+        let report: FinishedReport = serde_json::from_slice(&text).map_err(|e| Error::Io {
             path: path.clone(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         })?;
@@ -135,7 +188,7 @@ impl Spool {
         report: &FinishedReport,
     ) -> Result<(), Error> {
         let path = self.result_path(task, attempt);
-        let err = |source| Error {
+        let err = |source| Error::Io {
             path: path.clone(),
             source,
         };
@@ -162,7 +215,7 @@ impl Spool {
     pub fn append(&mut self, chunk: &Chunk) -> Result<(), Error> {
         let key = (chunk.task, chunk.attempt);
         let written = if self.broken.contains(&key) {
-            Err(Error {
+            Err(Error::Io {
                 path: self.path(chunk.task, chunk.attempt),
                 source: std::io::Error::other("the file is damaged; kept in memory"),
             })
@@ -177,7 +230,7 @@ impl Spool {
 
     fn write(&mut self, chunk: &Chunk) -> Result<(), Error> {
         let path = self.path(chunk.task, chunk.attempt);
-        let err = |source| Error {
+        let err = |source| Error::Io {
             path: path.clone(),
             source,
         };
@@ -196,10 +249,13 @@ impl Spool {
             .ok()
             .filter(|&n| n <= MAX_RECORD)
             .ok_or_else(|| err(std::io::Error::other("chunk too large to spool")))?;
-        let mut record = Vec::with_capacity(13 + chunk.data.len());
-        record.extend_from_slice(&chunk.seq.to_be_bytes());
-        record.push(chunk.kind.to_byte());
-        record.extend_from_slice(&size.to_be_bytes());
+        let header = Header {
+            seq: chunk.seq,
+            kind: chunk.kind,
+            len: size,
+        };
+        let mut record = Vec::with_capacity(Header::LEN + chunk.data.len());
+        record.extend_from_slice(&header.encode());
         record.extend_from_slice(&chunk.data);
         match file.write_all(&record) {
             Ok(()) => {
@@ -261,7 +317,7 @@ impl Spool {
         match File::open(&path) {
             Ok(file) => Ok(Some(file)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(Error { path, source }),
+            Err(source) => Err(Error::Io { path, source }),
         }
     }
 
@@ -273,25 +329,23 @@ impl Spool {
         };
         let end = file
             .metadata()
-            .map_err(|source| Error {
+            .map_err(|source| Error::Io {
                 path: self.path(task, attempt),
                 source,
             })?
             .len();
         let mut reader = BufReader::new(file);
         let (mut at, mut sizes) = (0u64, Vec::new());
-        let mut header = [0u8; 13];
-        while reader.read_exact(&mut header).is_ok() {
-            let seq = u64::from_be_bytes(header[..8].try_into().unwrap_or([0; 8]));
-            let len = u32::from_be_bytes(header[9..].try_into().unwrap_or([0; 4]));
-            at += 13 + u64::from(len);
-            if len > MAX_RECORD || seq == 0 || at > end {
-                break; // Damaged or torn: nothing after this counts.
+        // A read error ends the records as a damaged one does.
+        while let Ok(Some(header)) = Header::read(&mut reader) {
+            at += Header::LEN as u64 + u64::from(header.len);
+            if at > end {
+                break; // Torn: nothing after this counts.
             }
-            if reader.seek_relative(i64::from(len)).is_err() {
+            if reader.seek_relative(i64::from(header.len)).is_err() {
                 break;
             }
-            sizes.push((seq, len as usize));
+            sizes.push((header.seq, header.len as usize));
         }
         Ok(sizes)
     }
@@ -303,7 +357,7 @@ impl Spool {
         after: u64,
         max_bytes: usize,
     ) -> Result<(Vec<Chunk>, bool), Error> {
-        let err = |source| Error {
+        let err = |source| Error::Io {
             path: self.path(task, attempt),
             source,
         };
@@ -314,32 +368,20 @@ impl Spool {
         let mut chunks = Vec::new();
         let mut total = 0usize;
         let mut whole_file = false;
-        let mut header = [0u8; 13];
         while total < max_bytes || chunks.is_empty() {
-            match reader.read_exact(&mut header) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    whole_file = true;
-                    break;
-                }
-                Err(e) => return Err(err(e)),
-            }
-            let seq = u64::from_be_bytes(header[..8].try_into().unwrap_or([0; 8]));
-            let kind = OutputKind::from_byte(header[8]).unwrap_or(OutputKind::Stdout);
-            let len = u32::from_be_bytes(header[9..].try_into().unwrap_or([0; 4]));
-            if len > MAX_RECORD || seq == 0 {
-                whole_file = true; // Damaged: nothing after this can be trusted.
+            let Some(header) = Header::read(&mut reader).map_err(err)? else {
+                whole_file = true; // The end, or a damaged record.
                 break;
-            }
-            if seq <= after {
+            };
+            if header.seq <= after {
                 // Already acknowledged: skipped without reading it.
-                if reader.seek_relative(i64::from(len)).is_err() {
+                if reader.seek_relative(i64::from(header.len)).is_err() {
                     whole_file = true;
                     break;
                 }
                 continue;
             }
-            let mut data = vec![0u8; len as usize];
+            let mut data = vec![0u8; header.len as usize];
             if reader.read_exact(&mut data).is_err() {
                 whole_file = true; // A torn last record: it was never sent either.
                 break;
@@ -348,8 +390,8 @@ impl Spool {
             chunks.push(Chunk {
                 task,
                 attempt,
-                seq,
-                kind,
+                seq: header.seq,
+                kind: header.kind,
                 data: Arc::from(data),
             });
         }
@@ -370,6 +412,146 @@ impl Spool {
         self.broken.remove(&(task, attempt));
         let _ = std::fs::remove_file(self.path(task, attempt));
         let _ = std::fs::remove_file(self.result_path(task, attempt));
+    }
+}
+
+impl Spool {
+    /// Moves the spool to a blocking thread owned by `tracker`; it serves
+    /// the returned handle's requests, in order, until every handle is gone.
+    pub fn spawn(self, tracker: &TaskTracker) -> SpoolHandle {
+        let (requests, rx) = mpsc::channel(QUEUED_REQUESTS);
+        tracker.spawn_blocking(move || self.serve(rx));
+        SpoolHandle { requests }
+    }
+
+    fn serve(mut self, mut requests: mpsc::Receiver<Request>) {
+        while let Some(request) = requests.blocking_recv() {
+            match request {
+                Request::Append(chunk) => {
+                    if let Err(e) = self.append(&chunk) {
+                        // Kept in memory: sent while connected, lost only
+                        // if the agent dies before it is acknowledged.
+                        warn!(task_id = %chunk.task, attempt = chunk.attempt.0, error = %e, "cannot spool output");
+                    }
+                }
+                Request::SaveResult {
+                    task,
+                    attempt,
+                    report,
+                    saved,
+                } => {
+                    let _ = saved.send(self.save_result(task, attempt, &report));
+                }
+                Request::ReadAfter {
+                    task,
+                    attempt,
+                    after,
+                    max_bytes,
+                    chunks,
+                } => {
+                    let _ = chunks.send(self.read_after(task, attempt, after, max_bytes));
+                }
+                Request::Acknowledged { task, attempt, seq } => {
+                    self.acknowledged(task, attempt, seq);
+                }
+                Request::Remove { task, attempt } => self.remove(task, attempt),
+            }
+        }
+    }
+}
+
+/// What the spool's thread is asked to do.
+#[derive(Debug)]
+enum Request {
+    Append(Chunk),
+    SaveResult {
+        task: TaskId,
+        attempt: Attempt,
+        report: Box<FinishedReport>,
+        saved: oneshot::Sender<Result<(), Error>>,
+    },
+    ReadAfter {
+        task: TaskId,
+        attempt: Attempt,
+        after: u64,
+        max_bytes: usize,
+        chunks: oneshot::Sender<Result<Vec<Chunk>, Error>>,
+    },
+    Acknowledged {
+        task: TaskId,
+        attempt: Attempt,
+        seq: u64,
+    },
+    Remove {
+        task: TaskId,
+        attempt: Attempt,
+    },
+}
+
+/// The driver's side of the spool's thread: [`Spool`]'s operations, each
+/// queued behind those asked before it.
+#[derive(Clone, Debug)]
+pub struct SpoolHandle {
+    requests: mpsc::Sender<Request>,
+}
+
+impl SpoolHandle {
+    /// Queues `chunk` to be written; a write error is logged there and the
+    /// chunk kept in memory (see [`Spool::append`]).
+    pub async fn append(&self, chunk: Chunk) {
+        self.ask(Request::Append(chunk)).await;
+    }
+
+    /// Saves an attempt's result and waits until it is saved.
+    pub async fn save_result(
+        &self,
+        task: TaskId,
+        attempt: Attempt,
+        report: FinishedReport,
+    ) -> Result<(), Error> {
+        let (saved, answer) = oneshot::channel();
+        self.ask(Request::SaveResult {
+            task,
+            attempt,
+            report: Box::new(report),
+            saved,
+        })
+        .await;
+        answer.await.unwrap_or(Err(Error::Stopped))
+    }
+
+    /// See [`Spool::read_after`]: what was appended before is included.
+    pub async fn read_after(
+        &self,
+        task: TaskId,
+        attempt: Attempt,
+        after: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<Chunk>, Error> {
+        let (chunks, answer) = oneshot::channel();
+        self.ask(Request::ReadAfter {
+            task,
+            attempt,
+            after,
+            max_bytes,
+            chunks,
+        })
+        .await;
+        answer.await.unwrap_or(Err(Error::Stopped))
+    }
+
+    pub async fn acknowledged(&self, task: TaskId, attempt: Attempt, seq: u64) {
+        self.ask(Request::Acknowledged { task, attempt, seq }).await;
+    }
+
+    pub async fn remove(&self, task: TaskId, attempt: Attempt) {
+        self.ask(Request::Remove { task, attempt }).await;
+    }
+
+    async fn ask(&self, request: Request) {
+        // The thread ends only when every handle is gone; an answer it can
+        // no longer give is `Error::Stopped`.
+        let _ = self.requests.send(request).await;
     }
 }
 
@@ -491,6 +673,39 @@ mod tests {
             resent.extend(seqs(&step));
         }
         assert_eq!(resent, vec![1, 2, 3, 4, 5, 6]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn the_spools_thread_serves_requests_in_the_order_they_were_made() {
+        let dir = std::env::temp_dir().join(format!("ccc-spool-thread-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (spool, _) = Spool::open(&dir).expect("open");
+        let tracker = TaskTracker::new();
+        let handle = spool.spawn(&tracker);
+        for seq in 1..=3 {
+            handle.append(chunk(1, seq, 10)).await;
+        }
+        let back = handle
+            .read_after(TaskId(1), Attempt(1), 1, usize::MAX)
+            .await
+            .expect("read");
+        assert_eq!(seqs(&back), vec![2, 3], "appends asked before are read");
+        let report = FinishedReport::new(common::types::Outcome::Succeeded, "pushed");
+        handle
+            .save_result(TaskId(1), Attempt(1), report)
+            .await
+            .expect("saved");
+        assert!(
+            dir.join("spool/t-1-a1.result").exists(),
+            "saved when answered"
+        );
+        handle.remove(TaskId(1), Attempt(1)).await;
+        drop(handle);
+        tracker.close();
+        tracker.wait().await;
+        let (_, finished) = Spool::open(&dir).expect("reopen");
+        assert!(finished.is_empty(), "removed after it was saved");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

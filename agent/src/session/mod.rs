@@ -1,7 +1,10 @@
 //! The agent's pure core: which tasks it holds, what it owes the coordinator
-//! (output not yet acknowledged, results not yet acknowledged) and what it
-//! must do (start or stop a child process). No I/O, no clock, no async: the
-//! driver feeds it events and sends what `poll_outbound` returns.
+//! (output not yet acknowledged, results not yet acknowledged), what it
+//! must do (start or stop a child process, check the PC) and when (the
+//! Welcome and silence timeouts, heartbeats, health checks, the end of a
+//! shutdown's grace). No I/O, no clock, no async: time is an argument, the
+//! driver feeds it events, sends what `poll_outbound` returns, does what
+//! `poll_command` returns and calls `handle_timeout` at `poll_timeout`.
 //!
 //! Invariants: output of an attempt carries seq 1, 2, 3... with no gap;
 //! a chunk stays owed (its bytes in the driver's on-disk spool, its seq and
@@ -15,6 +18,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::ids::{Attempt, TaskId};
 use common::time::UnixMillis;
@@ -85,6 +89,42 @@ pub struct Chunk {
     pub data: Arc<[u8]>,
 }
 
+/// A message from the coordinator, as the link converted and validated it.
+#[derive(Debug, PartialEq)]
+pub enum FromCoordinator {
+    Welcome {
+        agent_id: String,
+        heartbeat_interval: Duration,
+        heartbeat_timeout: Duration,
+        held: Vec<(TaskId, Attempt, u64)>,
+    },
+    Heartbeat,
+    Drain {
+        reason: String,
+    },
+    Assign {
+        task: TaskId,
+        attempt: Attempt,
+        spec: Box<TaskSpec>,
+        deadline: UnixMillis,
+        credential: Option<PushCredential>,
+    },
+    Cancel {
+        task: TaskId,
+        attempt: Attempt,
+        reason: String,
+    },
+    OutputAck {
+        task: TaskId,
+        attempt: Attempt,
+        seq: u64,
+    },
+    FinishedAck {
+        task: TaskId,
+        attempt: Attempt,
+    },
+}
+
 /// Work for the driver.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
@@ -105,6 +145,61 @@ pub enum Command {
         task: TaskId,
         attempt: Attempt,
     },
+    /// The coordinator went silent (no Welcome in time, or nothing heard
+    /// for the heartbeat timeout): close the stream; the link opens another.
+    CloseStream,
+    /// Check the PC again (it is unhealthy); the result comes back through
+    /// `handle_health`.
+    CheckHealth,
+}
+
+/// The session's settings.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Attempts run at once.
+    pub capacity: u32,
+    /// How long a new stream waits for the coordinator's Welcome.
+    pub welcome_timeout: Duration,
+    /// How often the PC is checked again while it is unhealthy.
+    pub health_check_interval: Duration,
+    /// How long a shutdown waits for running attempts to be handed back.
+    pub stop_grace: Duration,
+}
+
+/// The stream the session is on, and its clocks.
+#[derive(Debug)]
+enum Link {
+    Down,
+    /// Hello is out; the coordinator must answer by `silent_after`.
+    AwaitingWelcome {
+        silent_after: Instant,
+    },
+    Welcomed {
+        /// The stream counts as dead after this much silence.
+        silence: Duration,
+        silent_after: Instant,
+        heartbeat_every: Duration,
+        next_heartbeat: Instant,
+    },
+}
+
+/// The PC's check, which runs again and again while it is unhealthy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HealthCheck {
+    /// Healthy: no check is due.
+    Idle,
+    Due(Instant),
+    /// Asked for; its result has not come back yet.
+    Running,
+}
+
+/// A shutdown in progress.
+#[derive(Debug)]
+struct Shutdown {
+    reason: String,
+    /// Running attempts are waited for until then.
+    grace_until: Instant,
+    grace_over: bool,
 }
 
 #[derive(Debug)]
@@ -120,30 +215,33 @@ struct Work {
     stop_requested: bool,
 }
 
+#[derive(Debug)]
 pub struct Session {
-    capacity: u32,
+    config: SessionConfig,
     work: BTreeMap<TaskId, Work>,
-    /// A stream is open and the coordinator has answered its Hello.
-    welcomed: bool,
+    link: Link,
     draining: bool,
-    /// Why the agent is stopping, once it is: said again on each new stream.
-    shutting_down: Option<String>,
+    /// Once the agent is stopping: why (said again on each new stream) and
+    /// until when it waits.
+    shutdown: Option<Shutdown>,
     /// Why this PC cannot work (its CLI is missing, not logged in, ...):
     /// said in Hello and every Heartbeat until a check passes.
     unhealthy: Option<String>,
+    health_check: HealthCheck,
     outbound: VecDeque<ToCoordinator>,
     commands: VecDeque<Command>,
 }
 
 impl Session {
-    pub fn new(capacity: u32) -> Self {
+    pub fn new(config: SessionConfig) -> Self {
         Self {
-            capacity,
+            config,
             work: BTreeMap::new(),
-            welcomed: false,
+            link: Link::Down,
             draining: false,
-            shutting_down: None,
+            shutdown: None,
             unhealthy: None,
+            health_check: HealthCheck::Idle,
             outbound: VecDeque::new(),
             commands: VecDeque::new(),
         }
@@ -166,7 +264,8 @@ impl Session {
     /// for its acknowledgement no longer takes one.
     pub fn free_slots(&self) -> u32 {
         let running = self.work.values().filter(|w| w.result.is_none()).count();
-        self.capacity
+        self.config
+            .capacity
             .saturating_sub(u32::try_from(running).unwrap_or(u32::MAX))
     }
 
@@ -182,6 +281,30 @@ impl Session {
     /// Why this PC cannot work, while it cannot.
     pub fn unhealthy_reason(&self) -> Option<&str> {
         self.unhealthy.as_deref()
+    }
+
+    /// How long the coordinator may stay silent on the current stream: a
+    /// send that waits longer counts as a dead stream. `None` without one.
+    pub fn silence_allowed(&self) -> Option<Duration> {
+        match self.link {
+            Link::Down => None,
+            Link::AwaitingWelcome { .. } => Some(self.config.welcome_timeout),
+            Link::Welcomed { silence, .. } => Some(silence),
+        }
+    }
+
+    /// A shutdown is over: every attempt ended and its result is out (or
+    /// no stream can take it), or the grace period has passed.
+    pub fn is_stopped(&self) -> bool {
+        self.shutdown.as_ref().is_some_and(|shutdown| {
+            let running = self.work.values().any(|w| w.result.is_none());
+            shutdown.grace_over
+                || (!running && (self.work.is_empty() || matches!(self.link, Link::Down)))
+        })
+    }
+
+    fn welcomed(&self) -> bool {
+        matches!(self.link, Link::Welcomed { .. })
     }
 
     /// Takes back an attempt an earlier run of the agent finished but had
@@ -210,11 +333,14 @@ impl Session {
 
     // ---- the link ----
 
-    /// A new stream is open: Hello goes first, and alone until Welcome.
-    pub fn handle_connected(&mut self) {
-        self.welcomed = false;
+    /// A new stream is open: Hello goes first, and alone until Welcome,
+    /// which must come within the Welcome timeout.
+    pub fn handle_connected(&mut self, now: Instant) {
+        self.link = Link::AwaitingWelcome {
+            silent_after: now + self.config.welcome_timeout,
+        };
         // A coordinator's drain lasts for the stream it was sent on.
-        self.draining = self.shutting_down.is_some();
+        self.draining = self.shutdown.is_some();
         self.outbound.clear();
         self.outbound.push_back(ToCoordinator::Hello {
             running: self.held(),
@@ -222,14 +348,140 @@ impl Session {
         });
     }
 
+    pub fn handle_disconnected(&mut self) {
+        self.link = Link::Down;
+        self.outbound.clear();
+    }
+
+    /// A message of the coordinator on the current stream: any message
+    /// shows it is alive.
+    pub fn handle_message(&mut self, msg: FromCoordinator, now: Instant) {
+        match &mut self.link {
+            Link::Down => {}
+            Link::AwaitingWelcome { silent_after } => {
+                *silent_after = now + self.config.welcome_timeout;
+            }
+            Link::Welcomed {
+                silence,
+                silent_after,
+                ..
+            } => *silent_after = now + *silence,
+        }
+        match msg {
+            FromCoordinator::Welcome {
+                heartbeat_interval,
+                heartbeat_timeout,
+                held,
+                ..
+            } => self.handle_welcome(&held, heartbeat_interval, heartbeat_timeout, now),
+            FromCoordinator::Heartbeat => {}
+            FromCoordinator::Drain { reason } => {
+                info!(%reason, "the coordinator asked this agent to drain");
+                self.draining = true;
+            }
+            FromCoordinator::Assign {
+                task,
+                attempt,
+                spec,
+                deadline,
+                credential,
+            } => self.handle_assign(task, attempt, *spec, deadline, credential),
+            FromCoordinator::Cancel {
+                task,
+                attempt,
+                reason,
+            } => self.handle_cancel(task, attempt, &reason),
+            FromCoordinator::OutputAck { task, attempt, seq } => {
+                self.handle_output_ack(task, attempt, seq);
+            }
+            FromCoordinator::FinishedAck { task, attempt } => {
+                self.handle_finished_ack(task, attempt);
+            }
+        }
+    }
+
+    /// Timers: a coordinator silent for too long closes the stream,
+    /// heartbeats go out, a health check falls due, a shutdown's grace ends.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match &mut self.link {
+            Link::AwaitingWelcome { silent_after } | Link::Welcomed { silent_after, .. }
+                if now >= *silent_after =>
+            {
+                warn!("the coordinator went silent; reconnecting");
+                self.handle_disconnected();
+                self.commands.push_back(Command::CloseStream);
+            }
+            Link::Welcomed {
+                heartbeat_every,
+                next_heartbeat,
+                ..
+            } if now >= *next_heartbeat => {
+                *next_heartbeat = now + *heartbeat_every;
+                self.heartbeat();
+            }
+            _ => {}
+        }
+        if let HealthCheck::Due(at) = self.health_check
+            && now >= at
+        {
+            self.health_check = HealthCheck::Running;
+            self.commands.push_back(Command::CheckHealth);
+        }
+        if let Some(shutdown) = &mut self.shutdown
+            && now >= shutdown.grace_until
+        {
+            shutdown.grace_over = true;
+        }
+    }
+
+    /// When `handle_timeout` must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let link = match self.link {
+            Link::Down => None,
+            Link::AwaitingWelcome { silent_after } => Some(silent_after),
+            Link::Welcomed {
+                silent_after,
+                next_heartbeat,
+                ..
+            } => Some(silent_after.min(next_heartbeat)),
+        };
+        let health = match self.health_check {
+            HealthCheck::Due(at) => Some(at),
+            HealthCheck::Idle | HealthCheck::Running => None,
+        };
+        let grace = self
+            .shutdown
+            .as_ref()
+            .filter(|s| !s.grace_over)
+            .map(|s| s.grace_until);
+        [link, health, grace].into_iter().flatten().min()
+    }
+
     /// The coordinator answered Hello: `held` lists the tasks it still
     /// considers ours with the highest seq it persisted. Everything after is
     /// resent, then any result; tasks it does not list are dropped (it sends
-    /// a Cancel for them too).
-    pub fn handle_welcome(&mut self, held: &[(TaskId, Attempt, u64)]) {
-        self.welcomed = true;
-        if let Some(reason) = self.shutting_down.clone() {
-            self.outbound.push_back(ToCoordinator::Draining { reason });
+    /// a Cancel for them too). Heartbeats go out every `heartbeat_every`
+    /// from now on, and `silence` without a word closes the stream.
+    fn handle_welcome(
+        &mut self,
+        held: &[(TaskId, Attempt, u64)],
+        heartbeat_every: Duration,
+        silence: Duration,
+        now: Instant,
+    ) {
+        if matches!(self.link, Link::Down) {
+            return; // The Welcome of a stream already closed.
+        }
+        self.link = Link::Welcomed {
+            silence,
+            silent_after: now + silence,
+            heartbeat_every,
+            next_heartbeat: now + heartbeat_every,
+        };
+        if let Some(shutdown) = &self.shutdown {
+            self.outbound.push_back(ToCoordinator::Draining {
+                reason: shutdown.reason.clone(),
+            });
         }
         let mine: Vec<TaskId> = self.work.keys().copied().collect();
         for task in mine {
@@ -260,13 +512,8 @@ impl Session {
         }
     }
 
-    pub fn handle_disconnected(&mut self) {
-        self.welcomed = false;
-        self.outbound.clear();
-    }
-
-    pub fn heartbeat(&mut self) {
-        if self.welcomed {
+    fn heartbeat(&mut self) {
+        if self.welcomed() {
             self.outbound.push_back(ToCoordinator::Heartbeat {
                 running: self.held(),
                 free_slots: self.free_slots(),
@@ -278,27 +525,38 @@ impl Session {
     // ---- health ----
 
     /// The result of a check of this PC (at start, or again while
-    /// unhealthy), or a failure that was the PC's fault: `Some(reason)`
-    /// while it cannot work, `None` once it can. A change is told to the
-    /// coordinator at once, in a heartbeat.
-    pub fn handle_health(&mut self, reason: Option<String>) {
+    /// unhealthy): `Some(reason)` while it cannot work, `None` once it can.
+    pub fn handle_health(&mut self, reason: Option<String>, now: Instant) {
+        if self.health_check == HealthCheck::Running {
+            self.health_check = HealthCheck::Idle;
+        }
+        self.set_health(reason, now);
+    }
+
+    /// A change is told to the coordinator at once, in a heartbeat; while
+    /// the PC is unhealthy a check falls due every `health_check_interval`.
+    fn set_health(&mut self, reason: Option<String>, now: Instant) {
         let reason = reason.map(|r| one_short_line(&r));
-        if self.unhealthy == reason {
-            return;
-        }
-        match &reason {
-            Some(why) => {
-                warn!(reason = %why, "this PC cannot work: unhealthy until a check passes")
+        if self.unhealthy != reason {
+            match &reason {
+                Some(why) => {
+                    warn!(reason = %why, "this PC cannot work: unhealthy until a check passes")
+                }
+                None => info!("the health check passed: this PC can work again"),
             }
-            None => info!("the health check passed: this PC can work again"),
+            self.unhealthy = reason;
+            self.heartbeat();
         }
-        self.unhealthy = reason;
-        self.heartbeat();
+        self.health_check = match (self.unhealthy.is_some(), self.health_check) {
+            (false, HealthCheck::Due(_)) => HealthCheck::Idle,
+            (true, HealthCheck::Idle) => HealthCheck::Due(now + self.config.health_check_interval),
+            (_, unchanged) => unchanged,
+        };
     }
 
     // ---- the coordinator ----
 
-    pub fn handle_assign(
+    fn handle_assign(
         &mut self,
         task: TaskId,
         attempt: Attempt,
@@ -314,7 +572,7 @@ impl Session {
                 work.attempt
             ))
         } else if self.free_slots() == 0 {
-            Some(format!("all {} slots are busy", self.capacity))
+            Some(format!("all {} slots are busy", self.config.capacity))
         } else {
             None
         };
@@ -349,7 +607,7 @@ impl Session {
         });
     }
 
-    pub fn handle_cancel(&mut self, task: TaskId, attempt: Attempt, reason: &str) {
+    fn handle_cancel(&mut self, task: TaskId, attempt: Attempt, reason: &str) {
         let Some(work) = self.work.get_mut(&task) else {
             return;
         };
@@ -369,7 +627,7 @@ impl Session {
         }
     }
 
-    pub fn handle_output_ack(&mut self, task: TaskId, attempt: Attempt, seq: u64) {
+    fn handle_output_ack(&mut self, task: TaskId, attempt: Attempt, seq: u64) {
         if let Some(work) = self.work.get_mut(&task)
             && work.attempt == attempt
         {
@@ -377,7 +635,7 @@ impl Session {
         }
     }
 
-    pub fn handle_finished_ack(&mut self, task: TaskId, attempt: Attempt) {
+    fn handle_finished_ack(&mut self, task: TaskId, attempt: Attempt) {
         if self
             .work
             .get(&task)
@@ -388,24 +646,37 @@ impl Session {
         }
     }
 
-    pub fn handle_drain(&mut self) {
+    /// The agent is stopping: tell the coordinator, take no more work, and
+    /// stop running attempts, which are handed back; `is_stopped` says when
+    /// it is over.
+    pub fn begin_shutdown(&mut self, reason: &str, now: Instant) {
+        if self.shutdown.is_some() {
+            return;
+        }
         self.draining = true;
-    }
-
-    /// The agent is stopping: tell the coordinator and take no more work.
-    pub fn begin_shutdown(&mut self, reason: &str) {
-        self.draining = true;
-        self.shutting_down = Some(reason.to_owned());
+        self.shutdown = Some(Shutdown {
+            reason: reason.to_owned(),
+            grace_until: now + self.config.stop_grace,
+            grace_over: false,
+        });
         self.send(ToCoordinator::Draining {
             reason: reason.to_owned(),
         });
+        for (task, work) in &self.work {
+            if work.result.is_none() {
+                self.commands.push_back(Command::Stop {
+                    task: *task,
+                    attempt: work.attempt,
+                });
+            }
+        }
     }
 
     // ---- the child processes ----
 
     /// A chunk of the child's output (a line, or part of a long one). It
-    /// gets the next seq; the driver must spool the returned chunk before it
-    /// sends anything.
+    /// gets the next seq; the driver must hand the returned chunk to the
+    /// spool before anything it sends later (a resend reads the spool).
     pub fn handle_child_output(
         &mut self,
         task: TaskId,
@@ -455,8 +726,9 @@ impl Session {
         task: TaskId,
         attempt: Attempt,
         mut report: FinishedReport,
+        now: Instant,
     ) -> Option<FinishedReport> {
-        let shutting_down = self.shutting_down.clone();
+        let shutting_down = self.shutdown.as_ref().map(|s| s.reason.clone());
         let work = self.work.get_mut(&task)?;
         if work.attempt != attempt || work.result.is_some() {
             return None;
@@ -481,7 +753,7 @@ impl Session {
             report: Box::new(report.clone()),
         });
         if fault.is_some() {
-            self.handle_health(fault);
+            self.set_health(fault, now);
         }
         Some(report)
     }
@@ -499,7 +771,7 @@ impl Session {
     fn send(&mut self, msg: ToCoordinator) {
         // Until Welcome everything stays in the per-task buffers and is
         // resent after it; nothing is queued for a stream that is gone.
-        if self.welcomed {
+        if self.welcomed() {
             self.outbound.push_back(msg);
         }
     }

@@ -1,6 +1,8 @@
-//! The agent session driven through scripted events.
+//! The agent session driven through scripted events, time as an argument.
+#![allow(clippy::disallowed_methods)] // one real Instant as the origin of simulated time
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
 
 use common::ids::{Attempt, TaskId};
 use common::time::UnixMillis;
@@ -26,6 +28,41 @@ fn spec() -> TaskSpec {
     }
 }
 
+static ORIGIN: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Simulated time: `ms` after the origin.
+fn at(ms: u64) -> Instant {
+    *ORIGIN + Duration::from_millis(ms)
+}
+
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+const STOP_GRACE: Duration = Duration::from_secs(30);
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+const SILENCE: Duration = Duration::from_secs(15);
+
+fn session(capacity: u32) -> Session {
+    Session::new(SessionConfig {
+        capacity,
+        welcome_timeout: WELCOME_TIMEOUT,
+        health_check_interval: HEALTH_CHECK_INTERVAL,
+        stop_grace: STOP_GRACE,
+    })
+}
+
+/// The coordinator's Welcome at `now`, listing `held`.
+fn welcome(s: &mut Session, held: &[(TaskId, Attempt, u64)], now: Instant) {
+    s.handle_message(
+        FromCoordinator::Welcome {
+            agent_id: "pc-1".into(),
+            heartbeat_interval: HEARTBEAT_EVERY,
+            heartbeat_timeout: SILENCE,
+            held: held.to_vec(),
+        },
+        now,
+    );
+}
+
 fn report(outcome: Outcome) -> FinishedReport {
     FinishedReport::new(outcome, "")
 }
@@ -45,8 +82,8 @@ fn line(s: &mut Session, text: &str) {
 
 /// A stream opened and welcomed by a coordinator that holds nothing of ours.
 fn welcomed(s: &mut Session) {
-    s.handle_connected();
-    s.handle_welcome(&[]);
+    s.handle_connected(at(0));
+    welcome(s, &[], at(0));
     out(s);
 }
 
@@ -56,7 +93,7 @@ fn commands(s: &mut Session) -> Vec<Command> {
 
 #[test]
 fn output_survives_a_reconnect_and_is_resent_from_the_ack() {
-    let mut s = Session::new(1);
+    let mut s = session(1);
     welcomed(&mut s);
     s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
     assert!(matches!(s.poll_command(), Some(Command::Start { .. })));
@@ -65,10 +102,10 @@ fn output_survives_a_reconnect_and_is_resent_from_the_ack() {
     s.handle_output_ack(TaskId(1), Attempt(1), 1);
     s.handle_disconnected();
     line(&mut s, "c");
-    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::Succeeded));
+    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::Succeeded), at(0));
     assert!(out(&mut s).is_empty(), "nothing is sent while disconnected");
 
-    s.handle_connected();
+    s.handle_connected(at(0));
     assert_eq!(
         out(&mut s),
         vec![ToCoordinator::Hello {
@@ -82,7 +119,7 @@ fn output_survives_a_reconnect_and_is_resent_from_the_ack() {
     );
     // The coordinator persisted up to 2 before it lost the stream: the rest
     // comes back from the spool, then the result.
-    s.handle_welcome(&[(TaskId(1), Attempt(1), 2)]);
+    welcome(&mut s, &[(TaskId(1), Attempt(1), 2)], at(0));
     let resent = out(&mut s);
     assert_eq!(
         resent[0],
@@ -111,14 +148,19 @@ fn output_survives_a_reconnect_and_is_resent_from_the_ack() {
 
 #[test]
 fn assignments_beyond_capacity_or_while_draining_are_refused() {
-    let mut s = Session::new(1);
+    let mut s = session(1);
     welcomed(&mut s);
     s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
     s.handle_assign(TaskId(2), Attempt(1), spec(), UnixMillis(0), None);
     let msgs = out(&mut s);
     assert!(matches!(msgs[0], ToCoordinator::Accepted { .. }));
     assert!(matches!(&msgs[1], ToCoordinator::Rejected { reason, .. } if reason.contains("slots")));
-    s.handle_drain();
+    s.handle_message(
+        FromCoordinator::Drain {
+            reason: "maintenance".into(),
+        },
+        at(0),
+    );
     s.handle_finished_ack(TaskId(1), Attempt(1));
     s.handle_assign(TaskId(3), Attempt(1), spec(), UnixMillis(0), None);
     assert!(
@@ -128,7 +170,7 @@ fn assignments_beyond_capacity_or_while_draining_are_refused() {
 
 #[test]
 fn cancel_stops_the_child_and_reports_cancelled() {
-    let mut s = Session::new(2);
+    let mut s = session(2);
     welcomed(&mut s);
     s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
     s.poll_command();
@@ -143,7 +185,7 @@ fn cancel_stops_the_child_and_reports_cancelled() {
             attempt: Attempt(1)
         })
     );
-    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::CliFailed));
+    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::CliFailed), at(0));
     assert!(matches!(
         &out(&mut s)[..],
         [ToCoordinator::Finished { report, .. }] if report.outcome == Outcome::Cancelled
@@ -152,13 +194,13 @@ fn cancel_stops_the_child_and_reports_cancelled() {
 
 #[test]
 fn tasks_the_coordinator_no_longer_lists_are_dropped_on_cancel() {
-    let mut s = Session::new(1);
+    let mut s = session(1);
     welcomed(&mut s);
     s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
-    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::Succeeded));
+    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::Succeeded), at(0));
     s.handle_disconnected();
-    s.handle_connected();
-    s.handle_welcome(&[]);
+    s.handle_connected(at(0));
+    welcome(&mut s, &[], at(0));
     assert_eq!(
         out(&mut s).len(),
         1,
@@ -170,7 +212,7 @@ fn tasks_the_coordinator_no_longer_lists_are_dropped_on_cancel() {
 
 #[test]
 fn before_welcome_only_hello_goes_out_so_a_result_never_overtakes_resent_output() {
-    let mut s = Session::new(1);
+    let mut s = session(1);
     welcomed(&mut s);
     s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
     line(&mut s, "a");
@@ -179,9 +221,9 @@ fn before_welcome_only_hello_goes_out_so_a_result_never_overtakes_resent_output(
     line(&mut s, "b");
 
     // Reconnected; the child ends and heartbeats tick before Welcome.
-    s.handle_connected();
+    s.handle_connected(at(0));
     line(&mut s, "c");
-    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::Succeeded));
+    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::Succeeded), at(0));
     s.heartbeat();
     let before = out(&mut s);
     assert!(
@@ -189,7 +231,7 @@ fn before_welcome_only_hello_goes_out_so_a_result_never_overtakes_resent_output(
         "{before:?}"
     );
 
-    s.handle_welcome(&[(TaskId(1), Attempt(1), 1)]);
+    welcome(&mut s, &[(TaskId(1), Attempt(1), 1)], at(0));
     let after = out(&mut s);
     assert!(
         matches!(
@@ -205,11 +247,11 @@ fn before_welcome_only_hello_goes_out_so_a_result_never_overtakes_resent_output(
 
 #[test]
 fn a_result_waiting_for_its_ack_does_not_take_a_slot() {
-    let mut s = Session::new(1);
+    let mut s = session(1);
     welcomed(&mut s);
     s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
     assert_eq!(s.free_slots(), 0);
-    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::Succeeded));
+    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::Succeeded), at(0));
     assert_eq!(s.free_slots(), 1);
     out(&mut s);
     s.handle_assign(TaskId(2), Attempt(1), spec(), UnixMillis(0), None);
@@ -221,12 +263,12 @@ fn a_result_waiting_for_its_ack_does_not_take_a_slot() {
 
 #[test]
 fn a_result_of_an_earlier_run_is_listed_in_hello_and_handed_over_after_welcome() {
-    let mut s = Session::new(1);
+    let mut s = session(1);
     let mut done = report(Outcome::Succeeded);
     done.last_output_seq = 4;
     s.restore_finished(TaskId(1), Attempt(2), done.clone(), vec![(3, 5), (4, 5)]);
     assert_eq!(s.free_slots(), 1, "a finished attempt takes no slot");
-    s.handle_connected();
+    s.handle_connected(at(0));
     assert_eq!(
         out(&mut s),
         vec![ToCoordinator::Hello {
@@ -238,7 +280,7 @@ fn a_result_of_an_earlier_run_is_listed_in_hello_and_handed_over_after_welcome()
             unhealthy_reason: String::new(),
         }]
     );
-    s.handle_welcome(&[(TaskId(1), Attempt(2), 3)]);
+    welcome(&mut s, &[(TaskId(1), Attempt(2), 3)], at(0));
     assert_eq!(
         out(&mut s),
         vec![
@@ -267,7 +309,7 @@ fn a_result_of_an_earlier_run_is_listed_in_hello_and_handed_over_after_welcome()
 
 #[test]
 fn a_cancelled_attempt_owes_no_output_and_a_shutdown_is_said_on_every_stream() {
-    let mut s = Session::new(2);
+    let mut s = session(2);
     welcomed(&mut s);
     s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
     line(&mut s, "a");
@@ -282,9 +324,9 @@ fn a_cancelled_attempt_owes_no_output_and_a_shutdown_is_said_on_every_stream() {
 
     // Stopping between a new stream and its Welcome: said after Welcome.
     s.handle_disconnected();
-    s.handle_connected();
-    s.begin_shutdown("agent shutting down");
-    s.handle_welcome(&[]);
+    s.handle_connected(at(0));
+    s.begin_shutdown("agent shutting down", at(0));
+    welcome(&mut s, &[], at(0));
     assert!(
         out(&mut s)
             .iter()
@@ -295,10 +337,10 @@ fn a_cancelled_attempt_owes_no_output_and_a_shutdown_is_said_on_every_stream() {
 
 #[test]
 fn a_fault_of_the_pc_makes_it_unhealthy_in_every_report_until_a_check_passes() {
-    let mut s = Session::new(2);
+    let mut s = session(2);
     // Unhealthy from the start (the check at start failed): Hello says so.
-    s.handle_health(Some("the CLI is not logged in".into()));
-    s.handle_connected();
+    s.handle_health(Some("the CLI is not logged in".into()), at(0));
+    s.handle_connected(at(0));
     assert_eq!(
         out(&mut s),
         vec![ToCoordinator::Hello {
@@ -306,8 +348,8 @@ fn a_fault_of_the_pc_makes_it_unhealthy_in_every_report_until_a_check_passes() {
             unhealthy_reason: "the CLI is not logged in".into(),
         }]
     );
-    s.handle_welcome(&[]);
-    s.handle_health(None);
+    welcome(&mut s, &[], at(0));
+    s.handle_health(None, at(0));
     let healthy = ToCoordinator::Heartbeat {
         running: vec![],
         free_slots: 2,
@@ -326,7 +368,7 @@ fn a_fault_of_the_pc_makes_it_unhealthy_in_every_report_until_a_check_passes() {
     out(&mut s);
     let mut fault = report(Outcome::AgentFault);
     fault.message = "cannot run the CLI /usr/bin/claude: permission denied".into();
-    s.handle_child_exit(TaskId(1), Attempt(1), fault);
+    s.handle_child_exit(TaskId(1), Attempt(1), fault, at(0));
     let sent = out(&mut s);
     assert!(
         matches!(&sent[..], [ToCoordinator::Finished { report, .. }, ToCoordinator::Heartbeat { unhealthy_reason, .. }]
@@ -342,18 +384,19 @@ fn a_fault_of_the_pc_makes_it_unhealthy_in_every_report_until_a_check_passes() {
         matches!(&out(&mut s)[..], [ToCoordinator::Heartbeat { unhealthy_reason, .. }] if !unhealthy_reason.is_empty())
     );
     // Every new stream says it in Hello.
-    s.handle_connected();
+    s.handle_connected(at(0));
     assert!(
         matches!(&out(&mut s)[..], [ToCoordinator::Hello { unhealthy_reason, .. }] if unhealthy_reason.contains("permission denied"))
     );
-    s.handle_welcome(&[]);
+    welcome(&mut s, &[], at(0));
     out(&mut s);
     // The same reason again changes nothing; a pass clears it.
-    s.handle_health(Some(
-        "cannot run the CLI /usr/bin/claude: permission denied".into(),
-    ));
+    s.handle_health(
+        Some("cannot run the CLI /usr/bin/claude: permission denied".into()),
+        at(0),
+    );
     assert!(out(&mut s).is_empty());
-    s.handle_health(None);
+    s.handle_health(None, at(0));
     assert_eq!(s.unhealthy_reason(), None);
     assert!(
         matches!(&out(&mut s)[..], [ToCoordinator::Heartbeat { unhealthy_reason, .. }] if unhealthy_reason.is_empty())
@@ -361,7 +404,7 @@ fn a_fault_of_the_pc_makes_it_unhealthy_in_every_report_until_a_check_passes() {
 
     // What the coordinator accepts: one line, a bounded length.
     let long = format!("the API said:\n{}", "é".repeat(400));
-    s.handle_health(Some(long));
+    s.handle_health(Some(long), at(0));
     let reason = s.unhealthy_reason().expect("unhealthy").to_owned();
     assert!(
         reason.len() <= common::wire::MAX_SHORT_STRING,
@@ -377,16 +420,174 @@ fn a_fault_of_the_pc_makes_it_unhealthy_in_every_report_until_a_check_passes() {
 
 #[test]
 fn a_task_stopped_by_a_shutdown_is_handed_back_as_cancelled() {
-    let mut s = Session::new(1);
+    let mut s = session(1);
     welcomed(&mut s);
     s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
     out(&mut s);
-    s.begin_shutdown("agent shutting down");
+    s.begin_shutdown("agent shutting down", at(0));
     let mut stopped = report(Outcome::Cancelled);
     stopped.message = "stopped on request".into();
     let sent = s
-        .handle_child_exit(TaskId(1), Attempt(1), stopped)
+        .handle_child_exit(TaskId(1), Attempt(1), stopped, at(0))
         .expect("reported");
     assert_eq!(sent.outcome, Outcome::Cancelled);
     assert_eq!(sent.message, "handed back: agent shutting down");
+}
+
+#[test]
+fn a_coordinator_that_never_welcomes_is_left_after_the_welcome_timeout() {
+    let mut s = session(1);
+    assert_eq!(s.poll_timeout(), None, "no stream, no timer");
+    s.handle_connected(at(1_000));
+    out(&mut s);
+    assert_eq!(s.poll_timeout(), Some(at(1_000) + WELCOME_TIMEOUT));
+    assert_eq!(s.silence_allowed(), Some(WELCOME_TIMEOUT));
+    s.handle_timeout(at(10_999));
+    assert!(commands(&mut s).is_empty(), "not yet");
+    s.handle_timeout(at(11_000));
+    assert_eq!(commands(&mut s), vec![Command::CloseStream]);
+    assert_eq!(s.poll_timeout(), None);
+    assert_eq!(s.silence_allowed(), None);
+
+    // A Welcome that was on its way when the stream closed changes nothing.
+    welcome(&mut s, &[], at(11_001));
+    assert!(out(&mut s).is_empty());
+    assert_eq!(s.poll_timeout(), None);
+}
+
+#[test]
+fn heartbeats_go_out_at_the_coordinators_interval_and_silence_closes_the_stream() {
+    let mut s = session(2);
+    s.handle_connected(at(0));
+    welcome(&mut s, &[], at(1_000));
+    out(&mut s);
+    assert_eq!(s.silence_allowed(), Some(SILENCE));
+    assert_eq!(s.poll_timeout(), Some(at(6_000)), "the first heartbeat");
+    s.handle_timeout(at(6_000));
+    assert_eq!(
+        out(&mut s),
+        vec![ToCoordinator::Heartbeat {
+            running: vec![],
+            free_slots: 2,
+            unhealthy_reason: String::new(),
+        }]
+    );
+    assert_eq!(s.poll_timeout(), Some(at(11_000)));
+
+    // Any message shows the coordinator is alive: silence counts from it.
+    s.handle_message(FromCoordinator::Heartbeat, at(10_000));
+    for beat in [11_000, 16_000, 21_000] {
+        assert_eq!(s.poll_timeout(), Some(at(beat)));
+        s.handle_timeout(at(beat));
+        assert!(matches!(
+            &out(&mut s)[..],
+            [ToCoordinator::Heartbeat { .. }]
+        ));
+        assert!(commands(&mut s).is_empty());
+    }
+    assert_eq!(s.poll_timeout(), Some(at(25_000)), "silent since 10s");
+    s.handle_timeout(at(25_000));
+    assert_eq!(commands(&mut s), vec![Command::CloseStream]);
+    assert!(out(&mut s).is_empty());
+
+    // The next stream starts over with the Welcome timeout.
+    s.handle_connected(at(26_000));
+    assert!(matches!(&out(&mut s)[..], [ToCoordinator::Hello { .. }]));
+    assert_eq!(s.poll_timeout(), Some(at(26_000) + WELCOME_TIMEOUT));
+}
+
+#[test]
+fn an_unhealthy_pc_is_checked_every_interval_until_a_check_passes() {
+    let mut s = session(1);
+    s.handle_health(Some("the CLI is not logged in".into()), at(0));
+    assert_eq!(s.poll_timeout(), Some(at(60_000)));
+    s.handle_timeout(at(60_000));
+    assert_eq!(commands(&mut s), vec![Command::CheckHealth]);
+    assert_eq!(s.poll_timeout(), None, "nothing is due while a check runs");
+    s.handle_timeout(at(200_000));
+    assert!(commands(&mut s).is_empty(), "one check at a time");
+
+    s.handle_health(Some("the CLI is not logged in".into()), at(65_000));
+    assert_eq!(
+        s.poll_timeout(),
+        Some(at(125_000)),
+        "still failing: again later"
+    );
+    s.handle_timeout(at(125_000));
+    assert_eq!(commands(&mut s), vec![Command::CheckHealth]);
+    s.handle_health(None, at(126_000));
+    assert_eq!(s.poll_timeout(), None, "healthy: no more checks");
+
+    // An attempt that fails through the PC's fault starts the checks again.
+    welcomed(&mut s);
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
+    commands(&mut s);
+    let mut fault = report(Outcome::AgentFault);
+    fault.message = "Invalid API key".into();
+    s.handle_child_exit(TaskId(1), Attempt(1), fault, at(300_000));
+    assert_eq!(s.unhealthy_reason(), Some("Invalid API key"));
+    s.handle_disconnected();
+    assert_eq!(s.poll_timeout(), Some(at(360_000)));
+    s.handle_timeout(at(360_000));
+    assert_eq!(commands(&mut s), vec![Command::CheckHealth]);
+}
+
+#[test]
+fn a_shutdown_stops_running_attempts_and_ends_when_they_are_handed_over_or_the_grace_is_over() {
+    let mut s = session(2);
+    welcomed(&mut s);
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
+    s.handle_assign(TaskId(2), Attempt(1), spec(), UnixMillis(0), None);
+    commands(&mut s);
+    out(&mut s);
+    assert!(!s.is_stopped(), "not stopping");
+
+    s.begin_shutdown("agent shutting down", at(1_000));
+    assert_eq!(
+        commands(&mut s),
+        vec![
+            Command::Stop {
+                task: TaskId(1),
+                attempt: Attempt(1),
+            },
+            Command::Stop {
+                task: TaskId(2),
+                attempt: Attempt(1),
+            },
+        ]
+    );
+    assert!(matches!(&out(&mut s)[..], [ToCoordinator::Draining { .. }]));
+    let mut stopped = report(Outcome::Cancelled);
+    stopped.message = "stopped on request".into();
+    s.handle_child_exit(TaskId(1), Attempt(1), stopped, at(2_000));
+    s.handle_message(
+        FromCoordinator::FinishedAck {
+            task: TaskId(1),
+            attempt: Attempt(1),
+        },
+        at(2_100),
+    );
+    assert!(!s.is_stopped(), "task 2 still runs");
+
+    // Task 2 never ends, and the stream goes: the grace period ends it.
+    s.handle_disconnected();
+    assert!(!s.is_stopped());
+    assert_eq!(s.poll_timeout(), Some(at(31_000)), "the grace ends");
+    s.handle_timeout(at(31_000));
+    assert!(s.is_stopped());
+}
+
+#[test]
+fn a_stopping_agent_whose_stream_is_gone_is_done_once_its_attempts_ended() {
+    let mut s = session(1);
+    welcomed(&mut s);
+    s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
+    s.begin_shutdown("agent shutting down", at(1_000));
+    s.handle_disconnected();
+    assert!(!s.is_stopped(), "the attempt still runs");
+    s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::Cancelled), at(2_000));
+    assert!(
+        s.is_stopped(),
+        "its result waits on disk for the next run to hand over"
+    );
 }

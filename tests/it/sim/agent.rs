@@ -1,62 +1,49 @@
-//! A simulated agent: the protocol behaviour of a real agent PC, without
-//! processes, git or Claude. It holds attempts, produces numbered output
-//! chunks over simulated time, keeps what the coordinator has not yet
-//! acknowledged and resends it after a reconnect, exactly as the protocol
-//! asks. Timers and the network belong to the world; the agent only turns
-//! messages into messages.
+//! A simulated agent process around the real [`Session`]: the world plays
+//! its driver (the stream, the clock, the commands) and its children (the
+//! CLI runs, which produce output chunks over simulated time and end with a
+//! report); the agent keeps its spool, which outlives the process as a disk
+//! does.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use agent::session::{Chunk, Session, SessionConfig};
 use common::ids::{AgentId, Attempt, TaskId};
-use common::types::{AgentAdvert, FinishedReport, Outcome, OutputKind, Phase};
-use coordinator::core::{ConnId, FromAgent, ReportedTask};
+use common::types::{AgentAdvert, FinishedReport, Outcome};
+use coordinator::core::ConnId;
 
-/// How an attempt will go, drawn by the world when the agent accepts it.
+/// The session's timings: small, like the coordinator's in the simulation.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(5);
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// How an attempt will go, drawn by the world when the agent starts it.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct WorkPlan {
-    /// Output chunks the attempt produces before it ends.
+    /// Output chunks the CLI run produces before it ends.
     pub chunks: u64,
-    /// What the agent reports at the end.
+    /// How the run ends (unless it is stopped first).
     pub outcome: Outcome,
 }
 
-/// An attempt the agent holds: running, or finished and not yet
-/// acknowledged by the coordinator.
+/// A simulated CLI run of one attempt.
 #[derive(Debug)]
-struct HeldAttempt {
-    attempt: Attempt,
-    plan: WorkPlan,
+pub(super) struct Child {
+    pub attempt: Attempt,
+    pub plan: WorkPlan,
     /// Chunks produced so far: seqs `1..=produced`.
-    produced: u64,
-    /// Highest seq the coordinator acknowledged; later chunks are kept.
-    acked: u64,
-    /// Set once the attempt ended; kept until `FinishedAck`.
-    result: Option<FinishedReport>,
+    pub produced: u64,
+    /// The session asked for the run to stop: it ends at its next step.
+    pub stopping: bool,
 }
 
-impl HeldAttempt {
-    fn is_running(&self) -> bool {
-        self.result.is_none()
-    }
-
-    fn output(&self, task: TaskId, seq: u64) -> FromAgent {
-        FromAgent::Output {
-            task,
-            attempt: self.attempt,
-            seq,
-            kind: OutputKind::Stdout,
-            data: chunk_data(task, self.attempt, seq),
-        }
-    }
-
-    fn finished(&self, task: TaskId) -> Option<FromAgent> {
-        self.result.clone().map(|report| FromAgent::Finished {
-            task,
-            attempt: self.attempt,
-            report,
-        })
-    }
+/// What the spool holds of one attempt: its output and, once it ended,
+/// its result.
+#[derive(Debug, Default)]
+pub(super) struct Spooled {
+    pub chunks: Vec<Chunk>,
+    pub result: Option<FinishedReport>,
 }
 
 /// The bytes of one output chunk, derived from its coordinates so the store
@@ -71,32 +58,23 @@ pub(super) fn chunk_data(task: TaskId, attempt: Attempt, seq: u64) -> Arc<[u8]> 
     Arc::from(bytes)
 }
 
-/// What one step of work did.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum WorkStep {
-    /// Produced output; more work follows.
-    Chunk,
-    /// The attempt ended.
-    Finished,
-    /// The attempt is no longer running here (cancelled, dropped, replaced).
-    Stale,
-}
-
 #[derive(Debug)]
 pub(super) struct SimAgent {
     pub id: AgentId,
     pub advert: AgentAdvert,
-    /// Bumped by every crash, so timers of a former life are ignored.
+    /// Bumped whenever the process ends, so its timers and children's
+    /// steps are ignored afterwards.
     pub incarnation: u32,
-    /// False while crashed.
-    pub up: bool,
+    /// The running process's session; `None` while the process is down.
+    pub session: Option<Session>,
     /// The stream the agent believes it is on.
     pub link: Option<ConnId>,
-    /// `Welcome` arrived on `link`: the agent may report now.
-    pub welcomed: bool,
-    /// The heartbeat interval the coordinator asked for in `Welcome`.
-    pub heartbeat_ms: u64,
-    held: BTreeMap<TaskId, HeldAttempt>,
+    pub children: BTreeMap<TaskId, Child>,
+    /// On disk: survives the process.
+    pub spool: BTreeMap<(TaskId, Attempt), Spooled>,
+    /// The coordinator refused it (revoked): it stays down until an admin
+    /// lets it back in and it is started again.
+    pub refused: bool,
 }
 
 impl SimAgent {
@@ -105,188 +83,60 @@ impl SimAgent {
             id,
             advert,
             incarnation: 0,
-            up: true,
+            session: None,
             link: None,
-            welcomed: false,
-            heartbeat_ms: 0,
-            held: BTreeMap::new(),
+            children: BTreeMap::new(),
+            spool: BTreeMap::new(),
+            refused: false,
         }
     }
 
-    fn running(&self) -> u32 {
-        let n = self.held.values().filter(|h| h.is_running()).count();
-        u32::try_from(n).expect("a handful of attempts")
+    pub fn is_up(&self) -> bool {
+        self.session.is_some()
     }
 
-    fn reported(&self) -> Vec<ReportedTask> {
-        self.held
-            .iter()
-            .map(|(task, h)| ReportedTask {
-                task: *task,
-                attempt: h.attempt,
-                last_output_seq: h.produced,
-            })
-            .collect()
-    }
-
-    /// Everything is lost; the world restarts the agent later.
-    pub fn crash(&mut self) {
-        self.incarnation += 1;
-        self.up = false;
-        self.link = None;
-        self.welcomed = false;
-        self.held.clear();
-    }
-
-    /// The stream is gone; held attempts survive for the next session.
-    pub fn lose_link(&mut self) {
-        self.link = None;
-        self.welcomed = false;
-    }
-
-    pub fn hello(&self) -> FromAgent {
-        FromAgent::Hello {
-            advert: self.advert.clone(),
-            running: self.reported(),
-            unhealthy: None,
-        }
-    }
-
-    pub fn heartbeat(&self) -> FromAgent {
-        FromAgent::Heartbeat {
-            free_slots: self.advert.capacity.saturating_sub(self.running()),
-            running: self.reported(),
-            unhealthy: None,
-        }
-    }
-
-    /// `Welcome.held` says what the coordinator still wants from each held
-    /// attempt: the output after a seq, then the result. Anything else is
-    /// dropped (a `Cancel` for it follows).
-    pub fn on_welcome(&mut self, wanted: &[(TaskId, Attempt, u64)], out: &mut Vec<FromAgent>) {
-        self.welcomed = true;
-        self.held
-            .retain(|task, h| wanted.iter().any(|(t, a, _)| t == task && *a == h.attempt));
-        for (task, attempt, persisted) in wanted {
-            let Some(h) = self.held.get(task).filter(|h| h.attempt == *attempt) else {
-                continue;
-            };
-            if *persisted != u64::MAX {
-                // Acknowledged chunks are gone: they cannot be resent.
-                let from = persisted.max(&h.acked) + 1;
-                out.extend((from..=h.produced).map(|seq| h.output(*task, seq)));
-            }
-            out.extend(h.finished(*task));
-        }
-    }
-
-    /// Takes an assignment if a slot is free (accepts it and says it
-    /// started), else rejects it. A newer attempt of a task replaces an
-    /// older one still held. Returns whether it was taken.
-    pub fn on_assign(
-        &mut self,
-        task: TaskId,
-        attempt: Attempt,
-        plan: WorkPlan,
-        out: &mut Vec<FromAgent>,
-    ) -> bool {
-        let replaces_running = self.held.get(&task).is_some_and(HeldAttempt::is_running);
-        let taken = self.running() - u32::from(replaces_running);
-        let refusal = if self.held.get(&task).is_some_and(|h| h.attempt >= attempt) {
-            Some("already holds this attempt or a newer one")
-        } else if taken >= self.advert.capacity {
-            Some("no free slot")
-        } else {
-            None
-        };
-        if let Some(reason) = refusal {
-            out.push(FromAgent::Rejected {
-                task,
-                attempt,
-                reason: reason.into(),
-            });
-            return false;
-        }
-        self.held.insert(
-            task,
-            HeldAttempt {
-                attempt,
-                plan,
-                produced: 0,
-                acked: 0,
-                result: None,
-            },
-        );
-        out.push(FromAgent::Accepted { task, attempt });
-        out.push(FromAgent::Progress {
-            task,
-            attempt,
-            phase: Phase::RunningClaude,
+    /// The process starts, as the real agent does: attempts an earlier run
+    /// finished come back from the spool; the rest of the spool is removed
+    /// (those processes died with the earlier run).
+    pub fn start(&mut self) {
+        self.spool.retain(|_, spooled| spooled.result.is_some());
+        let mut session = Session::new(SessionConfig {
+            capacity: self.advert.capacity,
+            welcome_timeout: WELCOME_TIMEOUT,
+            health_check_interval: HEALTH_CHECK_INTERVAL,
+            stop_grace: STOP_GRACE,
         });
-        true
+        for (&(task, attempt), spooled) in &self.spool {
+            let report = spooled.result.clone().expect("kept above: it has one");
+            let unacked = spooled
+                .chunks
+                .iter()
+                .map(|c| (c.seq, c.data.len()))
+                .collect();
+            session.restore_finished(task, attempt, report, unacked);
+        }
+        self.session = Some(session);
     }
 
-    /// Stops a running attempt and reports it cancelled; a finished one
-    /// whose result the coordinator no longer wants is dropped.
-    pub fn on_cancel(&mut self, task: TaskId, attempt: Attempt, out: &mut Vec<FromAgent>) {
-        let Some(h) = self.held.get_mut(&task).filter(|h| h.attempt == attempt) else {
-            return;
-        };
-        if h.is_running() {
-            h.result = Some(report(Outcome::Cancelled, h.produced));
-            out.extend(h.finished(task));
-        } else {
-            self.held.remove(&task);
-        }
+    /// The process ends (a crash, a refusal, the end of a stop): its
+    /// children die with it; the spool stays.
+    pub fn end(&mut self) {
+        self.incarnation += 1;
+        self.session = None;
+        self.link = None;
+        self.children.clear();
     }
 
-    pub fn on_output_ack(&mut self, task: TaskId, attempt: Attempt, seq: u64) {
-        if let Some(h) = self.held.get_mut(&task).filter(|h| h.attempt == attempt) {
-            h.acked = h.acked.max(seq.min(h.produced));
-        }
-    }
-
-    pub fn on_finished_ack(&mut self, task: TaskId, attempt: Attempt) {
-        if self
-            .held
-            .get(&task)
-            .is_some_and(|h| h.attempt == attempt && !h.is_running())
-        {
-            self.held.remove(&task);
-        }
-    }
-
-    /// One step of work on a running attempt: up to `burst` more chunks,
-    /// and the end once all are out.
-    pub fn work(
-        &mut self,
-        task: TaskId,
-        attempt: Attempt,
-        burst: u64,
-        out: &mut Vec<FromAgent>,
-    ) -> WorkStep {
-        let Some(h) = self
-            .held
-            .get_mut(&task)
-            .filter(|h| h.attempt == attempt && h.is_running())
-        else {
-            return WorkStep::Stale;
-        };
-        let until = (h.produced + burst).min(h.plan.chunks);
-        out.extend((h.produced + 1..=until).map(|seq| h.output(task, seq)));
-        h.produced = until;
-        if h.produced < h.plan.chunks {
-            return WorkStep::Chunk;
-        }
-        h.result = Some(report(h.plan.outcome, h.produced));
-        out.extend(h.finished(task));
-        WorkStep::Finished
+    /// Nothing running, nothing owed, nothing spooled.
+    pub fn is_idle(&self) -> bool {
+        self.session.as_ref().is_some_and(Session::is_idle) && self.children.is_empty()
     }
 }
 
-fn report(outcome: Outcome, last_output_seq: u64) -> FinishedReport {
+/// What a simulated run reports at its end.
+pub(super) fn report(outcome: Outcome, message: &str, last_output_seq: u64) -> FinishedReport {
     FinishedReport {
         last_output_seq,
-        ..FinishedReport::new(outcome, format!("simulated {outcome}"))
+        ..FinishedReport::new(outcome, message)
     }
 }

@@ -1,5 +1,9 @@
-//! The invariants the simulation holds the coordinator to. Each returns a
-//! sentence saying what broke, which the runner prints with the seed.
+//! The invariants the simulation holds the coordinator and the agents to.
+//! Each returns a sentence saying what broke, which the runner prints with
+//! the seed. (Checked where they arise, in `world`: an agent never starts
+//! an attempt of a task it still runs, numbers its output 1, 2, 3, ...
+//! without a gap, and sends nothing but Hello before its stream's Welcome;
+//! its session's timer never stays in the past.)
 
 use std::collections::BTreeMap;
 
@@ -9,7 +13,7 @@ use coordinator::core::task::TRUNCATION_MARKER;
 use coordinator::core::{Core, Task, TaskState, ToAgent};
 use coordinator::store::{SledStore, Store};
 
-use super::agent::chunk_data;
+use super::agent::{SimAgent, chunk_data};
 use super::world::Ledger;
 
 /// Checked after every step of a run:
@@ -210,8 +214,9 @@ pub(super) fn final_task(task: &Task, ledger: &Ledger) -> Result<(), String> {
 
 /// The output in the store: per attempt, seqs 1..n without gap or
 /// duplicate, each chunk the bytes the agent produced, nothing after the
-/// truncation marker. With `finished`, a succeeded attempt's output is
-/// complete unless the task hit its output cap.
+/// truncation marker. With `finished`: every attempt whose result the
+/// coordinator accepted (but a cancelled one, which owes no output) has
+/// every chunk its agent produced, unless the task hit its output cap.
 pub(super) fn stored_output(
     store: &SledStore,
     ledger: &Ledger,
@@ -242,17 +247,58 @@ pub(super) fn stored_output(
                 return Err(format!("{at} holds bytes the agent never sent"));
             }
         }
-        if !finished || truncated || task.state != TaskState::Succeeded {
+        if !finished || ledger.truncated.contains(id) {
             continue;
         }
-        let attempt = task.current().expect("a succeeded task ran").attempt;
-        let stored = last_seq.get(&attempt).copied().unwrap_or(0);
-        let produced = ledger.plans.get(&(*id, attempt)).map(|p| p.chunks);
-        if produced != Some(stored) {
-            return Err(format!(
-                "{id}#{attempt} succeeded with {stored} chunks stored of {produced:?} produced"
-            ));
+        for attempt in &task.attempts {
+            let Some(report) = &attempt.report else {
+                continue; // Ended by the coordinator: lost, fenced, cancelled.
+            };
+            if attempt.outcome == Some(Outcome::Cancelled) {
+                continue;
+            }
+            let number = attempt.attempt;
+            let stored = last_seq.get(&number).copied().unwrap_or(0);
+            let produced = ledger.produced.get(&(*id, number)).copied().unwrap_or(0);
+            if stored != produced || report.last_output_seq != produced {
+                return Err(format!(
+                    "{id}#{number} ended {:?} with {stored} chunks stored and {} reported, \
+                     but its agent produced {produced}",
+                    attempt.outcome, report.last_output_seq
+                ));
+            }
         }
+    }
+    Ok(())
+}
+
+/// When a Cancel reaches the agent running the attempt it names, the run
+/// is being stopped.
+pub(super) fn fenced_attempt_is_stopped(
+    agent: &SimAgent,
+    task: TaskId,
+    attempt: Attempt,
+) -> Result<(), String> {
+    match agent.children.get(&task) {
+        Some(child) if child.attempt == attempt && !child.stopping => Err(format!(
+            "{} was told to cancel {task}#{attempt} and keeps running it",
+            agent.id
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// At the end an agent runs nothing, owes nothing, and its spool is empty:
+/// every attempt it held was forgotten, with its files.
+pub(super) fn agent_at_rest(agent: &SimAgent) -> Result<(), String> {
+    if !agent.is_idle() {
+        return Err(format!("{} is not idle at the end", agent.id));
+    }
+    if let Some(((task, attempt), _)) = agent.spool.first_key_value() {
+        return Err(format!(
+            "{} still spools {task}#{attempt} after the attempt was forgotten",
+            agent.id
+        ));
     }
     Ok(())
 }

@@ -14,8 +14,10 @@ const KEEP: usize = 50;
 #[derive(Debug)]
 pub(super) enum TraceItem {
     Event(Box<Event>),
-    /// The driver called `handle_timeout`.
+    /// The coordinator's driver called `handle_timeout`.
     Timer,
+    /// An agent's driver called its session's `handle_timeout`.
+    AgentTimer(usize),
     Note(String),
 }
 
@@ -45,6 +47,7 @@ impl Trace {
                 let what = match item {
                     TraceItem::Event(event) => describe(event, agent, agent_of),
                     TraceItem::Timer => "coordinator: handle_timeout".into(),
+                    TraceItem::AgentTimer(a) => format!("{}: handle_timeout", agent(*a)),
                     TraceItem::Note(note) => format!("** {note}"),
                 };
                 format!("{:>6}.{:03}s  {what}", at / 1000, at % 1000)
@@ -88,7 +91,13 @@ fn describe<'a>(
             agent: a,
             incarnation,
         } => format!("{} tries to connect (life {incarnation})", agent(*a)),
-        Event::AgentHeartbeat { agent: a, .. } => format!("{} heartbeat timer", agent(*a)),
+        Event::HealthChecked {
+            agent: a, passed, ..
+        } => format!(
+            "{}'s health check {}",
+            agent(*a),
+            if *passed { "passes" } else { "fails" }
+        ),
         Event::AgentWork {
             agent: a,
             task,
@@ -103,6 +112,7 @@ fn describe<'a>(
         ),
         Event::Fault => "fault injector".into(),
         Event::EndOfFaults => "faults end".into(),
+        Event::LetAgentsBack => "the admin lets revoked and drained agents back".into(),
     }
 }
 

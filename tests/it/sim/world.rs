@@ -1,6 +1,7 @@
-//! The simulated world around the real [`Core`]: a clock, a network of
-//! streams with latency, a driver that commits to a real sled store before
-//! it acts, simulated agents, an admin, and the faults.
+//! The simulated world around the real [`Core`] and the real agent
+//! [`Session`]s: a clock, a network of streams with latency, a coordinator
+//! driver that commits to a real sled store before it acts, agent drivers
+//! and their children (simulated CLI runs), an admin, and the faults.
 //!
 //! Everything happens in one thread, in the order of a queue keyed by
 //! (simulated time, sequence number), so a seed always replays the same run.
@@ -8,21 +9,23 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use agent::session::{Command, Session, ToCoordinator};
 use common::ids::{AgentId, Attempt, TaskId};
 use common::time::UnixMillis;
-use common::types::{AgentAdvert, Outcome, OutputKind, Specialty, TaskSpec, Toolchain};
+use common::types::{AgentAdvert, Outcome, OutputKind, Phase, Specialty, TaskSpec, Toolchain};
 use coordinator::core::task::TRUNCATION_MARKER;
 use coordinator::core::{
-    Action, ConnId, Core, CoreConfig, FromAgent, NewTask, Task, TaskSource, TaskState, ToAgent,
-    Write,
+    Action, AgentState, ConnId, Core, CoreConfig, FromAgent, NewTask, Task, TaskSource, TaskState,
+    ToAgent, Write,
 };
 use coordinator::store::{SledStore, Store};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 
-use super::agent::{SimAgent, WorkPlan, WorkStep};
+use super::agent::{Child, SimAgent, WorkPlan, chunk_data, report};
 use super::checks;
+use super::convert;
 use super::trace::{Trace, TraceItem};
 
 /// Wall-clock time at simulated time zero.
@@ -46,10 +49,24 @@ const P_CRASH_BEFORE_EACH_ACTION: f64 = 0.25;
 /// A dropped stream is noticed by the coordinator's gRPC layer this often;
 /// otherwise only the heartbeat timeout finds it.
 const P_COORDINATOR_SEES_DROP: f64 = 0.7;
+/// A dropped stream is noticed by the agent's link this often; otherwise
+/// only the session's silence timeout finds it.
+const P_AGENT_SEES_DROP: f64 = 0.8;
 // How agents' attempts end: mostly success, sometimes a failure (retried),
-// now and then the API's usage limit (requeued, the agent cools down).
+// now and then the API's usage limit (requeued, the agent cools down) or a
+// fault of the PC (requeued, the agent unhealthy until a check passes).
 const P_CLI_FAILED: f64 = 0.12;
 const P_RATE_LIMITED: f64 = 0.03;
+const P_AGENT_FAULT: f64 = 0.02;
+/// In seeds with few attempts, a task whose every run fails: it fails for
+/// good once they are spent.
+const P_DOOMED_TASK: f64 = 0.15;
+/// Seeds whose tasks get only a few attempts (at most `MAX_FEW_ATTEMPTS`),
+/// so faults and failures end some of them as `Failed`.
+const P_FEW_ATTEMPTS: f64 = 0.3;
+const MAX_FEW_ATTEMPTS: u32 = 3;
+/// A health check of an unhealthy PC passes this often.
+const P_HEALTH_CHECK_PASSES: f64 = 0.7;
 
 const REPOS: [&str; 3] = [
     "https://git.example/shop",
@@ -60,7 +77,7 @@ const TECHNOLOGIES: [&str; 4] = ["rust", "python", "react", "docker"];
 const TOOLCHAINS: [&str; 4] = ["cargo", "python3", "node", "docker"];
 
 /// Small timings: a simulated run lasts a minute or so.
-pub(super) fn config() -> CoreConfig {
+pub(super) fn config(max_attempts: u32) -> CoreConfig {
     CoreConfig {
         heartbeat_interval: Duration::from_secs(3),
         heartbeat_timeout: Duration::from_secs(9),
@@ -68,8 +85,7 @@ pub(super) fn config() -> CoreConfig {
         lease_timeout: Duration::from_secs(10),
         accept_timeout: Duration::from_secs(3),
         task_deadline: Duration::from_secs(600),
-        // Faults alone never use up a task's attempts.
-        max_attempts: 20,
+        max_attempts,
         retry_backoff_initial: Duration::from_millis(200),
         retry_backoff_max: Duration::from_secs(2),
         general_fallback_after: Duration::from_secs(4),
@@ -97,6 +113,14 @@ pub(super) struct Stats {
     pub duplicates: u64,
     pub slow_messages: u64,
     pub admin_cancels: u64,
+    pub admin_retries: u64,
+    pub revokes: u64,
+    pub unrevokes: u64,
+    pub drains: u64,
+    pub undrains: u64,
+    pub agent_stops: u64,
+    pub silent_streams: u64,
+    pub health_checks: u64,
     pub lost_submits: u64,
     /// Times `poll_timeout` named a deadline `handle_timeout` had already
     /// been given: a real driver would spin on it (a known core bug, see
@@ -120,6 +144,14 @@ impl Stats {
         self.duplicates += o.duplicates;
         self.slow_messages += o.slow_messages;
         self.admin_cancels += o.admin_cancels;
+        self.admin_retries += o.admin_retries;
+        self.revokes += o.revokes;
+        self.unrevokes += o.unrevokes;
+        self.drains += o.drains;
+        self.undrains += o.undrains;
+        self.agent_stops += o.agent_stops;
+        self.silent_streams += o.silent_streams;
+        self.health_checks += o.health_checks;
         self.lost_submits += o.lost_submits;
         self.stale_deadlines += o.stale_deadlines;
     }
@@ -149,16 +181,19 @@ pub(super) enum Event {
         agent: usize,
         conn: ConnId,
     },
-    /// An agent (re)connects: after a lost stream, a crash, or at start.
+    /// An agent (re)connects: after a lost stream, a crash, or at start;
+    /// its process starts first if it is down.
     AgentConnect {
         agent: usize,
         incarnation: u32,
     },
-    AgentHeartbeat {
+    /// A health check the session asked for has its result.
+    HealthChecked {
         agent: usize,
-        conn: ConnId,
+        incarnation: u32,
+        passed: bool,
     },
-    /// An agent's next step of work on an attempt.
+    /// The next step of an agent's child (a CLI run) on an attempt.
     AgentWork {
         agent: usize,
         incarnation: u32,
@@ -175,6 +210,25 @@ pub(super) enum Event {
     Fault,
     /// From here on nothing breaks; every task must finish.
     EndOfFaults,
+    /// The admin lets every revoked or drained agent back (again, until
+    /// the coordinator is up to hear it).
+    LetAgentsBack,
+}
+
+/// Whose driver a timer wakes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Coordinator,
+    Agent(usize),
+}
+
+/// What an admin does to an agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AgentChange {
+    Revoke,
+    Unrevoke,
+    Drain,
+    Undrain,
 }
 
 /// One gRPC stream between an agent and one life of the coordinator.
@@ -188,6 +242,8 @@ struct Link {
     /// per direction.
     last_to_coordinator: u64,
     last_to_agent: u64,
+    /// The agent has received the stream's Welcome.
+    welcomed: bool,
 }
 
 /// An admin answer held back until its batch is committed.
@@ -227,8 +283,10 @@ pub(super) struct Ledger {
     pub acknowledged: BTreeSet<TaskId>,
     /// Tasks an admin asked to cancel.
     pub cancel_requested: BTreeSet<TaskId>,
-    /// How each accepted attempt was meant to go.
-    pub plans: BTreeMap<(TaskId, Attempt), WorkPlan>,
+    /// The output chunks each attempt's agent produced (the last seq).
+    pub produced: BTreeMap<(TaskId, Attempt), u64>,
+    /// Tasks whose every run fails.
+    pub doomed: BTreeMap<TaskId, bool>,
     /// Submissions not yet acknowledged (the admin retries lost ones).
     pub unacknowledged_submits: usize,
     /// The highest output seq committed per attempt.
@@ -287,6 +345,7 @@ impl Ledger {
 
 pub(super) struct World {
     rng: StdRng,
+    config: CoreConfig,
     origin: Instant,
     now: u64,
     queue: BTreeMap<(u64, u64), Event>,
@@ -321,16 +380,24 @@ impl World {
         let mut rng = StdRng::seed_from_u64(seed);
         let n_agents = rng.random_range(2..=5);
         let agents = (0..n_agents).map(|i| random_agent(&mut rng, i)).collect();
+        let max_attempts = if rng.random_bool(P_FEW_ATTEMPTS) {
+            rng.random_range(1..=MAX_FEW_ATTEMPTS)
+        } else {
+            // Faults alone do not use up a task's attempts.
+            20
+        };
+        let config = config(max_attempts);
         let store = SledStore::temporary().expect("a temporary sled store opens");
         let origin = origin();
         let core = Core::new(
-            config(),
+            config.clone(),
             coordinator::restore(&store).expect("an empty store restores"),
             origin,
             UnixMillis(WALL_ORIGIN_MS),
         );
         let mut world = Self {
             rng,
+            config,
             origin,
             now: 0,
             queue: BTreeMap::new(),
@@ -405,11 +472,11 @@ impl World {
                     self.unfinished()
                 ));
             }
-            let timer = self.timer_due();
+            let timer = self.next_timer();
             let next = self.queue.first_key_value().map(|(&(at, _), _)| at);
             match (next, timer) {
-                (Some(at), Some(t)) if t < at => self.fire_timer(t)?,
-                (None, Some(t)) => self.fire_timer(t)?,
+                (Some(at), Some((t, timer))) if t < at => self.fire(timer, t)?,
+                (None, Some((t, timer))) => self.fire(timer, t)?,
                 (Some(_), _) => {
                     let ((at, _), event) = self.queue.pop_first().expect("peeked above");
                     self.now = self.now.max(at);
@@ -461,20 +528,27 @@ impl World {
             }
             Event::AgentSeesClose { agent, conn } => {
                 if self.agents[agent].link == Some(conn) {
-                    self.agents[agent].lose_link();
-                    let delay = self.rng.random_range(200..2_000);
-                    let incarnation = self.agents[agent].incarnation;
-                    self.schedule(self.now + delay, Event::AgentConnect { agent, incarnation });
+                    self.agents[agent].link = None;
+                    if let Some(session) = self.agents[agent].session.as_mut() {
+                        session.handle_disconnected();
+                    }
+                    self.reconnect_later(agent);
                 }
             }
-            Event::AgentConnect { agent, incarnation } => self.connect(agent, incarnation),
-            Event::AgentHeartbeat { agent, conn } => {
-                let a = &self.agents[agent];
-                if a.link == Some(conn) && a.welcomed {
-                    let heartbeat = a.heartbeat();
-                    let every = a.heartbeat_ms;
-                    self.agent_sends(agent, heartbeat);
-                    self.schedule(self.now + every, Event::AgentHeartbeat { agent, conn });
+            Event::AgentConnect { agent, incarnation } => self.connect(agent, incarnation)?,
+            Event::HealthChecked {
+                agent,
+                incarnation,
+                passed,
+            } => {
+                let now = self.instant();
+                let a = &mut self.agents[agent];
+                if a.incarnation == incarnation
+                    && let Some(session) = a.session.as_mut()
+                {
+                    let reason = (!passed).then(|| "simulated: the CLI is not logged in".into());
+                    session.handle_health(reason, now);
+                    self.flush_agent(agent)?;
                 }
             }
             Event::AgentWork {
@@ -482,15 +556,17 @@ impl World {
                 incarnation,
                 task,
                 attempt,
-            } => self.work(agent, incarnation, task, attempt),
+            } => self.work(agent, incarnation, task, attempt)?,
             Event::Commit { life } => self.commit(life)?,
             Event::CoordinatorRestart => self.restart()?,
             Event::Submit(task) => self.submit(task),
-            Event::Fault => self.fault(),
+            Event::Fault => self.fault()?,
             Event::EndOfFaults => {
                 self.faults = false;
                 self.calm_since = self.now;
+                self.schedule(self.now, Event::LetAgentsBack);
             }
+            Event::LetAgentsBack => self.let_agents_back(),
         }
         Ok(())
     }
@@ -514,8 +590,28 @@ impl World {
         self.queue.insert((at, self.next_seq), event);
     }
 
-    /// When the driver would call `handle_timeout` next.
-    fn timer_due(&mut self) -> Option<u64> {
+    /// The next timer due: the coordinator driver's or an agent driver's,
+    /// whichever comes first.
+    fn next_timer(&mut self) -> Option<(u64, Timer)> {
+        let coordinator = self.coordinator_timer().map(|at| (at, Timer::Coordinator));
+        let origin = self.origin;
+        let now = self.now;
+        let agents = self.agents.iter().enumerate().filter_map(|(i, a)| {
+            let at = a.session.as_ref()?.poll_timeout()?;
+            Some((ms_since(origin, at).max(now), Timer::Agent(i)))
+        });
+        coordinator.into_iter().chain(agents).min()
+    }
+
+    fn fire(&mut self, timer: Timer, at: u64) -> Result<(), String> {
+        match timer {
+            Timer::Coordinator => self.fire_coordinator_timer(at),
+            Timer::Agent(agent) => self.fire_agent_timer(agent, at),
+        }
+    }
+
+    /// When the coordinator's driver would call `handle_timeout` next.
+    fn coordinator_timer(&mut self) -> Option<u64> {
         let origin = self.origin;
         let c = self.coordinator.as_mut()?;
         // Only inputs move the core's deadlines.
@@ -534,7 +630,7 @@ impl World {
         }
     }
 
-    fn fire_timer(&mut self, at: u64) -> Result<(), String> {
+    fn fire_coordinator_timer(&mut self, at: u64) -> Result<(), String> {
         self.now = self.now.max(at);
         self.trace.push(self.now, TraceItem::Timer);
         self.feed(|core, now, wall| core.handle_timeout(now, wall));
@@ -554,6 +650,24 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// The agent's driver wakes at its session's `poll_timeout`.
+    fn fire_agent_timer(&mut self, agent: usize, at: u64) -> Result<(), String> {
+        self.now = self.now.max(at);
+        self.trace.push(self.now, TraceItem::AgentTimer(agent));
+        let now = self.instant();
+        let Some(session) = self.agents[agent].session.as_mut() else {
+            return Ok(());
+        };
+        session.handle_timeout(now);
+        if session.poll_timeout().is_some_and(|next| next <= now) {
+            return Err(format!(
+                "{}: the session's poll_timeout() is not past handle_timeout({}ms): the driver would spin",
+                self.agents[agent].id, self.now
+            ));
+        }
+        self.flush_agent(agent)
     }
 
     // ---- the coordinator and its driver ----
@@ -677,7 +791,7 @@ impl World {
     /// A new coordinator process rebuilds its core from the same store.
     fn restart(&mut self) -> Result<(), String> {
         let restored = coordinator::restore(&self.store).expect("the store restores");
-        let core = Core::new(config(), restored, self.instant(), self.wall());
+        let core = Core::new(self.config.clone(), restored, self.instant(), self.wall());
         let tasks: BTreeMap<TaskId, Task> = core.tasks().map(|t| (t.id, t.clone())).collect();
         if tasks != self.ledger.committed {
             return Err(checks::diff_tasks(
@@ -749,22 +863,133 @@ impl World {
         }
     }
 
+    /// An admin retries a failed or cancelled task: the one change a
+    /// terminal task may see.
+    fn retry_some_task(&mut self) {
+        let Some(c) = &self.coordinator else {
+            return;
+        };
+        let ended: Vec<TaskId> = c
+            .core
+            .tasks()
+            .filter(|t| matches!(t.state, TaskState::Failed | TaskState::Cancelled))
+            .map(|t| t.id)
+            .collect();
+        let Some(&id) = ended.choose(&mut self.rng) else {
+            return;
+        };
+        let mut accepted = false;
+        self.feed(|core, now, wall| accepted = core.retry(id, now, wall).is_ok());
+        self.note(format!("the admin retries {id}"));
+        if accepted {
+            self.stats.admin_retries += 1;
+            self.ledger.terminal.remove(&id);
+        }
+    }
+
+    /// The admin's agent mutators: revoke (the agent is refused at its next
+    /// connect and exits), unrevoke (it is started again), drain, undrain.
+    fn admin_on_agent(&mut self, agent: usize, what: AgentChange) {
+        let id = self.agents[agent].id.clone();
+        let mut accepted = false;
+        self.feed(|core, now, wall| {
+            let reason = "simulated admin".to_owned();
+            accepted = match what {
+                AgentChange::Revoke => core.revoke(&id, reason, now, wall).is_ok(),
+                AgentChange::Unrevoke => core.unrevoke(&id, wall).is_ok(),
+                AgentChange::Drain => core.drain(&id, reason, wall).is_ok(),
+                AgentChange::Undrain => core.undrain(&id, now, wall).is_ok(),
+            };
+        });
+        if !accepted {
+            return;
+        }
+        self.note(format!("the admin: {what:?} {id}"));
+        match what {
+            AgentChange::Revoke => self.stats.revokes += 1,
+            AgentChange::Unrevoke => {
+                self.stats.unrevokes += 1;
+                // The operator starts the refused agent again.
+                if std::mem::take(&mut self.agents[agent].refused) {
+                    let incarnation = self.agents[agent].incarnation;
+                    let delay = self.rng.random_range(100..1_000);
+                    self.schedule(self.now + delay, Event::AgentConnect { agent, incarnation });
+                }
+            }
+            AgentChange::Drain => self.stats.drains += 1,
+            AgentChange::Undrain => self.stats.undrains += 1,
+        }
+    }
+
+    /// Agents the core has in `state` (and, for `Draining`, drained by an
+    /// admin).
+    fn agents_in(&self, state: AgentState) -> Vec<usize> {
+        let Some(c) = &self.coordinator else {
+            return Vec::new();
+        };
+        (0..self.agents.len())
+            .filter(|&i| {
+                c.core.agent(&self.agents[i].id).is_some_and(|v| {
+                    v.record.state == state
+                        && (state != AgentState::Draining || v.record.drain_reason.is_some())
+                })
+            })
+            .collect()
+    }
+
+    /// Once faults are over, every agent may work again.
+    fn let_agents_back(&mut self) {
+        if self.coordinator.is_none() {
+            self.schedule(self.now + 500, Event::LetAgentsBack);
+            return;
+        }
+        for agent in self.agents_in(AgentState::Revoked) {
+            self.admin_on_agent(agent, AgentChange::Unrevoke);
+        }
+        for agent in self.agents_in(AgentState::Draining) {
+            self.admin_on_agent(agent, AgentChange::Undrain);
+        }
+        // Refused by a revocation the coordinator has since forgotten (it
+        // was lost in a crash): started again too.
+        for agent in 0..self.agents.len() {
+            if std::mem::take(&mut self.agents[agent].refused) {
+                let incarnation = self.agents[agent].incarnation;
+                self.schedule(self.now + 100, Event::AgentConnect { agent, incarnation });
+            }
+        }
+    }
+
     // ---- faults ----
 
-    fn fault(&mut self) {
+    fn fault(&mut self) -> Result<(), String> {
         if !self.faults {
-            return;
+            return Ok(());
         }
         let agent = self.rng.random_range(0..self.agents.len());
         match self.rng.random_range(0..100) {
-            0..40 => self.drop_stream(agent),
-            40..60 => self.crash_agent(agent),
-            60..72 => self.crash_coordinator("at a random moment"),
-            72..84 => self.cancel_some_task(),
+            0..32 => self.drop_stream(agent),
+            32..46 => self.crash_agent(agent),
+            46..51 => self.stop_agent(agent)?,
+            51..61 => self.crash_coordinator("at a random moment"),
+            61..71 => self.cancel_some_task(),
+            71..77 => self.retry_some_task(),
+            77..80 => self.admin_on_agent(agent, AgentChange::Revoke),
+            80..85 => {
+                if let Some(&agent) = self.agents_in(AgentState::Revoked).choose(&mut self.rng) {
+                    self.admin_on_agent(agent, AgentChange::Unrevoke);
+                }
+            }
+            85..89 => self.admin_on_agent(agent, AgentChange::Drain),
+            89..93 => {
+                if let Some(&agent) = self.agents_in(AgentState::Draining).choose(&mut self.rng) {
+                    self.admin_on_agent(agent, AgentChange::Undrain);
+                }
+            }
             _ => {}
         }
         let next = self.rng.random_range(250..2_000);
         self.schedule(self.now + next, Event::Fault);
+        Ok(())
     }
 
     fn drop_stream(&mut self, agent: usize) {
@@ -784,13 +1009,19 @@ impl World {
     }
 
     fn crash_agent(&mut self, agent: usize) {
-        if !self.agents[agent].up {
+        if !self.agents[agent].is_up() {
             return;
         }
         self.stats.agent_crashes += 1;
         self.note(format!("{} crashes", self.agents[agent].id));
+        self.end_agent(agent);
+    }
+
+    /// The agent's process ends; its stream drops, and it starts again a
+    /// while later (unless the coordinator refused it).
+    fn end_agent(&mut self, agent: usize) {
         let conn = self.agents[agent].link;
-        self.agents[agent].crash();
+        self.agents[agent].end();
         if let Some(conn) = conn {
             self.close_link(conn);
             if self.rng.random_bool(P_COORDINATOR_SEES_DROP) {
@@ -798,12 +1029,26 @@ impl World {
                 self.schedule(self.now + delay, Event::CoordinatorSeesClose { conn });
             }
         }
-        let down_for = self.rng.random_range(500..6_000);
-        let incarnation = self.agents[agent].incarnation;
-        self.schedule(
-            self.now + down_for,
-            Event::AgentConnect { agent, incarnation },
-        );
+        if !self.agents[agent].refused {
+            let down_for = self.rng.random_range(500..6_000);
+            let incarnation = self.agents[agent].incarnation;
+            self.schedule(
+                self.now + down_for,
+                Event::AgentConnect { agent, incarnation },
+            );
+        }
+    }
+
+    /// SIGTERM: the agent drains, hands its running attempts back and ends.
+    fn stop_agent(&mut self, agent: usize) -> Result<(), String> {
+        let now = self.instant();
+        let Some(session) = self.agents[agent].session.as_mut() else {
+            return Ok(());
+        };
+        self.stats.agent_stops += 1;
+        session.begin_shutdown("agent shutting down", now);
+        self.note(format!("{} is asked to stop", self.agents[agent].id));
+        self.flush_agent(agent)
     }
 
     // ---- the network ----
@@ -826,8 +1071,9 @@ impl World {
         self.link_belongs_to_this_life(conn) && self.links.get(&conn).is_some_and(|l| l.open)
     }
 
-    /// Closes a stream; what is in flight on it is lost. The agent notices
-    /// after a while. Returns whether it was open.
+    /// Closes a stream; what is in flight on it is lost. The agent's link
+    /// notices after a while, or (now and then while faults last) never:
+    /// then the session's silence timeout must. Returns whether it was open.
     fn close_link(&mut self, conn: ConnId) -> bool {
         let Some(link) = self.links.get_mut(&conn).filter(|l| l.open) else {
             return false;
@@ -835,30 +1081,39 @@ impl World {
         link.open = false;
         let agent = link.agent;
         if self.agents[agent].link == Some(conn) {
-            let delay = self.rng.random_range(5..500);
-            self.schedule(self.now + delay, Event::AgentSeesClose { agent, conn });
+            if self.faults && !self.rng.random_bool(P_AGENT_SEES_DROP) {
+                self.note(format!(
+                    "{} does not notice that conn {} closed",
+                    self.agents[agent].id, conn.0
+                ));
+            } else {
+                let delay = self.rng.random_range(5..500);
+                self.schedule(self.now + delay, Event::AgentSeesClose { agent, conn });
+            }
         }
         true
     }
 
-    fn agent_sends(&mut self, agent: usize, msg: FromAgent) {
-        let a = &self.agents[agent];
-        let Some(conn) = a.link else {
-            return;
+    /// An agent's message goes out on its stream. Nothing but Hello may
+    /// precede the stream's Welcome.
+    fn agent_sends(&mut self, agent: usize, msg: FromAgent) -> Result<(), String> {
+        let Some(conn) = self.agents[agent].link else {
+            return Ok(());
         };
-        // Nothing but Hello before Welcome: the agent resends from Welcome.
-        if !a.welcomed && !matches!(msg, FromAgent::Hello { .. }) {
-            return;
-        }
         let latency = self.latency();
         let Some(link) = self.links.get_mut(&conn).filter(|l| l.open) else {
-            return;
+            return Ok(());
         };
+        let hello = matches!(msg, FromAgent::Hello { .. });
+        if !link.welcomed && !hello {
+            return Err(format!(
+                "{} sent {msg:?} on conn {} before its Welcome",
+                self.agents[agent].id, conn.0
+            ));
+        }
         let at = (self.now + latency).max(link.last_to_coordinator);
         link.last_to_coordinator = at;
-        let duplicate = self.faults
-            && !matches!(msg, FromAgent::Hello { .. })
-            && self.rng.random_bool(P_DUPLICATE);
+        let duplicate = self.faults && !hello && self.rng.random_bool(P_DUPLICATE);
         if duplicate {
             self.stats.duplicates += 1;
             let later = at + self.rng.random_range(1..500);
@@ -879,6 +1134,7 @@ impl World {
                 duplicate: false,
             },
         );
+        Ok(())
     }
 
     fn coordinator_sends(&mut self, conn: ConnId, msg: ToAgent) {
@@ -893,16 +1149,21 @@ impl World {
 
     // ---- agents ----
 
-    fn connect(&mut self, agent: usize, incarnation: u32) {
+    /// The agent's link opens a stream (its process starts first if it is
+    /// down). A revoked agent is refused and its process exits.
+    fn connect(&mut self, agent: usize, incarnation: u32) -> Result<(), String> {
         let a = &mut self.agents[agent];
-        if a.incarnation != incarnation || a.link.is_some() {
-            return;
+        if a.incarnation != incarnation || a.link.is_some() || a.refused {
+            return Ok(());
         }
-        a.up = true;
+        if !a.is_up() {
+            a.start();
+            let id = a.id.clone();
+            self.note(format!("{id} starts"));
+        }
         let Some(life) = self.coordinator.as_ref().map(|c| c.life) else {
-            let retry = self.rng.random_range(500..2_000);
-            self.schedule(self.now + retry, Event::AgentConnect { agent, incarnation });
-            return;
+            self.reconnect_later(agent);
+            return Ok(());
         };
         self.next_conn += 1;
         let conn = ConnId(self.next_conn);
@@ -914,7 +1175,15 @@ impl World {
                 .handle_open(conn, id, format!("10.0.0.{agent}:443"), now)
                 .is_ok();
         });
-        assert!(opened, "nobody is revoked in the simulation");
+        if !opened {
+            self.note(format!(
+                "{} is refused (revoked) and exits",
+                self.agents[agent].id
+            ));
+            self.agents[agent].refused = true;
+            self.end_agent(agent);
+            return Ok(());
+        }
         self.links.insert(
             conn,
             Link {
@@ -923,67 +1192,212 @@ impl World {
                 open: true,
                 last_to_coordinator: 0,
                 last_to_agent: 0,
+                welcomed: false,
             },
         );
+        let now = self.instant();
         let a = &mut self.agents[agent];
         a.link = Some(conn);
-        a.welcomed = false;
-        let hello = a.hello();
-        self.agent_sends(agent, hello);
+        a.session
+            .as_mut()
+            .expect("started above")
+            .handle_connected(now);
+        self.flush_agent(agent)
+    }
+
+    fn reconnect_later(&mut self, agent: usize) {
+        let delay = self.rng.random_range(200..2_000);
+        let incarnation = self.agents[agent].incarnation;
+        self.schedule(self.now + delay, Event::AgentConnect { agent, incarnation });
     }
 
     fn agent_receives(&mut self, agent: usize, conn: ConnId, msg: ToAgent) -> Result<(), String> {
         checks::promise_is_committed(&msg, &self.ledger)?;
-        let mut out = Vec::new();
-        match msg {
-            ToAgent::Welcome {
-                held,
-                heartbeat_interval,
-                ..
-            } => {
-                let every = duration_ms(heartbeat_interval);
-                self.agents[agent].heartbeat_ms = every;
-                self.agents[agent].on_welcome(&held, &mut out);
-                self.schedule(self.now + every, Event::AgentHeartbeat { agent, conn });
-            }
-            ToAgent::Heartbeat { .. } | ToAgent::Drain { .. } => {}
-            ToAgent::Assign { task, attempt, .. } => {
-                let roll: f64 = self.rng.random();
-                let outcome = if roll < P_CLI_FAILED {
-                    Outcome::CliFailed
-                } else if roll < P_CLI_FAILED + P_RATE_LIMITED {
-                    Outcome::RateLimited
-                } else {
-                    Outcome::Succeeded
-                };
-                let plan = WorkPlan {
-                    chunks: self.rng.random_range(0..=6),
-                    outcome,
-                };
-                if self.agents[agent].on_assign(task, attempt, plan, &mut out) {
-                    self.ledger.plans.insert((task, attempt), plan);
-                    let incarnation = self.agents[agent].incarnation;
-                    self.schedule_work(agent, incarnation, task, attempt);
-                }
-            }
-            ToAgent::Cancel { task, attempt, .. } => {
-                self.agents[agent].on_cancel(task, attempt, &mut out);
-            }
-            ToAgent::OutputAck { task, attempt, seq } => {
-                self.agents[agent].on_output_ack(task, attempt, seq);
-            }
-            ToAgent::FinishedAck { task, attempt } => {
-                self.agents[agent].on_finished_ack(task, attempt);
-            }
+        if matches!(msg, ToAgent::Welcome { .. })
+            && let Some(link) = self.links.get_mut(&conn)
+        {
+            link.welcomed = true;
         }
-        for msg in out {
-            self.agent_sends(agent, msg);
+        let fenced = match &msg {
+            ToAgent::Cancel { task, attempt, .. } => Some((*task, *attempt)),
+            _ => None,
+        };
+        let now = self.instant();
+        let Some(session) = self.agents[agent].session.as_mut() else {
+            return Ok(());
+        };
+        session.handle_message(convert::to_session(msg), now);
+        self.flush_agent(agent)?;
+        if let Some((task, attempt)) = fenced {
+            checks::fenced_attempt_is_stopped(&self.agents[agent], task, attempt)?;
         }
         Ok(())
     }
 
-    fn schedule_work(&mut self, agent: usize, incarnation: u32, task: TaskId, attempt: Attempt) {
-        let step = self.rng.random_range(100..700);
+    /// The agent's driver does what its session asks: commands first, then
+    /// messages. A session whose shutdown is over ends the process.
+    fn flush_agent(&mut self, agent: usize) -> Result<(), String> {
+        loop {
+            let Some(session) = self.agents[agent].session.as_mut() else {
+                return Ok(());
+            };
+            if let Some(command) = session.poll_command() {
+                self.perform_command(agent, command)?;
+            } else if let Some(msg) = session.poll_outbound() {
+                self.perform_send(agent, msg)?;
+            } else {
+                break;
+            }
+        }
+        if self.agents[agent]
+            .session
+            .as_ref()
+            .is_some_and(Session::is_stopped)
+        {
+            self.note(format!("{} has stopped", self.agents[agent].id));
+            self.end_agent(agent);
+        }
+        Ok(())
+    }
+
+    fn perform_command(&mut self, agent: usize, command: Command) -> Result<(), String> {
+        let incarnation = self.agents[agent].incarnation;
+        match command {
+            Command::Start { task, attempt, .. } => {
+                if let Some(running) = self.agents[agent].children.get(&task) {
+                    return Err(format!(
+                        "{} starts {task}#{attempt} while it still runs {task}#{}",
+                        self.agents[agent].id, running.attempt
+                    ));
+                }
+                let plan = self.draw_plan(task);
+                self.agents[agent].children.insert(
+                    task,
+                    Child {
+                        attempt,
+                        plan,
+                        produced: 0,
+                        stopping: false,
+                    },
+                );
+                self.schedule_work(agent, incarnation, task, attempt, 1..30);
+            }
+            Command::Stop { task, attempt } => {
+                if let Some(child) = self.agents[agent]
+                    .children
+                    .get_mut(&task)
+                    .filter(|c| c.attempt == attempt)
+                {
+                    child.stopping = true;
+                    // The process group gets TERM: the run ends soon.
+                    self.schedule_work(agent, incarnation, task, attempt, 10..300);
+                }
+            }
+            Command::Forget { task, attempt } => {
+                self.agents[agent].spool.remove(&(task, attempt));
+            }
+            Command::CloseStream => {
+                let Some(conn) = self.agents[agent].link.take() else {
+                    return Ok(());
+                };
+                self.stats.silent_streams += 1;
+                self.note(format!(
+                    "{} finds conn {} silent and closes it",
+                    self.agents[agent].id, conn.0
+                ));
+                if self.close_link(conn) {
+                    let delay = self.latency();
+                    self.schedule(self.now + delay, Event::CoordinatorSeesClose { conn });
+                }
+                self.reconnect_later(agent);
+            }
+            Command::CheckHealth => {
+                self.stats.health_checks += 1;
+                let passed = self.rng.random_bool(P_HEALTH_CHECK_PASSES);
+                let delay = self.rng.random_range(50..500);
+                self.schedule(
+                    self.now + delay,
+                    Event::HealthChecked {
+                        agent,
+                        incarnation,
+                        passed,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a session message; a resend is read from the agent's spool.
+    fn perform_send(&mut self, agent: usize, msg: ToCoordinator) -> Result<(), String> {
+        if let ToCoordinator::Resend {
+            task,
+            attempt,
+            after,
+        } = msg
+        {
+            let chunks: Vec<FromAgent> = self.agents[agent]
+                .spool
+                .get(&(task, attempt))
+                .map(|spooled| {
+                    spooled
+                        .chunks
+                        .iter()
+                        .filter(|c| c.seq > after)
+                        .filter_map(|c| {
+                            convert::to_core(ToCoordinator::Output(c.clone()), &self.advert(agent))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            for chunk in chunks {
+                self.agent_sends(agent, chunk)?;
+            }
+            return Ok(());
+        }
+        match convert::to_core(msg, &self.advert(agent)) {
+            Some(msg) => self.agent_sends(agent, msg),
+            None => Ok(()),
+        }
+    }
+
+    fn advert(&self, agent: usize) -> AgentAdvert {
+        self.agents[agent].advert.clone()
+    }
+
+    /// How a run of `task` will go.
+    fn draw_plan(&mut self, task: TaskId) -> WorkPlan {
+        let few_attempts = self.config.max_attempts <= MAX_FEW_ATTEMPTS;
+        let doomed = *self
+            .ledger
+            .doomed
+            .entry(task)
+            .or_insert_with(|| few_attempts && self.rng.random_bool(P_DOOMED_TASK));
+        let roll: f64 = self.rng.random();
+        let outcome = if doomed || roll < P_CLI_FAILED {
+            Outcome::CliFailed
+        } else if roll < P_CLI_FAILED + P_RATE_LIMITED {
+            Outcome::RateLimited
+        } else if roll < P_CLI_FAILED + P_RATE_LIMITED + P_AGENT_FAULT {
+            Outcome::AgentFault
+        } else {
+            Outcome::Succeeded
+        };
+        WorkPlan {
+            chunks: self.rng.random_range(0..=6),
+            outcome,
+        }
+    }
+
+    fn schedule_work(
+        &mut self,
+        agent: usize,
+        incarnation: u32,
+        task: TaskId,
+        attempt: Attempt,
+        after_ms: std::ops::Range<u64>,
+    ) {
+        let step = self.rng.random_range(after_ms);
         self.schedule(
             self.now + step,
             Event::AgentWork {
@@ -995,23 +1409,83 @@ impl World {
         );
     }
 
-    fn work(&mut self, agent: usize, incarnation: u32, task: TaskId, attempt: Attempt) {
-        if self.agents[agent].incarnation != incarnation {
-            return;
-        }
-        let mut out = Vec::new();
+    /// One step of a child: its first step says it runs the CLI; then a
+    /// burst of output, and the end once all of it is out (or at once when
+    /// it was asked to stop).
+    fn work(
+        &mut self,
+        agent: usize,
+        incarnation: u32,
+        task: TaskId,
+        attempt: Attempt,
+    ) -> Result<(), String> {
+        let now = self.instant();
         let burst = self.rng.random_range(1..=3);
-        if self.agents[agent].work(task, attempt, burst, &mut out) == WorkStep::Chunk {
-            self.schedule_work(agent, incarnation, task, attempt);
+        let a = &mut self.agents[agent];
+        if a.incarnation != incarnation {
+            return Ok(());
         }
-        for msg in out {
-            self.agent_sends(agent, msg);
+        let (Some(session), Some(child)) = (
+            a.session.as_mut(),
+            a.children.get_mut(&task).filter(|c| c.attempt == attempt),
+        ) else {
+            return Ok(());
+        };
+        if child.produced == 0 && !child.stopping {
+            session.handle_progress(task, attempt, Phase::RunningClaude);
         }
+        let ended = if child.stopping {
+            Some(report(
+                Outcome::Cancelled,
+                "stopped on request",
+                child.produced,
+            ))
+        } else {
+            for _ in 0..burst {
+                if child.produced == child.plan.chunks {
+                    break;
+                }
+                child.produced += 1;
+                let data = chunk_data(task, attempt, child.produced);
+                let Some(chunk) =
+                    session.handle_child_output(task, attempt, OutputKind::Stdout, data)
+                else {
+                    continue;
+                };
+                if chunk.seq != child.produced {
+                    return Err(format!(
+                        "{}: {task}#{attempt} output numbered {} for chunk {}",
+                        a.id, chunk.seq, child.produced
+                    ));
+                }
+                self.ledger.produced.insert((task, attempt), chunk.seq);
+                a.spool
+                    .entry((task, attempt))
+                    .or_default()
+                    .chunks
+                    .push(chunk);
+            }
+            (child.produced == child.plan.chunks).then(|| {
+                let message = format!("simulated {}", child.plan.outcome);
+                report(child.plan.outcome, &message, child.produced)
+            })
+        };
+        match ended {
+            Some(end) => {
+                a.children.remove(&task);
+                if let Some(saved) = session.handle_child_exit(task, attempt, end, now) {
+                    a.spool.entry((task, attempt)).or_default().result = Some(saved);
+                }
+            }
+            None => self.schedule_work(agent, incarnation, task, attempt, 100..700),
+        }
+        self.flush_agent(agent)
     }
 
     // ---- the end ----
 
-    /// Every submission acknowledged, every task finished, all committed.
+    /// Every submission acknowledged, every task finished, all committed,
+    /// and every agent up with nothing running and nothing owed.
     fn quiescent(&self) -> bool {
         let Some(c) = &self.coordinator else {
             return false;
@@ -1023,6 +1497,7 @@ impl World {
                 .acknowledged
                 .iter()
                 .all(|id| c.core.task(*id).is_some_and(|t| t.state.is_terminal()))
+            && self.agents.iter().all(SimAgent::is_idle)
     }
 
     fn unfinished(&self) -> String {
@@ -1035,10 +1510,25 @@ impl World {
             .filter(|t| !t.state.is_terminal())
             .map(|t| format!("{} {} ({})", t.id, t.state.as_str(), t.state_reason))
             .collect();
+        let agents: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|a| !a.is_idle())
+            .map(|a| match &a.session {
+                None => format!("{} down (refused: {})", a.id, a.refused),
+                Some(session) => format!(
+                    "{} holds {:?}, runs {:?}",
+                    a.id,
+                    session.held(),
+                    a.children.keys().collect::<Vec<_>>()
+                ),
+            })
+            .collect();
         format!(
-            "{} unacknowledged submissions; {}",
+            "{} unacknowledged submissions; tasks: {}; agents: {}",
             self.ledger.unacknowledged_submits,
-            open.join("; ")
+            open.join("; "),
+            agents.join("; ")
         )
     }
 
@@ -1081,6 +1571,9 @@ impl World {
             }
         }
         self.stats.add(&counts);
+        for agent in &self.agents {
+            checks::agent_at_rest(agent)?;
+        }
         checks::stored_output(&self.store, &self.ledger, true)
     }
 
@@ -1096,10 +1589,6 @@ impl World {
 fn ms_since(origin: Instant, at: Instant) -> u64 {
     let nanos = at.saturating_duration_since(origin).as_nanos();
     u64::try_from(nanos.div_ceil(1_000_000)).expect("simulated time is short")
-}
-
-fn duration_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).expect("simulated durations are short")
 }
 
 fn random_agent(rng: &mut StdRng, index: usize) -> SimAgent {
