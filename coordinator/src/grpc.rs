@@ -1051,6 +1051,14 @@ impl admin_server::Admin for Admin {
         };
         let (events, snapshot) = register_feed(&self.driver, recent_ended).await?;
         let (tx, rx) = mpsc::channel(16);
+        if req.get_ref().snapshot_only {
+            // The watcher's queue goes with `events`; the driver prunes it.
+            drop(events);
+            let _ = tx.send(Ok(snapshot_event(snapshot))).await;
+            return Ok(Response::new(Box::pin(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            )));
+        }
         tokio::spawn(stream_feed(
             self.driver.clone(),
             recent_ended,

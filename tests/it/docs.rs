@@ -34,6 +34,7 @@ const RUN_ORDER: &[&str] = &[
     "RetryTask",
     "UndrainAgent",
     "WatchTask",
+    "WatchCluster",
     "RevokeAgent",
     "UnrevokeAgent",
     "ForgetAgent",

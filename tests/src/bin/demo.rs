@@ -698,6 +698,7 @@ fn where_to_look(demo: &Demo) {
     let d = demo.cluster.pki.dir.display();
     let api = demo.github.url();
     say("where to look, from another terminal:");
+    println!("   {ccc} top          # live view; Enter follows a task's log");
     println!("   {ccc} tasks");
     println!("   {ccc} task t-1");
     println!("   {ccc} logs t-1");

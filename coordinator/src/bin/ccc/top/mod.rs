@@ -39,12 +39,15 @@ pub struct TopArgs {
 }
 
 pub async fn run(conn: Connection, args: TopArgs) -> anyhow::Result<Exit> {
+    let on_terminal = std::io::stdout().is_terminal();
     let request = proto::WatchClusterRequest {
         recent_ended: args.ended.max(1),
+        // Without a terminal one snapshot is printed.
+        snapshot_only: !on_terminal,
     };
     let keep_ended = usize::try_from(args.ended).unwrap_or(usize::MAX);
     let mut feed = open_feed(&conn, request).await?;
-    if !std::io::stdout().is_terminal() {
+    if !on_terminal {
         let first = feed
             .message()
             .await
