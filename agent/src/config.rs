@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::config::{de_opt_duration, load_toml, parse_duration};
+use common::config::{de_opt_duration, de_opt_size, load_toml, parse_duration, parse_size};
+
+/// The default bound of output not yet acknowledged (`max_unacked_output`).
+pub const DEFAULT_MAX_UNACKED_OUTPUT: u64 = 512 << 20;
 use common::pki::Role;
 use common::telemetry::LogFormat;
 use common::tls::{TlsMaterial, TlsPaths};
@@ -76,6 +79,11 @@ pub struct Args {
     /// On shutdown, how long running tasks get to stop and report [default: 10s].
     #[arg(long, env = "CCC_AGENT_STOP_GRACE", value_parser = parse_duration)]
     pub stop_grace: Option<Duration>,
+    /// Output not yet acknowledged by the coordinator (kept in the spool)
+    /// beyond which the agent stops reading its CLI runs' output until
+    /// acknowledgements catch up, e.g. `512MiB` [default: 512MiB].
+    #[arg(long, env = "CCC_AGENT_MAX_UNACKED_OUTPUT", value_parser = parse_size)]
+    pub max_unacked_output: Option<u64>,
     /// How long a git server may take to answer, when connecting or during
     /// a fetch or push, before the attempt gives up [default: 2m].
     #[arg(long, env = "CCC_AGENT_GIT_NETWORK_TIMEOUT", value_parser = parse_duration)]
@@ -128,6 +136,8 @@ pub struct FileConfig {
     pub claude: ClaudeFileConfig,
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub stop_grace: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_size")]
+    pub max_unacked_output: Option<u64>,
     #[serde(default)]
     pub tests: TestsFileConfig,
     #[serde(default)]
@@ -304,6 +314,8 @@ pub struct Config {
     pub claude: ClaudeConfig,
     /// On shutdown, how long running tasks get to stop and report.
     pub stop_grace: Duration,
+    /// Unacknowledged output beyond which CLI output waits.
+    pub max_unacked_output: usize,
     pub tests: TestsConfig,
     pub author: crate::workspace::Author,
     pub push_incomplete: bool,
@@ -442,6 +454,12 @@ impl Config {
                 .stop_grace
                 .or(file.stop_grace)
                 .unwrap_or(Duration::from_secs(10)),
+            max_unacked_output: usize::try_from(
+                args.max_unacked_output
+                    .or(file.max_unacked_output)
+                    .unwrap_or(DEFAULT_MAX_UNACKED_OUTPUT),
+            )
+            .unwrap_or(usize::MAX),
             tests: TestsConfig {
                 timeout: file.tests.timeout.unwrap_or(Duration::from_secs(600)),
                 per_specialty: [
@@ -504,6 +522,14 @@ impl Config {
             if value.is_zero() {
                 return Err(Error::Invalid(format!("{name} must be longer than 0")));
             }
+        }
+        // Below one chunk nothing could ever be sent.
+        if self.max_unacked_output < common::wire::MAX_OUTPUT_CHUNK {
+            return Err(Error::Invalid(format!(
+                "max_unacked_output ({} bytes) must be at least one output chunk ({} bytes)",
+                self.max_unacked_output,
+                common::wire::MAX_OUTPUT_CHUNK
+            )));
         }
         if self.stop_grace <= self.claude.kill_grace {
             return Err(Error::Invalid(format!(

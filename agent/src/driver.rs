@@ -28,10 +28,9 @@ use crate::session::{Command, FromCoordinator, Session, SessionConfig, ToCoordin
 use crate::spool::{Spool, SpoolHandle};
 use crate::workspace::Workspaces;
 
-/// Output spooled for the coordinator before the agent stops reading its
-/// children's output (they then block on their pipes: nothing is dropped).
-const MAX_UNACKED_BYTES: usize = 512 << 20;
-/// How much spooled output one step of a resend reads.
+/// How much spooled output one step of a resend reads. (Past the configured
+/// `max_unacked_output` the agent stops reading its children's output: they
+/// then block on their pipes, and nothing is dropped.)
 const RESEND_STEP_BYTES: usize = 4 << 20;
 /// How long a stopping agent waits for the coordinator to see its stream end.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -140,7 +139,7 @@ impl Driver {
             let input = tokio::select! {
                 () = shutdown.cancelled(), if !stopping => Input::Shutdown,
                 event = link_rx.recv() => Input::Link(event),
-                Some(event) = child_rx.recv(), if driver.session.unacked_bytes() < MAX_UNACKED_BYTES => {
+                Some(event) = child_rx.recv(), if driver.session.unacked_bytes() < driver.config.max_unacked_output => {
                     Input::Child(event)
                 }
                 Some(result) = health_rx.recv() => Input::Health(result),

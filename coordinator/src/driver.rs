@@ -4,7 +4,7 @@
 //! writes in one transaction with one flush (group commit), and only then
 //! answer callers and perform the core's actions.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -371,6 +371,14 @@ impl Driver {
                 task,
                 reply,
             } => {
+                // A rerun or retry of the issue's last task needs it in memory.
+                if let Some(last) = task
+                    .source
+                    .issue()
+                    .and_then(|(repo, issue)| self.core.issue_tasks(repo, issue).last().copied())
+                {
+                    self.bring_back(last);
+                }
                 let outcome = self.core.issue_command(&delivery, command, task, now, wall);
                 self.reply(reply, outcome);
             }
@@ -386,6 +394,9 @@ impl Driver {
                 instructions,
                 reply,
             } => {
+                if let Some(original) = self.core.pull_task(&repo, number) {
+                    self.bring_back(original);
+                }
                 let outcome = self.core.pull_follow_up(
                     &delivery,
                     &repo,
@@ -505,7 +516,7 @@ impl Driver {
                 events,
                 reply,
             } => {
-                let snapshot = self.core.task(task).cloned();
+                let snapshot = self.task_view(task);
                 self.prune_watchers();
                 if follow && snapshot.as_ref().is_some_and(|t| !t.state.is_terminal()) {
                     self.watchers.entry(task).or_default().push(events);
@@ -517,6 +528,7 @@ impl Driver {
                 reason,
                 reply,
             } => {
+                self.bring_back(task);
                 let result = self
                     .core
                     .cancel(task, reason, now, wall)
@@ -524,6 +536,7 @@ impl Driver {
                 self.reply(reply, result);
             }
             Command::Retry { task, reply } => {
+                self.bring_back(task);
                 let result = self
                     .core
                     .retry(task, now, wall)
@@ -550,8 +563,19 @@ impl Driver {
     /// Every agent, every task not yet ended and the `recent_ended` most
     /// recently updated ended ones, and the latest lines of the former.
     fn cluster_snapshot(&self, recent_ended: usize) -> feed::Snapshot {
-        let (active, mut ended): (Vec<&Task>, Vec<&Task>) =
+        let (active, in_memory_ended): (Vec<&Task>, Vec<&Task>) =
             self.core.tasks().partition(|t| !t.state.is_terminal());
+        // Ended tasks still in memory (owing GitHub a write), then those
+        // that left it, read back from the store.
+        let mut ended: Vec<Task> = in_memory_ended.into_iter().cloned().collect();
+        let recent: Vec<TaskId> = self.core.recently_finished().collect();
+        ended.extend(
+            recent
+                .iter()
+                .rev()
+                .take(recent_ended)
+                .filter_map(|id| self.task_view(*id)),
+        );
         ended.sort_by_key(|t| std::cmp::Reverse((t.updated_at, t.id)));
         ended.truncate(recent_ended);
         ended.sort_by_key(|t| t.id);
@@ -561,8 +585,8 @@ impl Driver {
             .collect();
         let tasks = active
             .iter()
-            .chain(&ended)
             .filter_map(|t| self.task_view(t.id))
+            .chain(ended)
             .collect();
         feed::Snapshot {
             agents: self.core.agents(),
@@ -590,12 +614,16 @@ impl Driver {
         if self.cluster_watchers.is_empty() || changes.is_empty() {
             return;
         }
+        let tasks: Vec<Task> = changes
+            .tasks
+            .iter()
+            .filter_map(|id| self.task_view(*id))
+            .collect();
         let mut agents = changes.agents;
         agents.extend(
-            changes
-                .tasks
+            tasks
                 .iter()
-                .filter_map(|id| self.core.task(*id)?.current())
+                .filter_map(Task::current)
                 .map(|a| a.agent.clone()),
         );
         let events: Vec<FeedEvent> = agents
@@ -604,10 +632,8 @@ impl Driver {
             .map(|view| FeedEvent::Agent(Box::new(view)))
             .chain(changes.forgotten.into_iter().map(FeedEvent::AgentForgotten))
             .chain(
-                changes
-                    .tasks
-                    .iter()
-                    .filter_map(|id| self.task_view(*id))
+                tasks
+                    .into_iter()
                     .map(|task| FeedEvent::Task(Box::new(task))),
             )
             .chain(changes.lines.into_values().map(FeedEvent::Line))
@@ -616,8 +642,11 @@ impl Driver {
             .retain(|w| events.iter().all(|e| w.try_send(e.clone()).is_ok()));
     }
 
+    /// The tasks matching `q`: those in memory and those ended and out of
+    /// it, read from the store (an admin's listing costs what the history
+    /// holds; no event of the cluster does).
     fn list_tasks(&self, q: &TaskQuery) -> TaskPage {
-        let matches = |t: &&Task| {
+        let matches = |t: &Task| {
             q.state.is_none_or(|s| t.state == s)
                 && q.specialty.is_none_or(|s| t.spec.specialty == s)
                 && q.repo.as_ref().is_none_or(|r| &t.spec.repo_url == r)
@@ -627,33 +656,67 @@ impl Driver {
                 && q.outcome
                     .is_none_or(|o| t.attempts.iter().rev().find_map(|a| a.outcome) == Some(o))
         };
-        let all: Vec<&Task> = self.core.tasks().filter(matches).collect();
-        let total = all.len();
-        let in_order: Box<dyn Iterator<Item = &&Task>> = if q.newest_first {
+        let mut ids: BTreeSet<TaskId> = self
+            .core
+            .tasks()
+            .filter(|t| matches(t))
+            .map(|t| t.id)
+            .collect();
+        let scanned = self.store.scan_tasks(&mut |task| {
+            if self.core.left_memory(task.id) && matches(&task) {
+                ids.insert(task.id);
+            }
+        });
+        if let Err(e) = scanned {
+            warn!(error = %e, "cannot read the stored tasks; listing those in memory");
+        }
+        let total = ids.len();
+        let in_order: Box<dyn Iterator<Item = &TaskId>> = if q.newest_first {
             Box::new(
-                all.iter()
+                ids.iter()
                     .rev()
-                    .filter(|t| q.after.is_none_or(|after| t.id < after)),
+                    .filter(|id| q.after.is_none_or(|after| **id < after)),
             )
         } else {
             Box::new(
-                all.iter()
-                    .filter(|t| q.after.is_none_or(|after| t.id > after)),
+                ids.iter()
+                    .filter(|id| q.after.is_none_or(|after| **id > after)),
             )
         };
         let mut matching = in_order;
         let tasks: Vec<Task> = matching
             .by_ref()
             .take(q.limit)
-            .filter_map(|t| self.task_view(t.id))
+            .filter_map(|id| self.task_view(*id))
             .collect();
         let more = matching.next().is_some();
         TaskPage { tasks, more, total }
     }
 
+    /// An ended task that left memory, as last committed.
+    fn stored_task(&self, id: TaskId) -> Option<Task> {
+        self.store
+            .load_task(id)
+            .inspect_err(|e| warn!(task_id = %id, error = %e, "cannot read a stored task"))
+            .ok()
+            .flatten()
+    }
+
+    /// Puts an ended task back into the core for a command about it.
+    fn bring_back(&mut self, id: TaskId) {
+        if self.core.left_memory(id)
+            && let Some(task) = self.stored_task(id)
+        {
+            self.core.bring_back(task);
+        }
+    }
+
     /// A task as answered to admins: with why it waits, if queued.
     fn task_view(&self, id: TaskId) -> Option<Task> {
-        let mut task = self.core.task(id)?.clone();
+        let mut task = match self.core.task(id) {
+            Some(task) => task.clone(),
+            None => self.stored_task(id)?,
+        };
         let (now, wall) = clock();
         task.waiting_reason = self.core.waiting_reason(id, now, wall);
         task.pending_effects = self
@@ -696,6 +759,8 @@ impl Driver {
                 debug!(n_writes, "committed");
                 self.metrics.record(&observed);
             }
+            // What ended is in the store now.
+            self.core.evict_finished();
             if owes_github {
                 self.outbox.notify_one();
             }
@@ -811,6 +876,12 @@ mod tests {
     impl Store for CountingStore {
         fn load_agents(&self) -> Result<Vec<crate::core::AgentRecord>, store::Error> {
             Ok(Vec::new())
+        }
+        fn load_task(&self, _: TaskId) -> Result<Option<Task>, store::Error> {
+            Ok(None)
+        }
+        fn scan_tasks(&self, _: &mut dyn FnMut(Task)) -> Result<(), store::Error> {
+            Ok(())
         }
         fn load_tasks(&self) -> Result<Vec<Task>, store::Error> {
             Ok(Vec::new())

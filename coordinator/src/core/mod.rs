@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::ids::{AgentId, Attempt, TaskId};
 use common::time::UnixMillis;
-use common::types::{AgentAdvert, FinishedReport, Outcome, OutputKind, Phase, TaskSpec};
+use common::types::{AgentAdvert, FinishedReport, Outcome, OutputKind, Phase, Specialty, TaskSpec};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -418,7 +418,17 @@ pub struct Core {
     pending: BTreeMap<ConnId, Pending>,
     /// Which agent a live stream belongs to.
     conn_agent: BTreeMap<ConnId, AgentId>,
+    /// The tasks in memory: those not ended, and ended ones the outbox still
+    /// owes a GitHub write or a command just brought back. An ended task
+    /// leaves memory once its last state is committed (`evict_finished`,
+    /// called by the driver after the commit); the driver reads it from the
+    /// store.
     tasks: BTreeMap<TaskId, Task>,
+    /// What is kept in memory of ended tasks out of it.
+    finished: Finished,
+    /// Tasks that may have ended or lost their last outbox entry in this
+    /// batch: checked by `evict_finished`.
+    maybe_finished: BTreeSet<TaskId>,
     /// The live attempts (tasks `Assigned` or `Running`).
     live: BTreeMap<TaskId, LiveAttempt>,
     output: BTreeMap<TaskId, OutputBudget>,
@@ -450,6 +460,39 @@ pub struct Core {
     writes: Vec<Write>,
 }
 
+/// What the core keeps of the ended tasks that left memory: how many by
+/// state and specialty (for the metrics), and the ids of the most recent.
+#[derive(Debug, Default)]
+struct Finished {
+    counts: BTreeMap<(TaskState, Specialty), u64>,
+    recent: VecDeque<TaskId>,
+}
+
+impl Finished {
+    /// The most recent ended tasks kept by id (`WatchCluster` shows at most
+    /// this many).
+    const RECENT: usize = 200;
+
+    fn add(&mut self, task: &Task) {
+        *self
+            .counts
+            .entry((task.state, task.spec.specialty))
+            .or_default() += 1;
+        self.recent.retain(|id| *id != task.id);
+        self.recent.push_back(task.id);
+        while self.recent.len() > Self::RECENT {
+            self.recent.pop_front();
+        }
+    }
+
+    fn remove(&mut self, task: &Task) {
+        if let Some(count) = self.counts.get_mut(&(task.state, task.spec.specialty)) {
+            *count = count.saturating_sub(1);
+        }
+        self.recent.retain(|id| *id != task.id);
+    }
+}
+
 /// Everything the core is rebuilt from after a restart.
 #[derive(Debug, Default)]
 pub struct Restored {
@@ -475,6 +518,8 @@ impl Core {
             pending: BTreeMap::new(),
             conn_agent: BTreeMap::new(),
             tasks: BTreeMap::new(),
+            finished: Finished::default(),
+            maybe_finished: BTreeSet::new(),
             live: BTreeMap::new(),
             output: BTreeMap::new(),
             queue: Queue::default(),
@@ -511,12 +556,20 @@ impl Core {
             );
         }
         let outbox_entries = restored.outbox;
+        let owed: BTreeSet<TaskId> = outbox_entries.iter().map(|e| e.task).collect();
         for task in restored.tasks {
             core.next_task_id = core.next_task_id.max(task.id.0);
             for attempt in task.attempts.iter().filter(|a| warms_mirror(a.outcome)) {
                 if let Some(entry) = core.agents.get_mut(&attempt.agent) {
                     entry.repos.insert(task.spec.repo_url.clone());
                 }
+            }
+            if task.state.is_terminal() && !owed.contains(&task.id) {
+                // Ended: its indexes only; the task stays in the store.
+                core.index_issue(&task);
+                core.index_pull(&task);
+                core.finished.add(&task);
+                continue;
             }
             if let Some(position) = restored.output.get(&task.id) {
                 core.output.insert(

@@ -289,6 +289,7 @@ impl Core {
         if current {
             self.outbox.remove(&key);
             self.writes.push(Write::OutboxDone(key.0, key.1));
+            self.maybe_finished.insert(key.0);
         }
     }
 

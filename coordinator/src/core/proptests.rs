@@ -541,6 +541,7 @@ impl Harness {
             }
             Step::Cancel { task } => {
                 if let Some(id) = self.task_id(task) {
+                    self.bring_back(id);
                     let terminal = self.core.task(id).is_some_and(|t| t.state.is_terminal());
                     let result = self.core.cancel(id, "admin".into(), now, wall);
                     prop_assert_eq!(
@@ -554,6 +555,7 @@ impl Harness {
             }
             Step::Retry { task } => {
                 if let Some(id) = self.task_id(task) {
+                    self.bring_back(id);
                     let state = self.core.task(id).map(|t| t.state);
                     let retryable = matches!(state, Some(TaskState::Failed | TaskState::Cancelled));
                     let result = self.core.retry(id, now, wall);
@@ -583,6 +585,16 @@ impl Harness {
         }
         self.record_writes()?;
         self.check()
+    }
+
+    /// As the driver does for a command about an ended task that left
+    /// memory: from what was written.
+    fn bring_back(&mut self, id: TaskId) {
+        if self.core.left_memory(id)
+            && let Some(task) = self.written_tasks.get(&id)
+        {
+            self.core.bring_back(task.clone());
+        }
     }
 
     /// A new core from what was written; the old one's streams and unsent
@@ -689,6 +701,8 @@ impl Harness {
                 }
             }
         }
+        // As the driver does once the batch is committed.
+        self.core.evict_finished();
         Ok(())
     }
 
@@ -789,6 +803,26 @@ impl Harness {
             "slots taken by unknown tasks {:?}",
             holder
         );
+        // Memory follows the live work: what is not in memory has ended and
+        // is written; nothing unended is out of it.
+        for (id, written) in &self.written_tasks {
+            if self.core.task(*id).is_none() {
+                prop_assert!(self.core.left_memory(*id), "{} is unknown", id);
+                prop_assert!(
+                    written.state.is_terminal(),
+                    "{} left memory {:?}",
+                    id,
+                    written.state
+                );
+            }
+        }
+        let ended_out: u64 = self.core.finished_counts().map(|c| c.2).sum();
+        let ended_written = self
+            .written_tasks
+            .values()
+            .filter(|t| self.core.task(t.id).is_none())
+            .count() as u64;
+        prop_assert_eq!(ended_out, ended_written, "ended tasks are counted once");
         let queued = self
             .core
             .tasks()

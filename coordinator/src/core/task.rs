@@ -314,6 +314,53 @@ impl Core {
         self.tasks.values()
     }
 
+    /// Brings an ended task that left memory back from the store, for a
+    /// command about it (a retry, a cancel, a `/claude` rerun, a follow-up
+    /// on its pull request). Unchanged, it leaves again after the batch.
+    pub fn bring_back(&mut self, task: Task) {
+        if self.tasks.contains_key(&task.id) || !task.state.is_terminal() {
+            return;
+        }
+        self.finished.remove(&task);
+        self.maybe_finished.insert(task.id);
+        self.tasks.insert(task.id, task);
+    }
+
+    /// Whether `id` names a task that ended and left memory (the store has
+    /// it).
+    pub fn left_memory(&self, id: TaskId) -> bool {
+        id.0 >= 1 && id.0 <= self.next_task_id && !self.tasks.contains_key(&id)
+    }
+
+    /// Ended tasks out of memory, by state and specialty.
+    pub fn finished_counts(
+        &self,
+    ) -> impl Iterator<Item = (TaskState, common::types::Specialty, u64)> + '_ {
+        self.finished
+            .counts
+            .iter()
+            .map(|((state, specialty), n)| (*state, *specialty, *n))
+    }
+
+    /// The most recently ended tasks out of memory, oldest first.
+    pub fn recently_finished(&self) -> impl Iterator<Item = TaskId> + '_ {
+        self.finished.recent.iter().copied()
+    }
+
+    /// Ended tasks that owe GitHub nothing leave memory (see `tasks`); the
+    /// driver calls this once their last state is committed.
+    pub fn evict_finished(&mut self) {
+        for id in std::mem::take(&mut self.maybe_finished) {
+            let done = self.tasks.get(&id).is_some_and(|t| t.state.is_terminal())
+                && !self.live.contains_key(&id)
+                && self.pending_effects(id).is_empty();
+            if done && let Some(task) = self.tasks.remove(&id) {
+                self.output.remove(&id);
+                self.finished.add(&task);
+            }
+        }
+    }
+
     /// A task's latest attempt number (0 before the first or for an unknown
     /// task), for log lines.
     pub(super) fn attempt_of(&self, id: TaskId) -> u32 {
@@ -728,8 +775,9 @@ impl Core {
         now: Instant,
         wall: UnixMillis,
     ) {
-        if self.is_reported_attempt(id, attempt) {
-            // A duplicate, e.g. resent after a reconnect: harmless.
+        if self.is_reported_attempt(id, attempt) || self.left_memory(id) {
+            // A duplicate, e.g. resent after a reconnect, or the result of
+            // an attempt of a task that has ended: harmless.
             self.send(conn, ToAgent::FinishedAck { task: id, attempt });
             return;
         }
@@ -1055,6 +1103,9 @@ impl Core {
     /// owes (in the same commit).
     pub(super) fn persist_task(&mut self, id: TaskId) {
         if let Some(task) = self.tasks.get(&id) {
+            if task.state.is_terminal() {
+                self.maybe_finished.insert(id);
+            }
             self.writes.push(Write::Task(Box::new(task.clone())));
             self.effects_of_change(id);
         }

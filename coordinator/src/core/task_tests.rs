@@ -756,3 +756,102 @@ fn a_retried_task_gets_a_fresh_output_budget() {
     h.msg("a", output(t, 2, 1, "fresh"));
     assert_eq!(h.stored_seqs(), vec![1], "the retry's output is stored");
 }
+
+/// The last committed state of every task `h` wrote, as a store holds it.
+fn committed(h: &mut H) -> BTreeMap<TaskId, Task> {
+    let mut tasks = BTreeMap::new();
+    for w in h.core.take_writes() {
+        if let Write::Task(task) = w {
+            tasks.insert(task.id, *task);
+        }
+    }
+    tasks
+}
+
+#[test]
+fn an_ended_task_leaves_memory_once_committed_and_comes_back_for_a_retry() {
+    let mut h = H::new();
+    let done = h.submit("r", Specialty::Backend, 0);
+    let failed = h.submit("r", Specialty::Backend, 0);
+    h.connect("a", Specialty::Backend, 2);
+    h.msg("a", accepted(done, 1));
+    h.msg("a", accepted(failed, 1));
+    h.msg("a", finished(done, 1, Outcome::Succeeded));
+    h.msg("a", finished(failed, 1, Outcome::NoChanges));
+    let store = committed(&mut h);
+    h.core.evict_finished();
+    assert!(h.core.task(done).is_none() && h.core.task(failed).is_none());
+    assert!(h.core.left_memory(done) && h.core.left_memory(failed));
+    assert!(!h.core.left_memory(TaskId(99)), "never submitted");
+    assert_eq!(h.core.tasks().count(), 0, "nothing ended stays in memory");
+    let counts: Vec<_> = h.core.finished_counts().filter(|c| c.2 > 0).collect();
+    assert_eq!(
+        counts,
+        vec![
+            (TaskState::Succeeded, Specialty::Backend, 1),
+            (TaskState::Failed, Specialty::Backend, 1)
+        ]
+    );
+    assert_eq!(
+        h.core.recently_finished().collect::<Vec<_>>(),
+        vec![done, failed]
+    );
+
+    // A late copy of a result of an ended task is acknowledged, not fenced.
+    h.msg("a", finished(done, 1, Outcome::Succeeded));
+    assert!(h.sent().contains(&(
+        "a".into(),
+        ToAgent::FinishedAck {
+            task: done,
+            attempt: Attempt(1)
+        }
+    )));
+
+    // A retry brings the task back from the store.
+    h.core.bring_back(store[&failed].clone());
+    let (now, wall) = h.now();
+    h.core.retry(failed, now, wall).expect("retry");
+    assert_eq!(h.state(failed), TaskState::Assigned);
+    assert!(
+        h.core
+            .finished_counts()
+            .all(|c| c.0 != TaskState::Failed || c.2 == 0),
+        "counted in memory again"
+    );
+    h.core.take_writes();
+    h.core.evict_finished();
+    assert!(h.core.task(failed).is_some(), "a live task stays");
+    // Brought back but left as it was: it leaves again.
+    h.core.bring_back(store[&done].clone());
+    h.core.evict_finished();
+    assert!(h.core.task(done).is_none());
+    assert_eq!(
+        h.core
+            .finished_counts()
+            .find(|c| c.0 == TaskState::Succeeded)
+            .map(|c| c.2),
+        Some(1),
+        "counted once"
+    );
+}
+
+#[test]
+fn a_restart_keeps_only_unended_tasks_in_memory() {
+    let mut h = H::new();
+    let done = h.submit("r", Specialty::Backend, 0);
+    let waiting = h.submit("r", Specialty::Frontend, 0);
+    h.connect("a", Specialty::Backend, 1);
+    h.msg("a", accepted(done, 1));
+    h.msg("a", finished(done, 1, Outcome::Succeeded));
+    let store = committed(&mut h);
+    let restarted = H::restored(Restored {
+        tasks: store.into_values().collect(),
+        ..Restored::default()
+    });
+    assert!(restarted.core.task(done).is_none());
+    assert!(restarted.core.left_memory(done));
+    assert_eq!(restarted.state(waiting), TaskState::Queued);
+    let mut h2 = restarted;
+    let next = h2.submit("r", Specialty::Backend, 0);
+    assert_eq!(next, TaskId(3), "ids go on after the ended ones");
+}

@@ -3,7 +3,8 @@
 //! several times before anything is scraped, and again after a restart, so
 //! what was already counted is remembered per task: an attempt is counted
 //! once when it appears and once when it ends, a task once per terminal
-//! state it reaches.
+//! state it reaches. Ended tasks are forgotten: one written again is taken
+//! as counted up to what it holds.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -103,7 +104,13 @@ impl TaskEvents {
     }
 
     fn task_written(&mut self, task: &Task, observed: &mut Vec<Observation>) {
-        let counted = self.counted.entry(task.id).or_default();
+        // A task first seen here either is new (it holds nothing yet), or
+        // is an ended task written again (its GitHub state, a retry): what
+        // it holds was counted when it happened.
+        let counted = self
+            .counted
+            .entry(task.id)
+            .or_insert_with(|| Counted::as_of(task));
         for attempt in task.attempts.iter().skip(counted.assigned) {
             observed.push(Observation::Assigned {
                 waited: between(task.queued_at, attempt.assigned_at),
@@ -130,6 +137,11 @@ impl TaskEvents {
             });
         }
         counted.terminal = terminal;
+        if terminal {
+            // Remembered only while it can still change: memory follows the
+            // live work, not the history.
+            self.counted.remove(&task.id);
+        }
     }
 }
 

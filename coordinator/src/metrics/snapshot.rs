@@ -69,6 +69,12 @@ impl Snapshot {
                 .or_default() += 1;
             queue_depth += usize::from(task.state == TaskState::Queued);
         }
+        // Ended tasks out of memory are counted, not kept.
+        for (state, specialty, n) in core.finished_counts() {
+            *tasks
+                .entry((state.as_str(), specialty.as_str()))
+                .or_default() += usize::try_from(n).unwrap_or(usize::MAX);
+        }
         let mut agents: BTreeMap<_, usize> =
             AGENT_STATES.iter().map(|s| (agent_state(*s), 0)).collect();
         let mut slots = Vec::new();

@@ -99,6 +99,11 @@ pub struct StoredChunk {
 pub trait Store: Send + Sync + 'static {
     fn load_agents(&self) -> Result<Vec<AgentRecord>, Error>;
     fn load_tasks(&self) -> Result<Vec<Task>, Error>;
+    /// One task as last committed.
+    fn load_task(&self, id: TaskId) -> Result<Option<Task>, Error>;
+    /// Every task as last committed, in id order, one at a time (never all
+    /// in memory at once).
+    fn scan_tasks(&self, visit: &mut dyn FnMut(Task)) -> Result<(), Error>;
     fn load_admins(&self) -> Result<Vec<AdminRecord>, Error>;
     /// Webhook deliveries handled, with when.
     fn load_deliveries(&self) -> Result<Vec<(String, UnixMillis)>, Error>;
@@ -242,6 +247,14 @@ impl SledStore {
     }
 }
 
+fn decode_task(key: &[u8], value: &[u8]) -> Result<Task, Error> {
+    codec::decode(value).map_err(|why| Error::Corrupt {
+        tree: "tasks",
+        key: format!("{key:?}"),
+        why,
+    })
+}
+
 impl Store for SledStore {
     fn load_outbox(&self) -> Result<Vec<OutboxEntry>, Error> {
         self.outbox
@@ -294,13 +307,25 @@ impl Store for SledStore {
             .iter()
             .map(|row| {
                 let (key, value) = row?;
-                codec::decode(&value).map_err(|why| Error::Corrupt {
-                    tree: "tasks",
-                    key: format!("{key:?}"),
-                    why,
-                })
+                decode_task(&key, &value)
             })
             .collect()
+    }
+
+    fn load_task(&self, id: TaskId) -> Result<Option<Task>, Error> {
+        let key = id.0.to_be_bytes();
+        self.tasks
+            .get(key)?
+            .map(|value| decode_task(&key, &value))
+            .transpose()
+    }
+
+    fn scan_tasks(&self, visit: &mut dyn FnMut(Task)) -> Result<(), Error> {
+        for row in &self.tasks {
+            let (key, value) = row?;
+            visit(decode_task(&key, &value)?);
+        }
+        Ok(())
     }
 
     fn load_admins(&self) -> Result<Vec<AdminRecord>, Error> {
