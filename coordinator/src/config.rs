@@ -81,6 +81,10 @@ pub struct Args {
     /// Output stored per task; past it a truncation marker is stored [default: 64MiB].
     #[arg(long, env = "CCC_COORDINATOR_OUTPUT_CAP", value_parser = parse_size)]
     pub output_cap: Option<u64>,
+    /// The output of a task that ended longer ago than this is deleted (the
+    /// task itself is kept), e.g. `30d` [default: output is kept].
+    #[arg(long, env = "CCC_COORDINATOR_OUTPUT_RETENTION", value_parser = parse_duration)]
+    pub output_retention: Option<Duration>,
     /// An agent that hit the API's usage limit gets no work for this long, or until the reset it reported [default: 5m].
     #[arg(long, env = "CCC_COORDINATOR_RATE_LIMIT_COOLDOWN", value_parser = parse_duration)]
     pub rate_limit_cooldown: Option<Duration>,
@@ -155,6 +159,8 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "de_opt_size")]
     pub output_cap: Option<u64>,
     #[serde(default, deserialize_with = "de_opt_duration")]
+    pub output_retention: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
     pub rate_limit_cooldown: Option<Duration>,
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub rate_limit_cooldown_max: Option<Duration>,
@@ -197,6 +203,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// The triage rules every submitted task is read with.
     pub triage_rules: Arc<Rules>,
+    /// Output of tasks ended longer ago is deleted; `None` keeps it.
+    pub output_retention: Option<Duration>,
     pub github: Arc<GithubConfig>,
 }
 
@@ -285,6 +293,7 @@ impl Config {
                 .or(file.log_format)
                 .unwrap_or(LogFormat::Pretty),
             handshake_timeout: Duration::from_secs(10),
+            output_retention: args.output_retention.or(file.output_retention),
             triage_rules: Arc::new(Rules::load_or_defaults(
                 args.triage_rules.or(file.triage_rules).as_deref(),
             )?),

@@ -6,13 +6,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::ids::AgentId;
 use common::time::UnixMillis;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use common::ids::TaskId;
 
@@ -218,6 +218,21 @@ pub enum Command {
     },
 }
 
+/// Deleting old output (`Driver::with_output_retention`).
+#[derive(Debug)]
+struct OutputRetention {
+    keep: Duration,
+    next: Instant,
+    /// Where the round goes on (the last task looked at).
+    cursor: Option<TaskId>,
+}
+
+/// Tasks looked at per step of a round, and the pause between steps: the
+/// driver answers events in between.
+const PRUNE_STEP_TASKS: usize = 500;
+const PRUNE_STEP_PAUSE: Duration = Duration::from_millis(10);
+const PRUNE_ROUND_EVERY: Duration = Duration::from_secs(3600);
+
 /// A cheap handle to send commands to the driver.
 #[derive(Clone, Debug)]
 pub struct DriverHandle {
@@ -258,6 +273,9 @@ impl DriverHandle {
 pub struct Driver {
     core: Core,
     store: Arc<dyn Store>,
+    /// Output of tasks ended longer ago is deleted (`None`: kept), a few
+    /// hundred tasks at a time between events.
+    retention: Option<OutputRetention>,
     rx: mpsc::Receiver<Command>,
     next_conn: u64,
     streams: HashMap<ConnId, mpsc::Sender<Outbound>>,
@@ -291,6 +309,7 @@ impl Driver {
         let driver = Self {
             core,
             store,
+            retention: None,
             rx,
             next_conn: 0,
             streams: HashMap::new(),
@@ -319,6 +338,16 @@ impl Driver {
         self
     }
 
+    /// Deletes the output of tasks that ended more than `keep` ago.
+    pub fn with_output_retention(mut self, keep: Option<Duration>) -> Self {
+        self.retention = keep.map(|keep| OutputRetention {
+            keep,
+            next: clock().0,
+            cursor: None,
+        });
+        self
+    }
+
     /// Runs until `shutdown` fires or a commit fails. A failed commit stops
     /// the coordinator: it can no longer promise durability.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), store::Error> {
@@ -326,6 +355,7 @@ impl Driver {
         self.commit_and_dispatch().await?;
         loop {
             let deadline = self.core.poll_timeout();
+            let prune_at = self.retention.as_ref().map(|r| r.next);
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
@@ -337,6 +367,7 @@ impl Driver {
                     let (now, wall) = clock();
                     self.core.handle_timeout(now, wall);
                 }
+                () = sleep_until(prune_at) => self.prune_output(),
             }
             for _ in 0..MAX_BATCH {
                 match self.rx.try_recv() {
@@ -693,6 +724,40 @@ impl Driver {
         TaskPage { tasks, more, total }
     }
 
+    /// One step of deleting old output: a few hundred tasks looked at, then
+    /// the next step soon, or the next round in an hour.
+    fn prune_output(&mut self) {
+        let Some(retention) = self.retention.as_mut() else {
+            return;
+        };
+        let (now, wall) = clock();
+        let cutoff = UnixMillis(
+            wall.0
+                .saturating_sub(u64::try_from(retention.keep.as_millis()).unwrap_or(u64::MAX)),
+        );
+        match self
+            .store
+            .prune_output(cutoff, retention.cursor, PRUNE_STEP_TASKS)
+        {
+            Ok((cursor, pruned)) => {
+                if pruned > 0 {
+                    info!(pruned, "deleted the output of tasks ended long ago");
+                }
+                retention.cursor = cursor;
+                retention.next = now
+                    + if cursor.is_some() {
+                        PRUNE_STEP_PAUSE
+                    } else {
+                        PRUNE_ROUND_EVERY
+                    };
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot delete old output; trying again later");
+                retention.next = now + PRUNE_ROUND_EVERY;
+            }
+        }
+    }
+
     /// An ended task that left memory, as last committed.
     fn stored_task(&self, id: TaskId) -> Option<Task> {
         self.store
@@ -882,6 +947,14 @@ mod tests {
         }
         fn scan_tasks(&self, _: &mut dyn FnMut(Task)) -> Result<(), store::Error> {
             Ok(())
+        }
+        fn prune_output(
+            &self,
+            _: common::time::UnixMillis,
+            _: Option<TaskId>,
+            _: usize,
+        ) -> Result<(Option<TaskId>, usize), store::Error> {
+            Ok((None, 0))
         }
         fn load_tasks(&self) -> Result<Vec<Task>, store::Error> {
             Ok(Vec::new())

@@ -151,7 +151,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     core.restore_admins(admins);
     let store: Arc<dyn Store> = Arc::new(store);
     let (driver, handle, revoked_admins) = Driver::new(core, Arc::clone(&store));
-    let driver = driver.with_metrics(metrics.clone());
+    let driver = driver
+        .with_metrics(metrics.clone())
+        .with_output_retention(config.output_retention);
 
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await

@@ -125,6 +125,16 @@ pub trait Store: Send + Sync + 'static {
         from: (Attempt, u64),
         limit: usize,
     ) -> Result<Vec<StoredChunk>, Error>;
+    /// Deletes the output of tasks that ended before `ended_before`, looking
+    /// at up to `limit` tasks after `after` (in id order); the task to go on
+    /// after, or `None` once every task was looked at, and how many tasks'
+    /// output was deleted.
+    fn prune_output(
+        &self,
+        ended_before: UnixMillis,
+        after: Option<TaskId>,
+        limit: usize,
+    ) -> Result<(Option<TaskId>, usize), Error>;
     /// Applies every write in one transaction and flushes it to disk.
     fn commit(&self, writes: &[Write]) -> Result<(), Error>;
 }
@@ -381,6 +391,40 @@ impl Store for SledStore {
                 decode_chunk(&key, &value)
             })
             .collect()
+    }
+
+    fn prune_output(
+        &self,
+        ended_before: UnixMillis,
+        after: Option<TaskId>,
+        limit: usize,
+    ) -> Result<(Option<TaskId>, usize), Error> {
+        let from = after.map_or(0, |id| id.0.saturating_add(1));
+        let mut looked = 0;
+        let mut pruned = 0;
+        for row in self.tasks.range(from.to_be_bytes()..) {
+            let (key, value) = row?;
+            let task = decode_task(&key, &value)?;
+            looked += 1;
+            if task.state.is_terminal() && task.updated_at < ended_before {
+                let start = output_key(task.id, Attempt(0), 0);
+                let end = output_key(task.id, Attempt(u32::MAX), u64::MAX);
+                let mut batch = sled::Batch::default();
+                let mut any = false;
+                for key in self.output.range(start..=end).keys() {
+                    batch.remove(key?);
+                    any = true;
+                }
+                if any {
+                    self.output.apply_batch(batch)?;
+                    pruned += 1;
+                }
+            }
+            if looked == limit {
+                return Ok((Some(task.id), pruned));
+            }
+        }
+        Ok((None, pruned))
     }
 
     fn commit(&self, writes: &[Write]) -> Result<(), Error> {

@@ -193,3 +193,83 @@ fn forgotten_agents_and_admin_revocations_survive_reopening() {
     assert_eq!(store.load_admins().expect("admins"), vec![alice]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+#[allow(clippy::disallowed_methods)] // the origin of the core's simulated time
+fn old_output_of_ended_tasks_is_deleted_a_step_at_a_time() {
+    use crate::core::{Core, NewTask, Restored, TaskSource, TaskState};
+    use common::types::Specialty;
+
+    let mut core = Core::new(
+        crate::core::tests::config(),
+        Restored::default(),
+        std::time::Instant::now(),
+        UnixMillis(1),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let id = core.submit(
+            NewTask {
+                source: TaskSource::Manual {
+                    submitted_by: "root".into(),
+                },
+                spec: crate::core::task_tests::spec("r", Specialty::Backend),
+                priority: 0,
+                triage: None,
+                needs_info: false,
+            },
+            std::time::Instant::now(),
+            UnixMillis(1),
+        );
+        tasks.push(core.task(id).expect("task").clone());
+    }
+    // Ended long ago, ended lately, and not ended.
+    let (ended_long_ago, ended_lately, running) = (tasks[0].id, tasks[1].id, tasks[2].id);
+    tasks[0].state = TaskState::Succeeded;
+    tasks[0].updated_at = UnixMillis(1_000);
+    tasks[1].state = TaskState::Failed;
+    tasks[1].updated_at = UnixMillis(9_000);
+    tasks[2].state = TaskState::Running;
+    tasks[2].updated_at = UnixMillis(1_000);
+    let chunk = |task: TaskId| Write::Output {
+        task,
+        attempt: Attempt(1),
+        seq: 1,
+        kind: OutputKind::Stdout,
+        data: Arc::from(&b"some output"[..]),
+    };
+    let store = SledStore::temporary().expect("store");
+    let mut writes: Vec<Write> = tasks
+        .into_iter()
+        .map(|t| Write::Task(Box::new(t)))
+        .collect();
+    writes.extend([chunk(ended_long_ago), chunk(ended_lately), chunk(running)]);
+    store.commit(&writes).expect("commit");
+
+    let cutoff = UnixMillis(5_000);
+    let (cursor, pruned) = store.prune_output(cutoff, None, 2).expect("prune");
+    assert_eq!(
+        (cursor, pruned),
+        (Some(ended_lately), 1),
+        "two tasks looked at"
+    );
+    let (cursor, pruned) = store.prune_output(cutoff, cursor, 2).expect("prune");
+    assert_eq!((cursor, pruned), (None, 0), "the round is over");
+    let left = |task| {
+        store
+            .read_output(task, (Attempt(0), 0), 10)
+            .expect("read")
+            .len()
+    };
+    assert_eq!(left(ended_long_ago), 0, "deleted");
+    assert_eq!(left(ended_lately), 1, "ended within the retention");
+    assert_eq!(left(running), 1, "not ended");
+    assert_eq!(
+        store
+            .load_task(ended_long_ago)
+            .expect("load")
+            .map(|t| t.state),
+        Some(TaskState::Succeeded),
+        "the task itself is kept"
+    );
+}
