@@ -45,28 +45,23 @@ fn time(ts: Option<&prost_types::Timestamp>) -> String {
         .unwrap_or_default()
 }
 
-/// Rows padded to the widest cell of each column; the last column is free.
+/// Rows aligned in columns two spaces apart, without borders (comfy-table);
+/// no line ends in spaces.
 pub fn render(rows: &[Vec<String>]) -> String {
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .add_rows(rows.iter().cloned());
     let n_cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..n_cols)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
+    for (i, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((0, if i + 1 < n_cols { 2 } else { 0 }));
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
     let mut out = String::new();
-    for row in rows {
-        let mut line = String::new();
-        for (c, cell) in row.iter().enumerate() {
-            if c + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<width$}  ", width = widths[c]));
-            }
-        }
+    for line in table.lines() {
         out.push_str(line.trim_end());
         out.push('\n');
     }
