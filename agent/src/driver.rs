@@ -159,7 +159,7 @@ impl Driver {
                 Input::Health(result) => driver.session.handle_health(result.err(), now),
                 Input::Timer => driver.session.handle_timeout(now),
             }
-            driver.perform(wall).await;
+            driver.perform(now, wall).await;
             if driver.session.is_stopped() {
                 break Ok(());
             }
@@ -265,7 +265,7 @@ impl Driver {
 
     /// Does what the session asked: commands first (so a Stop is not
     /// delayed by a slow stream), then messages.
-    async fn perform(&mut self, wall: UnixMillis) {
+    async fn perform(&mut self, now: Instant, wall: UnixMillis) {
         while let Some(command) = self.session.poll_command() {
             match command {
                 Command::Start {
@@ -279,6 +279,7 @@ impl Driver {
                         task,
                         attempt,
                         spec: *spec,
+                        started: now,
                         budget: Duration::from_millis(deadline.0.saturating_sub(wall.0)),
                         credential,
                     };

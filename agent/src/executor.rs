@@ -42,7 +42,9 @@ pub struct Job {
     pub task: TaskId,
     pub attempt: Attempt,
     pub spec: TaskSpec,
-    /// How long the attempt may take in all.
+    /// When the driver started it (its clock, passed in).
+    pub started: std::time::Instant,
+    /// How long the attempt may take in all, from `started`.
     pub budget: Duration,
     pub credential: Option<PushCredential>,
 }
@@ -78,7 +80,7 @@ impl Executor {
         // The task's deadline bounds preparing and the CLI together; the
         // tests have their own timeout, and commit and push always run so
         // that finished work is not lost.
-        let started = tokio::time::Instant::now();
+        let started = tokio::time::Instant::from_std(job.started);
         // Preparing: mirror and clone.
         sink.progress(Phase::Preparing).await;
         sink.system(format!(

@@ -627,9 +627,12 @@ pub async fn end_orphans(registry: &Registry, grace: Duration) -> usize {
             .copied()
             .collect::<Vec<_>>()
     };
-    let deadline = tokio::time::Instant::now() + grace;
-    while !still_there(&ours).is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // The grace in steps of 50 ms: a count, not a clock read.
+    const STEP: Duration = Duration::from_millis(50);
+    let mut steps = grace.as_millis() / STEP.as_millis();
+    while steps > 0 && !still_there(&ours).is_empty() {
+        tokio::time::sleep(STEP).await;
+        steps -= 1;
     }
     for (pid, stat) in still_there(&ours) {
         signal_same(pid, stat, Signal::KILL);
