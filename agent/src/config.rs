@@ -339,10 +339,10 @@ impl Config {
             )));
         }
         let capacity = args.capacity.or(file.capacity).unwrap_or(1);
-        if capacity == 0 || capacity > common::wire::MAX_CAPACITY {
+        if capacity == 0 || capacity > common::protocol::MAX_CAPACITY {
             return Err(Error::Invalid(format!(
                 "capacity {capacity} is not within 1..={}",
-                common::wire::MAX_CAPACITY
+                common::protocol::MAX_CAPACITY
             )));
         }
         let mut specialties = args

@@ -489,13 +489,13 @@ impl Harness {
                     let kind = OutputKind::Stdout;
                     self.send(
                         conn,
-                        FromAgent::Output {
+                        FromAgent::Output(OutputChunk {
                             task,
                             attempt,
                             seq,
                             kind,
                             data,
-                        },
+                        }),
                     );
                 }
             }
@@ -556,7 +556,7 @@ impl Harness {
                 if let Some(id) = self.task_id(task) {
                     let state = self.core.task(id).map(|t| t.state);
                     let retryable = matches!(state, Some(TaskState::Failed | TaskState::Cancelled));
-                    let result = self.core.retry(id, now, wall);
+                    let result = self.core.retry(id, "retried".into(), now, wall);
                     prop_assert_eq!(
                         result.is_ok(),
                         retryable,
