@@ -232,7 +232,7 @@ impl admin_server::Admin for Admin {
             .driver
             .call(|reply| Command::Submit { task, reply })
             .await?;
-        info!(admin = %admin.name, task_id = %task.id, "task submitted by an admin");
+        info!(admin = %admin.name, task_id = %task.id, attempt = task.attempt_number(), "task submitted by an admin");
         Ok(Response::new(task_info(&task)))
     }
 
@@ -323,7 +323,6 @@ impl admin_server::Admin for Admin {
         let admin = caller(&req)?;
         let id = task_id(&req.get_ref().task_id)?;
         let reason = reason_by(&req.get_ref().reason, admin);
-        info!(admin = %admin.name, task_id = %id, %reason, "cancel requested");
         let task = self
             .driver
             .call(|reply| Command::Cancel {
@@ -332,6 +331,7 @@ impl admin_server::Admin for Admin {
                 reply,
             })
             .await??;
+        info!(admin = %admin.name, task_id = %id, attempt = task.attempt_number(), "cancel requested by an admin");
         Ok(Response::new(task_info(&task)))
     }
 
@@ -342,7 +342,6 @@ impl admin_server::Admin for Admin {
         let admin = caller(&req)?;
         let id = task_id(&req.get_ref().task_id)?;
         let reason = reason_by("retried", admin);
-        info!(admin = %admin.name, task_id = %id, %reason, "retry requested");
         let task = self
             .driver
             .call(|reply| Command::Retry {
@@ -351,6 +350,7 @@ impl admin_server::Admin for Admin {
                 reply,
             })
             .await??;
+        info!(admin = %admin.name, task_id = %id, attempt = task.attempt_number(), "retry requested by an admin");
         Ok(Response::new(task_info(&task)))
     }
 
