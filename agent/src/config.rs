@@ -351,10 +351,10 @@ impl Config {
             )));
         }
         let capacity = args.capacity.or(file.capacity).unwrap_or(1);
-        if capacity == 0 || capacity > common::wire::MAX_CAPACITY {
+        if capacity == 0 || capacity > common::protocol::MAX_CAPACITY {
             return Err(Error::Invalid(format!(
                 "capacity {capacity} is not within 1..={}",
-                common::wire::MAX_CAPACITY
+                common::protocol::MAX_CAPACITY
             )));
         }
         let mut specialties = args
@@ -524,11 +524,11 @@ impl Config {
             }
         }
         // Below one chunk nothing could ever be sent.
-        if self.max_unacked_output < common::wire::MAX_OUTPUT_CHUNK {
+        if self.max_unacked_output < common::protocol::MAX_OUTPUT_CHUNK {
             return Err(Error::Invalid(format!(
                 "max_unacked_output ({} bytes) must be at least one output chunk ({} bytes)",
                 self.max_unacked_output,
-                common::wire::MAX_OUTPUT_CHUNK
+                common::protocol::MAX_OUTPUT_CHUNK
             )));
         }
         if self.stop_grace <= self.claude.kill_grace {

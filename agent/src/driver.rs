@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::ids::{Attempt, TaskId};
-use common::proto::AgentMessage;
+use common::protocol::{FromAgent, ToAgent};
 use common::time::UnixMillis;
 use common::types::AgentAdvert;
 use tokio::sync::mpsc;
@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::conn::{self, Link, LinkEvent};
 use crate::executor::{Executor, Job};
 use crate::runner::{ChildEvent, Sink};
-use crate::session::{Command, FromCoordinator, Session, SessionConfig, ToCoordinator};
+use crate::session::{Command, Outbound, Session, SessionConfig};
 use crate::spool::{Spool, SpoolHandle};
 use crate::workspace::Workspaces;
 
@@ -53,7 +53,7 @@ pub fn clock() -> (Instant, UnixMillis) {
 }
 
 struct Stream {
-    tx: mpsc::Sender<AgentMessage>,
+    tx: mpsc::Sender<FromAgent>,
     close: CancellationToken,
 }
 
@@ -68,7 +68,6 @@ enum Input {
 
 pub struct Driver {
     config: Config,
-    advert: AgentAdvert,
     session: Session,
     stream: Option<Stream>,
     children: HashMap<TaskId, CancellationToken>,
@@ -111,7 +110,7 @@ impl Driver {
         let (spool, finished) = Spool::open(&config.data_dir)?;
         let (now, _) = clock();
         let mut session = Session::new(SessionConfig {
-            capacity: config.capacity,
+            advert,
             welcome_timeout: config.welcome_timeout,
             health_check_interval: config.health_check_interval,
             stop_grace: config.stop_grace,
@@ -126,7 +125,6 @@ impl Driver {
             executor,
             session,
             config,
-            advert,
             stream: None,
             children: HashMap::new(),
             child_tx,
@@ -213,12 +211,14 @@ impl Driver {
             LinkEvent::Refused(_) => {}
             LinkEvent::Message(msg) => {
                 match &msg {
-                    FromCoordinator::Welcome {
+                    ToAgent::Welcome {
                         agent_id,
                         heartbeat_interval,
                         ..
-                    } => conn::log_welcome(agent_id, &self.config.name, *heartbeat_interval),
-                    FromCoordinator::OutputAck { task, attempt, seq } => {
+                    } => {
+                        conn::log_welcome(agent_id.as_str(), &self.config.name, *heartbeat_interval)
+                    }
+                    ToAgent::OutputAck { task, attempt, seq } => {
                         self.spool.acknowledged(*task, *attempt, *seq).await;
                     }
                     _ => {}
@@ -301,12 +301,12 @@ impl Driver {
         }
         while let Some(msg) = self.session.poll_outbound() {
             let sent = match msg {
-                ToCoordinator::Resend {
+                Outbound::Resend {
                     task,
                     attempt,
                     after,
                 } => self.resend(task, attempt, after).await,
-                msg => self.send(msg).await,
+                Outbound::Message(msg) => self.send(msg).await,
             };
             if !sent {
                 return;
@@ -372,7 +372,7 @@ impl Driver {
             };
             after = last;
             for chunk in chunks {
-                if !self.send(ToCoordinator::Output(chunk)).await {
+                if !self.send(FromAgent::Output(chunk)).await {
                     return false;
                 }
             }
@@ -382,12 +382,9 @@ impl Driver {
     /// Sends one message. A coordinator that stops reading (the stream full
     /// for as long as it may stay silent) counts as gone, so a stuck stream
     /// cannot freeze the agent. False once the stream is gone.
-    async fn send(&mut self, msg: ToCoordinator) -> bool {
+    async fn send(&mut self, msg: FromAgent) -> bool {
         let Some(stream) = self.stream.as_ref() else {
             return false;
-        };
-        let Some(msg) = conn::to_proto(msg, &self.advert, &self.config.name) else {
-            return true;
         };
         let patience = self
             .session

@@ -188,7 +188,7 @@ impl Sink {
 
 /// The largest chunk one output line is cut into: what the coordinator
 /// accepts.
-pub const MAX_CHUNK: usize = common::wire::MAX_OUTPUT_CHUNK;
+pub const MAX_CHUNK: usize = common::protocol::MAX_OUTPUT_CHUNK;
 /// How long pipes may stay open, with nothing read, once the process group
 /// is gone.
 const PIPE_GIVE_UP: Duration = Duration::from_secs(5);

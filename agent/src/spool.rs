@@ -25,12 +25,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::ids::{Attempt, TaskId};
+use common::protocol::OutputChunk;
 use common::types::{FinishedReport, OutputKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use tracing::warn;
-
-use crate::session::Chunk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -92,7 +91,7 @@ pub struct Spool {
     open: HashMap<(TaskId, Attempt), (File, u64)>,
     /// Chunks that could not be written (disk full, I/O error), kept in
     /// memory instead, until acknowledged: owed output is never dropped.
-    unwritten: HashMap<(TaskId, Attempt), Vec<Chunk>>,
+    unwritten: HashMap<(TaskId, Attempt), Vec<OutputChunk>>,
     /// Attempts whose file could not be cut back after a failed write:
     /// nothing more is appended to it (it would be misread).
     broken: std::collections::HashSet<(TaskId, Attempt)>,
@@ -212,7 +211,7 @@ impl Spool {
     /// Keeps `chunk` until its attempt is removed. On a write error the
     /// file is cut back to its last whole record and the chunk is kept in
     /// memory; the error is returned for the log, the chunk is not lost.
-    pub fn append(&mut self, chunk: &Chunk) -> Result<(), Error> {
+    pub fn append(&mut self, chunk: &OutputChunk) -> Result<(), Error> {
         let key = (chunk.task, chunk.attempt);
         let written = if self.broken.contains(&key) {
             Err(Error::Io {
@@ -228,7 +227,7 @@ impl Spool {
         written
     }
 
-    fn write(&mut self, chunk: &Chunk) -> Result<(), Error> {
+    fn write(&mut self, chunk: &OutputChunk) -> Result<(), Error> {
         let path = self.path(chunk.task, chunk.attempt);
         let err = |source| Error::Io {
             path: path.clone(),
@@ -281,7 +280,7 @@ impl Spool {
         attempt: Attempt,
         after: u64,
         max_bytes: usize,
-    ) -> Result<Vec<Chunk>, Error> {
+    ) -> Result<Vec<OutputChunk>, Error> {
         let (mut chunks, whole_file) = self.read_file(task, attempt, after, max_bytes)?;
         if let Some(kept) = self.unwritten.get(&(task, attempt)) {
             // Only those among what was read: the answer must be a run of
@@ -356,7 +355,7 @@ impl Spool {
         attempt: Attempt,
         after: u64,
         max_bytes: usize,
-    ) -> Result<(Vec<Chunk>, bool), Error> {
+    ) -> Result<(Vec<OutputChunk>, bool), Error> {
         let err = |source| Error::Io {
             path: self.path(task, attempt),
             source,
@@ -387,7 +386,7 @@ impl Spool {
                 break;
             }
             total += data.len();
-            chunks.push(Chunk {
+            chunks.push(OutputChunk {
                 task,
                 attempt,
                 seq: header.seq,
@@ -463,7 +462,7 @@ impl Spool {
 /// What the spool's thread is asked to do.
 #[derive(Debug)]
 enum Request {
-    Append(Chunk),
+    Append(OutputChunk),
     SaveResult {
         task: TaskId,
         attempt: Attempt,
@@ -475,7 +474,7 @@ enum Request {
         attempt: Attempt,
         after: u64,
         max_bytes: usize,
-        chunks: oneshot::Sender<Result<Vec<Chunk>, Error>>,
+        chunks: oneshot::Sender<Result<Vec<OutputChunk>, Error>>,
     },
     Acknowledged {
         task: TaskId,
@@ -498,7 +497,7 @@ pub struct SpoolHandle {
 impl SpoolHandle {
     /// Queues `chunk` to be written; a write error is logged there and the
     /// chunk kept in memory (see [`Spool::append`]).
-    pub async fn append(&self, chunk: Chunk) {
+    pub async fn append(&self, chunk: OutputChunk) {
         self.ask(Request::Append(chunk)).await;
     }
 
@@ -527,7 +526,7 @@ impl SpoolHandle {
         attempt: Attempt,
         after: u64,
         max_bytes: usize,
-    ) -> Result<Vec<Chunk>, Error> {
+    ) -> Result<Vec<OutputChunk>, Error> {
         let (chunks, answer) = oneshot::channel();
         self.ask(Request::ReadAfter {
             task,
@@ -575,8 +574,8 @@ fn parse_key(stem: &str) -> Option<(TaskId, Attempt)> {
 mod tests {
     use super::*;
 
-    fn chunk(attempt: u32, seq: u64, len: usize) -> Chunk {
-        Chunk {
+    fn chunk(attempt: u32, seq: u64, len: usize) -> OutputChunk {
+        OutputChunk {
             task: TaskId(1),
             attempt: Attempt(attempt),
             seq,
@@ -585,7 +584,7 @@ mod tests {
         }
     }
 
-    fn seqs(chunks: &[Chunk]) -> Vec<u64> {
+    fn seqs(chunks: &[OutputChunk]) -> Vec<u64> {
         chunks.iter().map(|c| c.seq).collect()
     }
 
@@ -716,7 +715,7 @@ mod tests {
         for seq in 1..=5u64 {
             let data: Vec<u8> = vec![0xff, u8::try_from(seq).unwrap_or(0), b'\n'];
             spool
-                .append(&Chunk {
+                .append(&OutputChunk {
                     task: TaskId(1),
                     attempt: Attempt(2),
                     seq,

@@ -1,5 +1,6 @@
 //! What both sides of the cluster speak: the generated `ccc.v1` protocol, the
-//! domain types it converts to, identity newtypes, the cluster PKI, TLS
+//! agent stream's messages as domain types and their conversion and validation
+//! (`protocol`), the other domain types, identity newtypes, the cluster PKI, TLS
 //! loading and peer identification, backoff, time and logging setup.
 //!
 //! Nothing here performs network I/O or holds state: the coordinator and the
@@ -10,10 +11,10 @@ pub mod config;
 pub mod ids;
 pub mod pki;
 pub mod proto;
+pub mod protocol;
 pub mod repo;
 pub mod signal;
 pub mod telemetry;
 pub mod time;
 pub mod tls;
 pub mod types;
-pub mod wire;

@@ -1,5 +1,5 @@
 //! The generated `ccc.v1` protocol. Generated code only: conversions to domain
-//! types live in [`crate::wire`].
+//! types live in [`crate::protocol`].
 
 #![allow(clippy::all, clippy::unwrap_used, missing_docs)]
 

@@ -1,5 +1,5 @@
 //! Domain types both sides speak. The cores work on these, never on protobuf
-//! types; [`crate::wire`] converts at the edge and validates what comes in.
+//! types; [`crate::protocol`] converts at the edge and validates what comes in.
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -203,6 +203,8 @@ pub enum Command {
     },
     Retry {
         task: TaskId,
+        /// Why, and who asked.
+        reason: String,
         reply: Reply<Result<Task, TaskError>>,
     },
     /// Answers the cluster as it is now (with at most `recent_ended` ended
@@ -566,11 +568,15 @@ impl Driver {
                     .map(|()| self.task_view(task).expect("invariant: task exists"));
                 self.reply(reply, result);
             }
-            Command::Retry { task, reply } => {
+            Command::Retry {
+                task,
+                reason,
+                reply,
+            } => {
                 self.bring_back(task);
                 let result = self
                     .core
-                    .retry(task, now, wall)
+                    .retry(task, reason, now, wall)
                     .map(|()| self.task_view(task).expect("invariant: task exists"));
                 self.reply(reply, result);
             }

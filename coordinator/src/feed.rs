@@ -14,8 +14,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use common::ids::{AgentId, Attempt, TaskId};
-use common::types::OutputKind;
+use common::ids::{AgentId, TaskId};
+use common::protocol::OutputChunk;
 
 use crate::core::{AgentView, Task, Write};
 
@@ -27,14 +27,7 @@ pub const DEFAULT_RECENT_ENDED: usize = 20;
 pub const MAX_RECENT_ENDED: usize = 200;
 
 /// The latest output chunk of a task: for a view, its last line.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Line {
-    pub task: TaskId,
-    pub attempt: Attempt,
-    pub seq: u64,
-    pub kind: OutputKind,
-    pub data: Arc<[u8]>,
-}
+pub type Line = OutputChunk;
 
 /// One change, as the driver publishes it.
 #[derive(Clone, Debug, PartialEq)]
@@ -183,8 +176,9 @@ impl Coalescer {
 
 #[cfg(test)]
 mod tests {
+    use common::ids::Attempt;
     use common::time::UnixMillis;
-    use common::types::Specialty;
+    use common::types::{OutputKind, Specialty};
 
     use super::*;
     use crate::core::task_tests::spec;

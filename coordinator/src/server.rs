@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::driver::DriverHandle;
-use crate::grpc::{Admin, Gateway, admin_only};
+use crate::grpc::{Admin, Authorize, Gateway};
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
@@ -171,13 +171,13 @@ pub async fn serve_grpc(
         .add_service(lifecycle.grpc_service())
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .add_service(AgentGatewayServer::new(Gateway::new(
-            driver.clone(),
-            github,
-        )))
+        .add_service(AgentGatewayServer::with_interceptor(
+            Gateway::new(driver.clone(), github),
+            Authorize::agents(),
+        ))
         .add_service(AdminServer::with_interceptor(
             Admin::new(driver, store, triage_rules),
-            move |req| admin_only(req, &revoked_admins),
+            Authorize::admins(revoked_admins),
         ))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await?;

@@ -216,8 +216,10 @@ fn cancel_stops_a_running_task_on_its_agent() {
         }
     })
     .expect("the CLI process is stopped");
-    // A cancelled task can be retried.
+    // A cancelled task can be retried; the retry names its admin.
     cluster.ccc_ok(&["retry", &id]);
+    let logged = cluster.coordinator().wait_for_log("retry requested", READY);
+    assert!(logged.contains("root"), "{logged}");
     cluster.wait_task(&id, "running", READY);
 }
 

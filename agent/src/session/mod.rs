@@ -21,107 +21,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::ids::{Attempt, TaskId};
+use common::protocol::{FromAgent, OutputChunk, PushAuth, ReportedTask, ToAgent};
 use common::time::UnixMillis;
-use common::types::{FinishedReport, Outcome, OutputKind, Phase, PushCredential, TaskSpec};
+use common::types::{
+    AgentAdvert, FinishedReport, Outcome, OutputKind, Phase, PushCredential, TaskSpec,
+};
 use tracing::{debug, info, warn};
 
 #[cfg(test)]
 mod tests;
 
-/// A message for the coordinator.
+/// What goes to the coordinator, in order.
 #[derive(Clone, Debug, PartialEq)]
-pub enum ToCoordinator {
-    Hello {
-        running: Vec<Held>,
-        /// Empty when the agent can work.
-        unhealthy_reason: String,
-    },
-    Heartbeat {
-        running: Vec<Held>,
-        free_slots: u32,
-        unhealthy_reason: String,
-    },
-    Accepted {
-        task: TaskId,
-        attempt: Attempt,
-    },
-    Rejected {
-        task: TaskId,
-        attempt: Attempt,
-        reason: String,
-    },
-    Output(Chunk),
+#[allow(clippy::large_enum_variant)] // Nearly every item is a message: boxing would cost more.
+pub enum Outbound {
+    Message(FromAgent),
     /// Resend, from the spool, the attempt's chunks after `after`.
     Resend {
         task: TaskId,
         attempt: Attempt,
         after: u64,
-    },
-    Progress {
-        task: TaskId,
-        attempt: Attempt,
-        phase: Phase,
-    },
-    Finished {
-        task: TaskId,
-        attempt: Attempt,
-        report: Box<FinishedReport>,
-    },
-    Draining {
-        reason: String,
-    },
-}
-
-/// A task the agent holds, as listed in Hello and Heartbeat.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Held {
-    pub task: TaskId,
-    pub attempt: Attempt,
-    pub last_output_seq: u64,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Chunk {
-    pub task: TaskId,
-    pub attempt: Attempt,
-    pub seq: u64,
-    pub kind: OutputKind,
-    pub data: Arc<[u8]>,
-}
-
-/// A message from the coordinator, as the link converted and validated it.
-#[derive(Debug, PartialEq)]
-pub enum FromCoordinator {
-    Welcome {
-        agent_id: String,
-        heartbeat_interval: Duration,
-        heartbeat_timeout: Duration,
-        held: Vec<(TaskId, Attempt, u64)>,
-    },
-    Heartbeat,
-    Drain {
-        reason: String,
-    },
-    Assign {
-        task: TaskId,
-        attempt: Attempt,
-        spec: Box<TaskSpec>,
-        deadline: UnixMillis,
-        credential: Option<PushCredential>,
-    },
-    Cancel {
-        task: TaskId,
-        attempt: Attempt,
-        reason: String,
-    },
-    OutputAck {
-        task: TaskId,
-        attempt: Attempt,
-        seq: u64,
-    },
-    FinishedAck {
-        task: TaskId,
-        attempt: Attempt,
     },
 }
 
@@ -156,8 +75,9 @@ pub enum Command {
 /// The session's settings.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
-    /// Attempts run at once.
-    pub capacity: u32,
+    /// What Hello says of this agent; its capacity is how many attempts run
+    /// at once.
+    pub advert: AgentAdvert,
     /// How long a new stream waits for the coordinator's Welcome.
     pub welcome_timeout: Duration,
     /// How often the PC is checked again while it is unhealthy.
@@ -228,7 +148,7 @@ pub struct Session {
     /// said in Hello and every Heartbeat until a check passes.
     unhealthy: Option<String>,
     health_check: HealthCheck,
-    outbound: VecDeque<ToCoordinator>,
+    outbound: VecDeque<Outbound>,
     commands: VecDeque<Command>,
 }
 
@@ -249,10 +169,10 @@ impl Session {
 
     // ---- getters ----
 
-    pub fn held(&self) -> Vec<Held> {
+    pub fn held(&self) -> Vec<ReportedTask> {
         self.work
             .iter()
-            .map(|(task, w)| Held {
+            .map(|(task, w)| ReportedTask {
                 task: *task,
                 attempt: w.attempt,
                 last_output_seq: w.last_seq,
@@ -265,6 +185,7 @@ impl Session {
     pub fn free_slots(&self) -> u32 {
         let running = self.work.values().filter(|w| w.result.is_none()).count();
         self.config
+            .advert
             .capacity
             .saturating_sub(u32::try_from(running).unwrap_or(u32::MAX))
     }
@@ -342,10 +263,11 @@ impl Session {
         // A coordinator's drain lasts for the stream it was sent on.
         self.draining = self.shutdown.is_some();
         self.outbound.clear();
-        self.outbound.push_back(ToCoordinator::Hello {
+        self.outbound.push_back(Outbound::Message(FromAgent::Hello {
+            advert: self.config.advert.clone(),
             running: self.held(),
-            unhealthy_reason: self.unhealthy.clone().unwrap_or_default(),
-        });
+            unhealthy: self.unhealthy.clone(),
+        }));
     }
 
     pub fn handle_disconnected(&mut self) {
@@ -355,7 +277,7 @@ impl Session {
 
     /// A message of the coordinator on the current stream: any message
     /// shows it is alive.
-    pub fn handle_message(&mut self, msg: FromCoordinator, now: Instant) {
+    pub fn handle_message(&mut self, msg: ToAgent, now: Instant) {
         match &mut self.link {
             Link::Down => {}
             Link::AwaitingWelcome { silent_after } => {
@@ -368,33 +290,36 @@ impl Session {
             } => *silent_after = now + *silence,
         }
         match msg {
-            FromCoordinator::Welcome {
+            ToAgent::Welcome {
                 heartbeat_interval,
                 heartbeat_timeout,
                 held,
                 ..
             } => self.handle_welcome(&held, heartbeat_interval, heartbeat_timeout, now),
-            FromCoordinator::Heartbeat => {}
-            FromCoordinator::Drain { reason } => {
+            ToAgent::Heartbeat { .. } => {}
+            ToAgent::Drain { reason } => {
                 info!(%reason, "the coordinator asked this agent to drain");
                 self.draining = true;
             }
-            FromCoordinator::Assign {
+            ToAgent::Assign {
                 task,
                 attempt,
                 spec,
                 deadline,
-                credential,
-            } => self.handle_assign(task, attempt, *spec, deadline, credential),
-            FromCoordinator::Cancel {
+                push,
+            } => {
+                let credential = push.and_then(PushAuth::into_credential);
+                self.handle_assign(task, attempt, *spec, deadline, credential);
+            }
+            ToAgent::Cancel {
                 task,
                 attempt,
                 reason,
             } => self.handle_cancel(task, attempt, &reason),
-            FromCoordinator::OutputAck { task, attempt, seq } => {
+            ToAgent::OutputAck { task, attempt, seq } => {
                 self.handle_output_ack(task, attempt, seq);
             }
-            FromCoordinator::FinishedAck { task, attempt } => {
+            ToAgent::FinishedAck { task, attempt } => {
                 self.handle_finished_ack(task, attempt);
             }
         }
@@ -479,9 +404,10 @@ impl Session {
             next_heartbeat: now + heartbeat_every,
         };
         if let Some(shutdown) = &self.shutdown {
-            self.outbound.push_back(ToCoordinator::Draining {
-                reason: shutdown.reason.clone(),
-            });
+            self.outbound
+                .push_back(Outbound::Message(FromAgent::Draining {
+                    reason: shutdown.reason.clone(),
+                }));
         }
         let mine: Vec<TaskId> = self.work.keys().copied().collect();
         for task in mine {
@@ -496,29 +422,31 @@ impl Session {
             }
             trim(work, acked);
             if !work.unacked.is_empty() {
-                self.outbound.push_back(ToCoordinator::Resend {
+                self.outbound.push_back(Outbound::Resend {
                     task,
                     attempt,
                     after: acked,
                 });
             }
             if let Some(report) = &work.result {
-                self.outbound.push_back(ToCoordinator::Finished {
-                    task,
-                    attempt,
-                    report: Box::new(report.clone()),
-                });
+                self.outbound
+                    .push_back(Outbound::Message(FromAgent::Finished {
+                        task,
+                        attempt,
+                        report: report.clone(),
+                    }));
             }
         }
     }
 
     fn heartbeat(&mut self) {
         if self.welcomed() {
-            self.outbound.push_back(ToCoordinator::Heartbeat {
-                running: self.held(),
-                free_slots: self.free_slots(),
-                unhealthy_reason: self.unhealthy.clone().unwrap_or_default(),
-            });
+            self.outbound
+                .push_back(Outbound::Message(FromAgent::Heartbeat {
+                    free_slots: self.free_slots(),
+                    running: self.held(),
+                    unhealthy: self.unhealthy.clone(),
+                }));
         }
     }
 
@@ -572,13 +500,16 @@ impl Session {
                 work.attempt
             ))
         } else if self.free_slots() == 0 {
-            Some(format!("all {} slots are busy", self.config.capacity))
+            Some(format!(
+                "all {} slots are busy",
+                self.config.advert.capacity
+            ))
         } else {
             None
         };
         if let Some(reason) = refuse {
             warn!(task_id = %task, attempt = attempt.0, %reason, "refusing assignment");
-            self.send(ToCoordinator::Rejected {
+            self.send(FromAgent::Rejected {
                 task,
                 attempt,
                 reason,
@@ -597,7 +528,7 @@ impl Session {
                 stop_requested: false,
             },
         );
-        self.send(ToCoordinator::Accepted { task, attempt });
+        self.send(FromAgent::Accepted { task, attempt });
         self.commands.push_back(Command::Start {
             task,
             attempt,
@@ -659,7 +590,7 @@ impl Session {
             grace_until: now + self.config.stop_grace,
             grace_over: false,
         });
-        self.send(ToCoordinator::Draining {
+        self.send(FromAgent::Draining {
             reason: reason.to_owned(),
         });
         for (task, work) in &self.work {
@@ -683,13 +614,13 @@ impl Session {
         attempt: Attempt,
         kind: OutputKind,
         data: Arc<[u8]>,
-    ) -> Option<Chunk> {
+    ) -> Option<OutputChunk> {
         let work = self.work.get_mut(&task)?;
         if work.attempt != attempt || work.result.is_some() || work.stop_requested {
             return None;
         }
         work.last_seq += 1;
-        let chunk = Chunk {
+        let chunk = OutputChunk {
             task,
             attempt,
             seq: work.last_seq,
@@ -698,7 +629,7 @@ impl Session {
         };
         work.unacked_bytes += chunk.data.len();
         work.unacked.push_back((chunk.seq, chunk.data.len()));
-        self.send(ToCoordinator::Output(chunk.clone()));
+        self.send(FromAgent::Output(chunk.clone()));
         Some(chunk)
     }
 
@@ -709,7 +640,7 @@ impl Session {
 
     pub fn handle_progress(&mut self, task: TaskId, attempt: Attempt, phase: Phase) {
         if self.work.get(&task).is_some_and(|w| w.attempt == attempt) {
-            self.send(ToCoordinator::Progress {
+            self.send(FromAgent::Progress {
                 task,
                 attempt,
                 phase,
@@ -747,10 +678,10 @@ impl Session {
         let fault = (report.outcome == Outcome::AgentFault).then(|| report.message.clone());
         info!(task_id = %task, attempt = attempt.0, outcome = %report.outcome, "attempt over");
         work.result = Some(report.clone());
-        self.send(ToCoordinator::Finished {
+        self.send(FromAgent::Finished {
             task,
             attempt,
-            report: Box::new(report.clone()),
+            report: report.clone(),
         });
         if fault.is_some() {
             self.set_health(fault, now);
@@ -760,7 +691,7 @@ impl Session {
 
     // ---- outputs ----
 
-    pub fn poll_outbound(&mut self) -> Option<ToCoordinator> {
+    pub fn poll_outbound(&mut self) -> Option<Outbound> {
         self.outbound.pop_front()
     }
 
@@ -768,20 +699,20 @@ impl Session {
         self.commands.pop_front()
     }
 
-    fn send(&mut self, msg: ToCoordinator) {
+    fn send(&mut self, msg: FromAgent) {
         // Until Welcome everything stays in the per-task buffers and is
         // resent after it; nothing is queued for a stream that is gone.
         if self.welcomed() {
-            self.outbound.push_back(msg);
+            self.outbound.push_back(Outbound::Message(msg));
         }
     }
 }
 
 /// A reason as the coordinator accepts it: one line (control characters
-/// become spaces), at most `wire::MAX_SHORT_STRING` bytes, cut on a char
+/// become spaces), at most `protocol::MAX_SHORT_STRING` bytes, cut on a char
 /// boundary with an ellipsis.
 fn one_short_line(text: &str) -> String {
-    let max = common::wire::MAX_SHORT_STRING;
+    let max = common::protocol::MAX_SHORT_STRING;
     let line: String = text
         .trim()
         .chars()

@@ -4,9 +4,9 @@
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use common::ids::{Attempt, TaskId};
+use common::ids::{AgentId, Attempt, TaskId};
 use common::time::UnixMillis;
-use common::types::{FinishedReport, Outcome, OutputKind, Specialty, TaskSpec};
+use common::types::{AgentAdvert, FinishedReport, Outcome, OutputKind, Specialty, TaskSpec};
 
 use super::*;
 
@@ -41,9 +41,21 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 const SILENCE: Duration = Duration::from_secs(15);
 
+fn advert(capacity: u32) -> AgentAdvert {
+    AgentAdvert {
+        agent_version: "0".into(),
+        specialties: vec![Specialty::General],
+        capacity,
+        labels: Default::default(),
+        toolchains: vec![],
+        hostname: "h".into(),
+        instance_id: "i".into(),
+    }
+}
+
 fn session(capacity: u32) -> Session {
     Session::new(SessionConfig {
-        capacity,
+        advert: advert(capacity),
         welcome_timeout: WELCOME_TIMEOUT,
         health_check_interval: HEALTH_CHECK_INTERVAL,
         stop_grace: STOP_GRACE,
@@ -53,10 +65,11 @@ fn session(capacity: u32) -> Session {
 /// The coordinator's Welcome at `now`, listing `held`.
 fn welcome(s: &mut Session, held: &[(TaskId, Attempt, u64)], now: Instant) {
     s.handle_message(
-        FromCoordinator::Welcome {
-            agent_id: "pc-1".into(),
+        ToAgent::Welcome {
+            agent_id: AgentId::new("pc-1").expect("a valid name"),
             heartbeat_interval: HEARTBEAT_EVERY,
             heartbeat_timeout: SILENCE,
+            lease_timeout: SILENCE,
             held: held.to_vec(),
         },
         now,
@@ -67,8 +80,29 @@ fn report(outcome: Outcome) -> FinishedReport {
     FinishedReport::new(outcome, "")
 }
 
-fn out(s: &mut Session) -> Vec<ToCoordinator> {
+/// What goes out, in order: messages and resends.
+fn outbound(s: &mut Session) -> Vec<Outbound> {
     std::iter::from_fn(|| s.poll_outbound()).collect()
+}
+
+/// The messages that go out (resends left out).
+fn out(s: &mut Session) -> Vec<FromAgent> {
+    outbound(s)
+        .into_iter()
+        .filter_map(|o| match o {
+            Outbound::Message(msg) => Some(msg),
+            Outbound::Resend { .. } => None,
+        })
+        .collect()
+}
+
+/// The Hello of a session made by [`session`].
+fn hello(capacity: u32, running: Vec<ReportedTask>, unhealthy: Option<&str>) -> FromAgent {
+    FromAgent::Hello {
+        advert: advert(capacity),
+        running,
+        unhealthy: unhealthy.map(str::to_owned),
+    }
 }
 
 fn line(s: &mut Session, text: &str) {
@@ -108,22 +142,23 @@ fn output_survives_a_reconnect_and_is_resent_from_the_ack() {
     s.handle_connected(at(0));
     assert_eq!(
         out(&mut s),
-        vec![ToCoordinator::Hello {
-            running: vec![Held {
+        vec![hello(
+            1,
+            vec![ReportedTask {
                 task: TaskId(1),
                 attempt: Attempt(1),
                 last_output_seq: 3
             }],
-            unhealthy_reason: String::new(),
-        }]
+            None
+        )]
     );
     // The coordinator persisted up to 2 before it lost the stream: the rest
     // comes back from the spool, then the result.
     welcome(&mut s, &[(TaskId(1), Attempt(1), 2)], at(0));
-    let resent = out(&mut s);
+    let resent = outbound(&mut s);
     assert_eq!(
         resent[0],
-        ToCoordinator::Resend {
+        Outbound::Resend {
             task: TaskId(1),
             attempt: Attempt(1),
             after: 2
@@ -131,7 +166,7 @@ fn output_survives_a_reconnect_and_is_resent_from_the_ack() {
     );
     assert!(matches!(
         resent.last(),
-        Some(ToCoordinator::Finished { report, .. }) if report.last_output_seq == 3
+        Some(Outbound::Message(FromAgent::Finished { report, .. })) if report.last_output_seq == 3
     ));
     assert_eq!(s.unacked_bytes(), 1);
     commands(&mut s);
@@ -153,10 +188,10 @@ fn assignments_beyond_capacity_or_while_draining_are_refused() {
     s.handle_assign(TaskId(1), Attempt(1), spec(), UnixMillis(0), None);
     s.handle_assign(TaskId(2), Attempt(1), spec(), UnixMillis(0), None);
     let msgs = out(&mut s);
-    assert!(matches!(msgs[0], ToCoordinator::Accepted { .. }));
-    assert!(matches!(&msgs[1], ToCoordinator::Rejected { reason, .. } if reason.contains("slots")));
+    assert!(matches!(msgs[0], FromAgent::Accepted { .. }));
+    assert!(matches!(&msgs[1], FromAgent::Rejected { reason, .. } if reason.contains("slots")));
     s.handle_message(
-        FromCoordinator::Drain {
+        ToAgent::Drain {
             reason: "maintenance".into(),
         },
         at(0),
@@ -164,7 +199,7 @@ fn assignments_beyond_capacity_or_while_draining_are_refused() {
     s.handle_finished_ack(TaskId(1), Attempt(1));
     s.handle_assign(TaskId(3), Attempt(1), spec(), UnixMillis(0), None);
     assert!(
-        matches!(&out(&mut s)[0], ToCoordinator::Rejected { reason, .. } if reason.contains("draining"))
+        matches!(&out(&mut s)[0], FromAgent::Rejected { reason, .. } if reason.contains("draining"))
     );
 }
 
@@ -188,7 +223,7 @@ fn cancel_stops_the_child_and_reports_cancelled() {
     s.handle_child_exit(TaskId(1), Attempt(1), report(Outcome::CliFailed), at(0));
     assert!(matches!(
         &out(&mut s)[..],
-        [ToCoordinator::Finished { report, .. }] if report.outcome == Outcome::Cancelled
+        [FromAgent::Finished { report, .. }] if report.outcome == Outcome::Cancelled
     ));
 }
 
@@ -227,18 +262,18 @@ fn before_welcome_only_hello_goes_out_so_a_result_never_overtakes_resent_output(
     s.heartbeat();
     let before = out(&mut s);
     assert!(
-        matches!(before.as_slice(), [ToCoordinator::Hello { .. }]),
+        matches!(before.as_slice(), [FromAgent::Hello { .. }]),
         "{before:?}"
     );
 
     welcome(&mut s, &[(TaskId(1), Attempt(1), 1)], at(0));
-    let after = out(&mut s);
+    let after = outbound(&mut s);
     assert!(
         matches!(
             after.as_slice(),
             [
-                ToCoordinator::Resend { after: 1, .. },
-                ToCoordinator::Finished { report, .. },
+                Outbound::Resend { after: 1, .. },
+                Outbound::Message(FromAgent::Finished { report, .. }),
             ] if report.last_output_seq == 3
         ),
         "the missing output first, then the result: {after:?}"
@@ -256,7 +291,7 @@ fn a_result_waiting_for_its_ack_does_not_take_a_slot() {
     out(&mut s);
     s.handle_assign(TaskId(2), Attempt(1), spec(), UnixMillis(0), None);
     assert!(
-        matches!(out(&mut s).as_slice(), [ToCoordinator::Accepted { .. }]),
+        matches!(out(&mut s).as_slice(), [FromAgent::Accepted { .. }]),
         "the next task is accepted"
     );
 }
@@ -271,29 +306,30 @@ fn a_result_of_an_earlier_run_is_listed_in_hello_and_handed_over_after_welcome()
     s.handle_connected(at(0));
     assert_eq!(
         out(&mut s),
-        vec![ToCoordinator::Hello {
-            running: vec![Held {
+        vec![hello(
+            1,
+            vec![ReportedTask {
                 task: TaskId(1),
                 attempt: Attempt(2),
                 last_output_seq: 4,
             }],
-            unhealthy_reason: String::new(),
-        }]
+            None
+        )]
     );
     welcome(&mut s, &[(TaskId(1), Attempt(2), 3)], at(0));
     assert_eq!(
-        out(&mut s),
+        outbound(&mut s),
         vec![
-            ToCoordinator::Resend {
+            Outbound::Resend {
                 task: TaskId(1),
                 attempt: Attempt(2),
                 after: 3,
             },
-            ToCoordinator::Finished {
+            Outbound::Message(FromAgent::Finished {
                 task: TaskId(1),
                 attempt: Attempt(2),
-                report: Box::new(done),
-            },
+                report: done,
+            }),
         ]
     );
     s.handle_finished_ack(TaskId(1), Attempt(2));
@@ -330,7 +366,7 @@ fn a_cancelled_attempt_owes_no_output_and_a_shutdown_is_said_on_every_stream() {
     assert!(
         out(&mut s)
             .iter()
-            .any(|m| matches!(m, ToCoordinator::Draining { .. })),
+            .any(|m| matches!(m, FromAgent::Draining { .. })),
         "the coordinator hears of the shutdown"
     );
 }
@@ -343,17 +379,14 @@ fn a_fault_of_the_pc_makes_it_unhealthy_in_every_report_until_a_check_passes() {
     s.handle_connected(at(0));
     assert_eq!(
         out(&mut s),
-        vec![ToCoordinator::Hello {
-            running: vec![],
-            unhealthy_reason: "the CLI is not logged in".into(),
-        }]
+        vec![hello(2, vec![], Some("the CLI is not logged in"))]
     );
     welcome(&mut s, &[], at(0));
     s.handle_health(None, at(0));
-    let healthy = ToCoordinator::Heartbeat {
-        running: vec![],
+    let healthy = FromAgent::Heartbeat {
         free_slots: 2,
-        unhealthy_reason: String::new(),
+        running: vec![],
+        unhealthy: None,
     };
     assert_eq!(
         out(&mut s),
@@ -371,8 +404,8 @@ fn a_fault_of_the_pc_makes_it_unhealthy_in_every_report_until_a_check_passes() {
     s.handle_child_exit(TaskId(1), Attempt(1), fault, at(0));
     let sent = out(&mut s);
     assert!(
-        matches!(&sent[..], [ToCoordinator::Finished { report, .. }, ToCoordinator::Heartbeat { unhealthy_reason, .. }]
-            if report.outcome == Outcome::AgentFault && unhealthy_reason.contains("permission denied")),
+        matches!(&sent[..], [FromAgent::Finished { report, .. }, FromAgent::Heartbeat { unhealthy: Some(reason), .. }]
+            if report.outcome == Outcome::AgentFault && reason.contains("permission denied")),
         "{sent:?}"
     );
     assert_eq!(
@@ -380,13 +413,17 @@ fn a_fault_of_the_pc_makes_it_unhealthy_in_every_report_until_a_check_passes() {
         Some("cannot run the CLI /usr/bin/claude: permission denied")
     );
     s.heartbeat();
-    assert!(
-        matches!(&out(&mut s)[..], [ToCoordinator::Heartbeat { unhealthy_reason, .. }] if !unhealthy_reason.is_empty())
-    );
+    assert!(matches!(
+        &out(&mut s)[..],
+        [FromAgent::Heartbeat {
+            unhealthy: Some(_),
+            ..
+        }]
+    ));
     // Every new stream says it in Hello.
     s.handle_connected(at(0));
     assert!(
-        matches!(&out(&mut s)[..], [ToCoordinator::Hello { unhealthy_reason, .. }] if unhealthy_reason.contains("permission denied"))
+        matches!(&out(&mut s)[..], [FromAgent::Hello { unhealthy: Some(reason), .. }] if reason.contains("permission denied"))
     );
     welcome(&mut s, &[], at(0));
     out(&mut s);
@@ -398,16 +435,20 @@ fn a_fault_of_the_pc_makes_it_unhealthy_in_every_report_until_a_check_passes() {
     assert!(out(&mut s).is_empty());
     s.handle_health(None, at(0));
     assert_eq!(s.unhealthy_reason(), None);
-    assert!(
-        matches!(&out(&mut s)[..], [ToCoordinator::Heartbeat { unhealthy_reason, .. }] if unhealthy_reason.is_empty())
-    );
+    assert!(matches!(
+        &out(&mut s)[..],
+        [FromAgent::Heartbeat {
+            unhealthy: None,
+            ..
+        }]
+    ));
 
     // What the coordinator accepts: one line, a bounded length.
     let long = format!("the API said:\n{}", "é".repeat(400));
     s.handle_health(Some(long), at(0));
     let reason = s.unhealthy_reason().expect("unhealthy").to_owned();
     assert!(
-        reason.len() <= common::wire::MAX_SHORT_STRING,
+        reason.len() <= common::protocol::MAX_SHORT_STRING,
         "{}",
         reason.len()
     );
@@ -466,23 +507,20 @@ fn heartbeats_go_out_at_the_coordinators_interval_and_silence_closes_the_stream(
     s.handle_timeout(at(6_000));
     assert_eq!(
         out(&mut s),
-        vec![ToCoordinator::Heartbeat {
-            running: vec![],
+        vec![FromAgent::Heartbeat {
             free_slots: 2,
-            unhealthy_reason: String::new(),
+            running: vec![],
+            unhealthy: None,
         }]
     );
     assert_eq!(s.poll_timeout(), Some(at(11_000)));
 
     // Any message shows the coordinator is alive: silence counts from it.
-    s.handle_message(FromCoordinator::Heartbeat, at(10_000));
+    s.handle_message(ToAgent::Heartbeat { now: UnixMillis(0) }, at(10_000));
     for beat in [11_000, 16_000, 21_000] {
         assert_eq!(s.poll_timeout(), Some(at(beat)));
         s.handle_timeout(at(beat));
-        assert!(matches!(
-            &out(&mut s)[..],
-            [ToCoordinator::Heartbeat { .. }]
-        ));
+        assert!(matches!(&out(&mut s)[..], [FromAgent::Heartbeat { .. }]));
         assert!(commands(&mut s).is_empty());
     }
     assert_eq!(s.poll_timeout(), Some(at(25_000)), "silent since 10s");
@@ -492,7 +530,7 @@ fn heartbeats_go_out_at_the_coordinators_interval_and_silence_closes_the_stream(
 
     // The next stream starts over with the Welcome timeout.
     s.handle_connected(at(26_000));
-    assert!(matches!(&out(&mut s)[..], [ToCoordinator::Hello { .. }]));
+    assert!(matches!(&out(&mut s)[..], [FromAgent::Hello { .. }]));
     assert_eq!(s.poll_timeout(), Some(at(26_000) + WELCOME_TIMEOUT));
 }
 
@@ -556,12 +594,12 @@ fn a_shutdown_stops_running_attempts_and_ends_when_they_are_handed_over_or_the_g
             },
         ]
     );
-    assert!(matches!(&out(&mut s)[..], [ToCoordinator::Draining { .. }]));
+    assert!(matches!(&out(&mut s)[..], [FromAgent::Draining { .. }]));
     let mut stopped = report(Outcome::Cancelled);
     stopped.message = "stopped on request".into();
     s.handle_child_exit(TaskId(1), Attempt(1), stopped, at(2_000));
     s.handle_message(
-        FromCoordinator::FinishedAck {
+        ToAgent::FinishedAck {
             task: TaskId(1),
             attempt: Attempt(1),
         },

@@ -300,7 +300,7 @@ impl Core {
                 let Some(id) = last else {
                     return IssueOutcome::Declined(None, "the issue has no task to retry".into());
                 };
-                match self.retry(id, now, wall) {
+                match self.retry(id, format!("retried by @{by} (/claude retry)"), now, wall) {
                     Ok(()) => {
                         info!(task_id = %id, attempt = self.attempt_of(id), by = %by, "retried from the issue");
                         IssueOutcome::Applied(id, "queued again".into())

@@ -1,7 +1,7 @@
 //! Issue tasks in the core: one active task per issue, deliveries handled
 //! once, `/claude` commands, and the reconciler's "only what is missing".
 
-use common::types::{Outcome, Specialty};
+use common::types::{FinishedReport, Outcome, Specialty};
 
 use super::github::{IssueCommand, IssueOutcome};
 use super::task_tests::{H, accepted, finished, spec};

@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::ids::{AgentId, Attempt, TaskId};
+pub use common::protocol::{FromAgent, OutputChunk, ReportedTask, ToAgent};
 use common::time::UnixMillis;
-use common::types::{AgentAdvert, FinishedReport, Outcome, OutputKind, Phase, Specialty, TaskSpec};
+use common::types::{AgentAdvert, Outcome, OutputKind, Specialty};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -123,103 +124,6 @@ pub struct AgentRecord {
     /// agent reconnects (a drain lasts for the stream it was sent on).
     #[serde(default)]
     pub drain_reason: Option<String>,
-}
-
-/// A task an agent says it holds (running, or finished but unacknowledged).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReportedTask {
-    pub task: TaskId,
-    pub attempt: Attempt,
-    pub last_output_seq: u64,
-}
-
-/// A message from an agent, already validated by `common::wire`.
-#[derive(Clone, Debug, PartialEq)]
-pub enum FromAgent {
-    Hello {
-        advert: AgentAdvert,
-        running: Vec<ReportedTask>,
-        /// `None`: the agent can work.
-        unhealthy: Option<String>,
-    },
-    Heartbeat {
-        free_slots: u32,
-        running: Vec<ReportedTask>,
-        unhealthy: Option<String>,
-    },
-    Draining {
-        reason: String,
-    },
-    Accepted {
-        task: TaskId,
-        attempt: Attempt,
-    },
-    Rejected {
-        task: TaskId,
-        attempt: Attempt,
-        reason: String,
-    },
-    Output {
-        task: TaskId,
-        attempt: Attempt,
-        seq: u64,
-        kind: OutputKind,
-        data: Arc<[u8]>,
-    },
-    Progress {
-        task: TaskId,
-        attempt: Attempt,
-        phase: Phase,
-    },
-    Finished {
-        task: TaskId,
-        attempt: Attempt,
-        report: FinishedReport,
-    },
-}
-
-/// A message for an agent; the gRPC layer turns it into protobuf.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ToAgent {
-    Welcome {
-        agent_id: AgentId,
-        heartbeat_interval: Duration,
-        heartbeat_timeout: Duration,
-        lease_timeout: Duration,
-        /// For each task the agent still holds: the highest output seq
-        /// persisted (`u64::MAX`: the attempt is over, only its result is
-        /// missing).
-        held: Vec<(TaskId, Attempt, u64)>,
-    },
-    Heartbeat {
-        now: UnixMillis,
-    },
-    Drain {
-        reason: String,
-    },
-    Assign {
-        task: TaskId,
-        attempt: Attempt,
-        spec: Box<TaskSpec>,
-        deadline: UnixMillis,
-        /// The GitHub repository (`owner/name`) whose push credential the
-        /// assignment carries: a GitHub task cloned over HTTP(S).
-        push_as: Option<String>,
-    },
-    Cancel {
-        task: TaskId,
-        attempt: Attempt,
-        reason: String,
-    },
-    OutputAck {
-        task: TaskId,
-        attempt: Attempt,
-        seq: u64,
-    },
-    FinishedAck {
-        task: TaskId,
-        attempt: Attempt,
-    },
 }
 
 /// What watchers of a task (`WatchTask`, `ccc logs -f`) are told.
@@ -787,13 +691,13 @@ impl Core {
                 self.handle_rejected(conn, &agent, task, attempt, reason, now, wall);
                 self.schedule(now, wall);
             }
-            FromAgent::Output {
+            FromAgent::Output(OutputChunk {
                 task,
                 attempt,
                 seq,
                 kind,
                 data,
-            } => self.handle_output(conn, &agent, task, attempt, seq, kind, data),
+            }) => self.handle_output(conn, &agent, task, attempt, seq, kind, data),
             FromAgent::Progress {
                 task,
                 attempt,

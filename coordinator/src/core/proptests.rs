@@ -489,13 +489,13 @@ impl Harness {
                     let kind = OutputKind::Stdout;
                     self.send(
                         conn,
-                        FromAgent::Output {
+                        FromAgent::Output(OutputChunk {
                             task,
                             attempt,
                             seq,
                             kind,
                             data,
-                        },
+                        }),
                     );
                 }
             }
@@ -558,7 +558,7 @@ impl Harness {
                     self.bring_back(id);
                     let state = self.core.task(id).map(|t| t.state);
                     let retryable = matches!(state, Some(TaskState::Failed | TaskState::Cancelled));
-                    let result = self.core.retry(id, now, wall);
+                    let result = self.core.retry(id, "retried".into(), now, wall);
                     prop_assert_eq!(
                         result.is_ok(),
                         retryable,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::ids::{AgentId, Attempt, TaskId};
+use common::protocol::PushAuth;
 use common::time::UnixMillis;
 use common::types::{FinishedReport, Outcome, OutputKind, Phase, TaskSpec};
 use serde::{Deserialize, Serialize};
@@ -469,12 +470,18 @@ impl Core {
     }
 
     /// Queues a failed or cancelled task again with a fresh attempt budget.
-    pub fn retry(&mut self, id: TaskId, now: Instant, wall: UnixMillis) -> Result<(), TaskError> {
+    pub fn retry(
+        &mut self,
+        id: TaskId,
+        reason: String,
+        now: Instant,
+        wall: UnixMillis,
+    ) -> Result<(), TaskError> {
         let task = self.tasks.get_mut(&id).ok_or(TaskError::Unknown(id))?;
         if !matches!(task.state, TaskState::Failed | TaskState::Cancelled) {
             return Err(TaskError::NotFinished(id, task.state));
         }
-        self.run_again(id, "retried by an admin".into(), now, wall);
+        self.run_again(id, reason, now, wall);
         Ok(())
     }
 
@@ -1094,7 +1101,7 @@ impl Core {
                 attempt,
                 spec: Box::new(spec),
                 deadline: wall.saturating_add(self.config.task_deadline),
-                push_as,
+                push: push_as.map(PushAuth::GithubRepository),
             },
         );
     }

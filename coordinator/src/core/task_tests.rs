@@ -245,13 +245,13 @@ fn rate_limited(task: TaskId, attempt: u32, reset_ms: u64) -> FromAgent {
 }
 
 fn output(task: TaskId, attempt: u32, seq: u64, data: &str) -> FromAgent {
-    FromAgent::Output {
+    FromAgent::Output(OutputChunk {
         task,
         attempt: Attempt(attempt),
         seq,
         kind: OutputKind::Stdout,
         data: Arc::from(data.as_bytes()),
-    }
+    })
 }
 
 #[test]
@@ -603,7 +603,7 @@ fn failures_retry_with_backoff_until_attempts_run_out() {
     h.msg("a", finished(t, 3, Outcome::CliFailed));
     assert_eq!(h.state(t), TaskState::Failed);
     let (now, wall) = h.now();
-    h.core.retry(t, now, wall).expect("retry");
+    h.core.retry(t, "retried".into(), now, wall).expect("retry");
     assert_eq!(h.state(t), TaskState::Assigned);
     assert_eq!(
         h.core.task(t).expect("task").current().map(|a| a.attempt),
@@ -745,7 +745,7 @@ fn a_retried_task_gets_a_fresh_output_budget() {
     h.msg("a", finished(t, 1, Outcome::NoChanges));
     assert_eq!(h.state(t), TaskState::Failed);
     let (now, wall) = h.now();
-    h.core.retry(t, now, wall).expect("retry");
+    h.core.retry(t, "retried".into(), now, wall).expect("retry");
     assert_eq!(
         h.core.task(t).expect("task").output_since,
         Attempt(2),
@@ -810,7 +810,7 @@ fn an_ended_task_leaves_memory_once_committed_and_comes_back_for_a_retry() {
     // A retry brings the task back from the store.
     h.core.bring_back(store[&failed].clone());
     let (now, wall) = h.now();
-    h.core.retry(failed, now, wall).expect("retry");
+    h.core.retry(failed, "retried".into(), now, wall).expect("retry");
     assert_eq!(h.state(failed), TaskState::Assigned);
     assert!(
         h.core

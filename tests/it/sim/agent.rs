@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent::session::{Chunk, Session, SessionConfig};
+use agent::session::{Session, SessionConfig};
 use common::ids::{AgentId, Attempt, TaskId};
+use common::protocol::OutputChunk;
 use common::types::{AgentAdvert, FinishedReport, Outcome};
 use coordinator::core::ConnId;
 
@@ -42,7 +43,7 @@ pub(super) struct Child {
 /// its result.
 #[derive(Debug, Default)]
 pub(super) struct Spooled {
-    pub chunks: Vec<Chunk>,
+    pub chunks: Vec<OutputChunk>,
     pub result: Option<FinishedReport>,
 }
 
@@ -101,7 +102,7 @@ impl SimAgent {
     pub fn start(&mut self) {
         self.spool.retain(|_, spooled| spooled.result.is_some());
         let mut session = Session::new(SessionConfig {
-            capacity: self.advert.capacity,
+            advert: self.advert.clone(),
             welcome_timeout: WELCOME_TIMEOUT,
             health_check_interval: HEALTH_CHECK_INTERVAL,
             stop_grace: STOP_GRACE,

@@ -37,7 +37,6 @@
 
 mod agent;
 mod checks;
-mod convert;
 mod trace;
 mod world;
 

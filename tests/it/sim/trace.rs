@@ -139,9 +139,9 @@ fn from_agent(msg: &FromAgent) -> String {
             attempt,
             reason,
         } => format!("Rejected {task}#{attempt} ({reason})"),
-        FromAgent::Output {
-            task, attempt, seq, ..
-        } => format!("Output {task}#{attempt} seq {seq}"),
+        FromAgent::Output(chunk) => {
+            format!("Output {}#{} seq {}", chunk.task, chunk.attempt, chunk.seq)
+        }
         FromAgent::Progress { task, attempt, .. } => format!("Progress {task}#{attempt}"),
         FromAgent::Finished {
             task,

@@ -9,8 +9,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use agent::session::{Command, Session, ToCoordinator};
+use agent::session::{Command, Outbound, Session};
 use common::ids::{AgentId, Attempt, TaskId};
+use common::protocol::OutputChunk;
 use common::time::UnixMillis;
 use common::types::{AgentAdvert, Outcome, OutputKind, Phase, Specialty, TaskSpec, Toolchain};
 use coordinator::core::task::TRUNCATION_MARKER;
@@ -25,7 +26,6 @@ use rand::{Rng, SeedableRng};
 
 use super::agent::{Child, SimAgent, WorkPlan, chunk_data, report};
 use super::checks;
-use super::convert;
 use super::trace::{Trace, TraceItem};
 
 /// Wall-clock time at simulated time zero.
@@ -879,7 +879,11 @@ impl World {
             return;
         };
         let mut accepted = false;
-        self.feed(|core, now, wall| accepted = core.retry(id, now, wall).is_ok());
+        self.feed(|core, now, wall| {
+            accepted = core
+                .retry(id, "retried by an admin".into(), now, wall)
+                .is_ok()
+        });
         self.note(format!("the admin retries {id}"));
         if accepted {
             self.stats.admin_retries += 1;
@@ -1226,7 +1230,7 @@ impl World {
         let Some(session) = self.agents[agent].session.as_mut() else {
             return Ok(());
         };
-        session.handle_message(convert::to_session(msg), now);
+        session.handle_message(msg, now);
         self.flush_agent(agent)?;
         if let Some((task, attempt)) = fenced {
             checks::fenced_attempt_is_stopped(&self.agents[agent], task, attempt)?;
@@ -1328,41 +1332,33 @@ impl World {
         Ok(())
     }
 
-    /// Sends a session message; a resend is read from the agent's spool.
-    fn perform_send(&mut self, agent: usize, msg: ToCoordinator) -> Result<(), String> {
-        if let ToCoordinator::Resend {
-            task,
-            attempt,
-            after,
-        } = msg
-        {
-            let chunks: Vec<FromAgent> = self.agents[agent]
-                .spool
-                .get(&(task, attempt))
-                .map(|spooled| {
-                    spooled
-                        .chunks
-                        .iter()
-                        .filter(|c| c.seq > after)
-                        .filter_map(|c| {
-                            convert::to_core(ToCoordinator::Output(c.clone()), &self.advert(agent))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            for chunk in chunks {
-                self.agent_sends(agent, chunk)?;
+    /// Sends what the session sends; a resend is read from the agent's spool.
+    fn perform_send(&mut self, agent: usize, out: Outbound) -> Result<(), String> {
+        match out {
+            Outbound::Message(msg) => self.agent_sends(agent, msg),
+            Outbound::Resend {
+                task,
+                attempt,
+                after,
+            } => {
+                let chunks: Vec<OutputChunk> = self.agents[agent]
+                    .spool
+                    .get(&(task, attempt))
+                    .map(|spooled| {
+                        spooled
+                            .chunks
+                            .iter()
+                            .filter(|c| c.seq > after)
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for chunk in chunks {
+                    self.agent_sends(agent, FromAgent::Output(chunk))?;
+                }
+                Ok(())
             }
-            return Ok(());
         }
-        match convert::to_core(msg, &self.advert(agent)) {
-            Some(msg) => self.agent_sends(agent, msg),
-            None => Ok(()),
-        }
-    }
-
-    fn advert(&self, agent: usize) -> AgentAdvert {
-        self.agents[agent].advert.clone()
     }
 
     /// How a run of `task` will go.

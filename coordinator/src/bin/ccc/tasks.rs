@@ -72,7 +72,7 @@ impl SubmitArgs {
             body,
             specialty: self
                 .specialty
-                .map_or(0, |s| common::wire::specialty_to_proto(s) as i32),
+                .map_or(0, |s| common::protocol::specialty_to_proto(s) as i32),
             priority: self.priority,
             technologies: self.tech,
             issue_number: self.issue.unwrap_or(0),
@@ -457,7 +457,7 @@ pub async fn list(
                 state: state.map_or(0, |s| s as i32),
                 specialty: args
                     .specialty
-                    .map_or(0, |s| common::wire::specialty_to_proto(s) as i32),
+                    .map_or(0, |s| common::protocol::specialty_to_proto(s) as i32),
                 agent_id: args.agent.clone().unwrap_or_default(),
                 repo: args.repo.clone().unwrap_or_default(),
                 page_size: u32::try_from(want.max(1)).unwrap_or(1000),
