@@ -810,7 +810,9 @@ fn an_ended_task_leaves_memory_once_committed_and_comes_back_for_a_retry() {
     // A retry brings the task back from the store.
     h.core.bring_back(store[&failed].clone());
     let (now, wall) = h.now();
-    h.core.retry(failed, "retried".into(), now, wall).expect("retry");
+    h.core
+        .retry(failed, "retried".into(), now, wall)
+        .expect("retry");
     assert_eq!(h.state(failed), TaskState::Assigned);
     assert!(
         h.core

@@ -708,6 +708,8 @@ impl World {
                 .expect("the temporary store commits");
             self.stats.commits += 1;
         }
+        // As the driver does: what ended is in the store now.
+        c.core.evict_finished();
         self.ledger.record(&writes)?;
         for reply in replies {
             match reply {
@@ -792,7 +794,7 @@ impl World {
     fn restart(&mut self) -> Result<(), String> {
         let restored = coordinator::restore(&self.store).expect("the store restores");
         let core = Core::new(self.config.clone(), restored, self.instant(), self.wall());
-        let tasks: BTreeMap<TaskId, Task> = core.tasks().map(|t| (t.id, t.clone())).collect();
+        let tasks = known_tasks(&core, &self.ledger.committed);
         if tasks != self.ledger.committed {
             return Err(checks::diff_tasks(
                 "the restarted core's tasks differ from those committed",
@@ -820,7 +822,7 @@ impl World {
         let Some(c) = &self.coordinator else {
             return Ok(());
         };
-        let memory: BTreeMap<TaskId, Task> = c.core.tasks().map(|t| (t.id, t.clone())).collect();
+        let memory = known_tasks(&c.core, &self.ledger.committed);
         if memory != self.ledger.committed {
             return Err(checks::diff_tasks(
                 "after a commit, the core's tasks differ from the store's",
@@ -853,7 +855,9 @@ impl World {
             return;
         };
         let mut accepted = false;
+        let stored = self.ledger.committed.get(&id).cloned();
         self.feed(|core, now, wall| {
+            bring_back(core, stored);
             accepted = core.cancel(id, "simulated admin".into(), now, wall).is_ok();
         });
         self.note(format!("the admin cancels {id}"));
@@ -869,9 +873,8 @@ impl World {
         let Some(c) = &self.coordinator else {
             return;
         };
-        let ended: Vec<TaskId> = c
-            .core
-            .tasks()
+        let ended: Vec<TaskId> = known_tasks(&c.core, &self.ledger.committed)
+            .into_values()
             .filter(|t| matches!(t.state, TaskState::Failed | TaskState::Cancelled))
             .map(|t| t.id)
             .collect();
@@ -879,7 +882,9 @@ impl World {
             return;
         };
         let mut accepted = false;
+        let stored = self.ledger.committed.get(&id).cloned();
         self.feed(|core, now, wall| {
+            bring_back(core, stored);
             accepted = core
                 .retry(id, "retried by an admin".into(), now, wall)
                 .is_ok()
@@ -1488,11 +1493,11 @@ impl World {
         };
         self.ledger.unacknowledged_submits == 0
             && !c.batch_open
-            && self
-                .ledger
-                .acknowledged
-                .iter()
-                .all(|id| c.core.task(*id).is_some_and(|t| t.state.is_terminal()))
+            && self.ledger.acknowledged.iter().all(|id| {
+                c.core
+                    .task(*id)
+                    .map_or_else(|| c.core.left_memory(*id), |t| t.state.is_terminal())
+            })
             && self.agents.iter().all(SimAgent::is_idle)
     }
 
@@ -1548,7 +1553,8 @@ impl World {
                 &stored,
             ));
         }
-        let known: BTreeSet<TaskId> = c.core.tasks().map(|t| t.id).collect();
+        let tasks = known_tasks(&c.core, &self.ledger.committed);
+        let known: BTreeSet<TaskId> = tasks.keys().copied().collect();
         if known != self.ledger.acknowledged {
             return Err(format!(
                 "the coordinator knows tasks {known:?}, the admin was acknowledged {:?}",
@@ -1556,7 +1562,7 @@ impl World {
             ));
         }
         let mut counts = Stats::default();
-        for task in c.core.tasks() {
+        for task in tasks.values() {
             checks::final_task(task, &self.ledger)?;
             counts.tasks += 1;
             counts.attempts += task.attempts.len() as u64;
@@ -1649,5 +1655,25 @@ fn random_task(rng: &mut StdRng) -> NewTask {
         priority: rng.random_range(-2..=2),
         triage: None,
         needs_info: false,
+    }
+}
+
+/// The tasks a core knows: those in its memory, and the ended ones that
+/// left it, as committed (a task out of memory that had not ended is
+/// missing here, so comparing with what was committed finds it).
+fn known_tasks(core: &Core, committed: &BTreeMap<TaskId, Task>) -> BTreeMap<TaskId, Task> {
+    let mut tasks: BTreeMap<TaskId, Task> = core.tasks().map(|t| (t.id, t.clone())).collect();
+    for (id, task) in committed {
+        if core.left_memory(*id) && task.state.is_terminal() {
+            tasks.insert(*id, task.clone());
+        }
+    }
+    tasks
+}
+
+/// As the driver does for an admin's command about an ended task.
+fn bring_back(core: &mut Core, stored: Option<Task>) {
+    if let Some(task) = stored.filter(|t| core.left_memory(t.id)) {
+        core.bring_back(task);
     }
 }
