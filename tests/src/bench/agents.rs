@@ -34,12 +34,12 @@ pub fn run(ctx: &mut Ctx) {
     let url = c.url();
     let first = ctx
         .rt
-        .block_on(Fleet::start(&url, &certs[..100], &behaviour, 32));
+        .block_on(Fleet::start(&url, &certs[..100], &behaviour, 8));
     std::thread::sleep(settle);
     let rss100 = proc::rss(pid);
     let rest = ctx
         .rt
-        .block_on(Fleet::start(&url, &certs[100..], &behaviour, 32));
+        .block_on(Fleet::start(&url, &certs[100..], &behaviour, 8));
     std::thread::sleep(settle);
     let rss500 = proc::rss(pid);
     let (cpu0, wb0) = (proc::cpu(pid), proc::write_bytes(pid));

@@ -196,7 +196,7 @@ pub fn pipeline(ctx: &mut Ctx) {
     let c = Coord::start(ctx, &ctx.scratch("pipeline"), &[]);
     let repo = repo(ctx);
     let rate = ctx.rt.block_on(async {
-        let mut fleet = Fleet::start(&c.url(), &certs, &Behaviour::default(), 32).await;
+        let mut fleet = Fleet::start(&c.url(), &certs, &Behaviour::default(), 8).await;
         let admin = c.admin().await;
         let start = now();
         let submitters = tokio::spawn(concurrent(100, tasks / 100, move |i| {

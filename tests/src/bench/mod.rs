@@ -390,12 +390,30 @@ impl Ctx {
         self.notes.push(text);
     }
 
-    /// A fresh directory for one scenario, emptied first.
+    /// A fresh directory for one scenario. What an earlier run left there
+    /// is moved aside and deleted only at the end of this run: on ext4,
+    /// creating many files right after deleting many is several times
+    /// slower (the inode allocator skips recently deleted inodes), which
+    /// would bias the clone and workspace figures.
     pub fn scratch(&self, name: &str) -> PathBuf {
         let dir = self.dir.join("run").join(name);
-        let _ = std::fs::remove_dir_all(&dir);
+        if dir.exists() {
+            let trash = self.dir.join("trash");
+            std::fs::create_dir_all(&trash).expect("trash dir");
+            let aside = trash.join(format!("{name}-{}", self.dir_seq()));
+            std::fs::rename(&dir, &aside).expect("move an old scratch dir aside");
+        }
         std::fs::create_dir_all(&dir).expect("create scratch dir");
         dir
+    }
+
+    fn dir_seq(&self) -> u128 {
+        std::time::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_nanos())
+    }
+
+    /// Deletes what `scratch` moved aside.
+    pub fn empty_trash(&self) {
+        let _ = std::fs::remove_dir_all(self.dir.join("trash"));
     }
 
     pub fn fsync(&mut self) -> baselines::Fsync {
@@ -529,6 +547,7 @@ pub fn main(opts: Options) -> std::process::ExitCode {
     }
     let took = started.elapsed();
     print(&ctx, took);
+    ctx.empty_trash();
     std::process::ExitCode::SUCCESS
 }
 

@@ -81,7 +81,7 @@ pub fn disk_usage(dir: &std::path::Path) -> u64 {
 /// nothing else is measured meanwhile). `None` when strace is missing or
 /// may not attach.
 pub fn count_syscalls(pid: u32, syscalls: &str, window: Duration) -> Option<u64> {
-    let out_file = std::env::temp_dir().join(format!("bench-strace-{pid}"));
+    let out_file = std::env::temp_dir().join(format!("bench-strace-{pid}.txt"));
     let mut child = std::process::Command::new("strace")
         .args(["-f", "-c", "-e", &format!("trace={syscalls}"), "-o"])
         .arg(&out_file)
@@ -98,7 +98,8 @@ pub fn count_syscalls(pid: u32, syscalls: &str, window: Duration) -> Option<u64>
     let text = std::fs::read_to_string(&out_file).ok()?;
     let _ = std::fs::remove_file(&out_file);
     if !text.contains("% time") {
-        return None;
+        // strace prints no table when nothing was called.
+        return text.contains("attached").then_some(0);
     }
     // Per system call: `% time, seconds, usecs/call, calls, [errors], name`.
     let calls = text

@@ -261,8 +261,9 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Connects `certs.len()` agents, at most `parallel` handshakes at a
-    /// time, and waits until each is welcomed.
+    /// Connects `certs.len()` agents, at most `parallel` at a time (the
+    /// coordinator refuses more than 16 handshakes in flight from one
+    /// address), and waits until each is welcomed.
     pub async fn start(
         url: &str,
         certs: &[(String, TlsMaterial)],

@@ -236,7 +236,7 @@ pub fn disk(ctx: &mut Ctx) {
     let c = Coord::start(ctx, &dir, &[]);
     let repo = ctx.dir.join("cache/app.git").display().to_string();
     ctx.rt.block_on(async {
-        let mut fleet = Fleet::start(&c.url(), &certs, &behaviour, 10).await;
+        let mut fleet = Fleet::start(&c.url(), &certs, &behaviour, 8).await;
         let admin = c.admin().await;
         let submitters = tokio::spawn(concurrent(10, tasks / 10, move |i| {
             let mut a = admin.clone();
