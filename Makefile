@@ -68,12 +68,16 @@ test: deps
 	GRPCURL="$(GRPCURL)" $(CARGO) test --workspace
 
 # Performance figures, each with a baseline measured in the same run
-# (see BENCHMARKS.md). Release build; `bench-quick` runs in under 2 minutes.
+# (see BENCHMARKS.md). Release build of every binary (the bench starts the
+# real coordinator and agent); `bench-quick` runs in under 2 minutes.
+# BENCH_ARGS adds options, e.g. `BENCH_ARGS=--json` or a scenario name.
 bench: build-deps
-	$(CARGO) run --release -p tests --bin bench
+	$(CARGO) build --release --workspace --bins
+	./target/release/bench $(BENCH_ARGS)
 
 bench-quick: build-deps
-	$(CARGO) run --release -p tests --bin bench -- --quick
+	$(CARGO) build --release --workspace --bins
+	./target/release/bench --quick $(BENCH_ARGS)
 
 lint:
 	$(CARGO) fmt --all -- --check

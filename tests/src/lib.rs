@@ -10,6 +10,7 @@
 // GitHub's repository JSON is one large `json!` literal.
 #![recursion_limit = "512"]
 
+pub mod bench;
 pub mod cluster;
 pub mod fake_anthropic;
 pub mod git;
