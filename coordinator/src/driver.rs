@@ -560,26 +560,12 @@ impl Driver {
                 task,
                 reason,
                 reply,
-            } => {
-                self.bring_back(task);
-                let result = self
-                    .core
-                    .cancel(task, reason, now, wall)
-                    .map(|()| self.task_view(task).expect("invariant: task exists"));
-                self.reply(reply, result);
-            }
+            } => self.task_command(task, reply, |core| core.cancel(task, reason, now, wall)),
             Command::Retry {
                 task,
                 reason,
                 reply,
-            } => {
-                self.bring_back(task);
-                let result = self
-                    .core
-                    .retry(task, reason, now, wall)
-                    .map(|()| self.task_view(task).expect("invariant: task exists"));
-                self.reply(reply, result);
-            }
+            } => self.task_command(task, reply, |core| core.retry(task, reason, now, wall)),
             Command::WatchCluster {
                 recent_ended,
                 events,
@@ -762,6 +748,22 @@ impl Driver {
                 retention.next = now + PRUNE_ROUND_EVERY;
             }
         }
+    }
+
+    /// An admin's command about one task (which may have ended and left
+    /// memory): answered with the task as it is after.
+    fn task_command(
+        &mut self,
+        task: TaskId,
+        reply: Reply<Result<Task, TaskError>>,
+        command: impl FnOnce(&mut Core) -> Result<(), TaskError>,
+    ) {
+        self.bring_back(task);
+        let result = command(&mut self.core).map(|()| {
+            self.task_view(task)
+                .expect("invariant: a changed task exists")
+        });
+        self.reply(reply, result);
     }
 
     /// An ended task that left memory, as last committed.
