@@ -76,6 +76,11 @@ impl Error {
 }
 
 /// sled reports its lock only as an I/O error with this text.
+/// sled's page cache. Its default (1 GiB) lets the coordinator's memory
+/// grow with the history it ever read (a restart reads every task); the
+/// live work and the recent output fit in this.
+const CACHE_BYTES: u64 = 64 << 20;
+
 fn open_error(path: &Path, source: sled::Error) -> Error {
     let path = path.display().to_string();
     match &source {
@@ -201,6 +206,7 @@ impl SledStore {
             .path(dir)
             .mode(sled::Mode::HighThroughput)
             .flush_every_ms(None)
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|source| open_error(dir, source))?;
         Self::from_db(db)
