@@ -61,7 +61,20 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 /// Reads everything the core is rebuilt from.
 pub fn restore(store: &dyn Store) -> Result<Restored, store::Error> {
     let agents = store.load_agents()?;
-    let tasks = store.load_tasks()?;
+    let outbox = store.load_outbox()?;
+    let owed: std::collections::BTreeSet<_> = outbox.iter().map(|e| e.task).collect();
+    // One task at a time: of an ended task that owes GitHub nothing only
+    // what the core indexes is kept, so a restart's memory does not peak
+    // with the history.
+    let mut tasks = Vec::new();
+    let mut ended = Vec::new();
+    store.scan_tasks(&mut |task| {
+        if task.state.is_terminal() && !owed.contains(&task.id) {
+            ended.push(crate::core::EndedTask::of(&task));
+        } else {
+            tasks.push(task);
+        }
+    })?;
     let mut output = std::collections::BTreeMap::new();
     for task in tasks.iter().filter(|t| !t.state.is_terminal()) {
         let attempt = task.current().map_or(Attempt(0), |a| a.attempt);
@@ -73,9 +86,10 @@ pub fn restore(store: &dyn Store) -> Result<Restored, store::Error> {
     Ok(Restored {
         agents,
         tasks,
+        ended,
         output,
         deliveries: store.load_deliveries()?,
-        outbox: store.load_outbox()?,
+        outbox,
     })
 }
 

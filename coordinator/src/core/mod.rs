@@ -377,13 +377,10 @@ impl Finished {
     /// this many).
     const RECENT: usize = 200;
 
-    fn add(&mut self, task: &Task) {
-        *self
-            .counts
-            .entry((task.state, task.spec.specialty))
-            .or_default() += 1;
-        self.recent.retain(|id| *id != task.id);
-        self.recent.push_back(task.id);
+    fn add(&mut self, id: TaskId, state: TaskState, specialty: Specialty) {
+        *self.counts.entry((state, specialty)).or_default() += 1;
+        self.recent.retain(|r| *r != id);
+        self.recent.push_back(id);
         while self.recent.len() > Self::RECENT {
             self.recent.pop_front();
         }
@@ -397,11 +394,54 @@ impl Finished {
     }
 }
 
+/// What the core keeps of an ended task it restores without its record:
+/// what its indexes and counts need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndedTask {
+    pub id: TaskId,
+    pub state: TaskState,
+    pub specialty: Specialty,
+    pub repo_url: String,
+    /// The GitHub issue (`owner/name`, number) it came from.
+    pub issue: Option<(String, u64)>,
+    /// The pull request it opened (or last updated).
+    pub pull: Option<u64>,
+    /// Agents whose mirror of the repository its attempts warmed.
+    pub warmed: Vec<AgentId>,
+}
+
+impl EndedTask {
+    pub fn of(task: &Task) -> Self {
+        Self {
+            id: task.id,
+            state: task.state,
+            specialty: task.spec.specialty,
+            repo_url: task.spec.repo_url.clone(),
+            issue: task.source.issue().map(|(repo, n)| (repo.to_owned(), n)),
+            pull: task
+                .github
+                .as_ref()
+                .and_then(|g| g.pull.as_ref())
+                .map(|p| p.number),
+            warmed: task
+                .attempts
+                .iter()
+                .filter(|a| warms_mirror(a.outcome))
+                .map(|a| a.agent.clone())
+                .collect(),
+        }
+    }
+}
+
 /// Everything the core is rebuilt from after a restart.
 #[derive(Debug, Default)]
 pub struct Restored {
     pub agents: Vec<AgentRecord>,
+    /// Tasks in full (an ended one that owes GitHub nothing is kept only as
+    /// an `EndedTask`).
     pub tasks: Vec<Task>,
+    /// Ended tasks that owe GitHub nothing, without their records.
+    pub ended: Vec<EndedTask>,
     /// Output already stored, for tasks that are not terminal.
     pub output: BTreeMap<TaskId, OutputPosition>,
     /// Webhook deliveries seen, with when.
@@ -470,9 +510,7 @@ impl Core {
             }
             if task.state.is_terminal() && !owed.contains(&task.id) {
                 // Ended: its indexes only; the task stays in the store.
-                core.index_issue(&task);
-                core.index_pull(&task);
-                core.finished.add(&task);
+                core.restore_ended(EndedTask::of(&task));
                 continue;
             }
             if let Some(position) = restored.output.get(&task.id) {
@@ -512,6 +550,14 @@ impl Core {
             core.index_issue(&task);
             core.index_pull(&task);
             core.tasks.insert(task.id, task);
+        }
+        for ended in restored.ended {
+            core.restore_ended(ended);
+        }
+        // Oldest first, whichever list a task came in.
+        for tasks in core.issues.values_mut() {
+            tasks.sort_unstable();
+            tasks.dedup();
         }
         core.restore_outbox(outbox_entries);
         core

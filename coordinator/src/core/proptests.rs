@@ -617,6 +617,7 @@ impl Harness {
         let restored = Restored {
             agents: self.written_agents.values().cloned().collect(),
             tasks: self.written_tasks.values().cloned().collect(),
+            ended: Vec::new(),
             output,
             deliveries: Vec::new(),
             outbox: Vec::new(),

@@ -327,6 +327,24 @@ impl Core {
         self.tasks.insert(task.id, task);
     }
 
+    /// An ended task restored without its record: its indexes and count.
+    pub(super) fn restore_ended(&mut self, ended: super::EndedTask) {
+        self.next_task_id = self.next_task_id.max(ended.id.0);
+        for agent in &ended.warmed {
+            if let Some(entry) = self.agents.get_mut(agent) {
+                entry.repos.insert(ended.repo_url.clone());
+            }
+        }
+        if let Some((repo, issue)) = &ended.issue {
+            let key = (repo.to_lowercase(), *issue);
+            if let Some(pull) = ended.pull {
+                self.pulls.insert((key.0.clone(), pull), ended.id);
+            }
+            self.issues.entry(key).or_default().push(ended.id);
+        }
+        self.finished.add(ended.id, ended.state, ended.specialty);
+    }
+
     /// Whether `id` names a task that ended and left memory (the store has
     /// it).
     pub fn left_memory(&self, id: TaskId) -> bool {
@@ -357,7 +375,7 @@ impl Core {
                 && self.pending_effects(id).is_empty();
             if done && let Some(task) = self.tasks.remove(&id) {
                 self.output.remove(&id);
-                self.finished.add(&task);
+                self.finished.add(task.id, task.state, task.spec.specialty);
             }
         }
     }

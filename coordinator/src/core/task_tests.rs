@@ -670,8 +670,7 @@ fn a_restarted_core_resumes_live_attempts_from_the_store() {
         agents,
         tasks,
         output,
-        deliveries: Vec::new(),
-        outbox: Vec::new(),
+        ..Restored::default()
     });
     assert_eq!(h2.state(t), TaskState::Running);
     assert_eq!(h2.state(q), TaskState::Queued);
