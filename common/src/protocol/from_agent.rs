@@ -129,18 +129,10 @@ impl FromAgent {
                 unhealthy,
             } => Msg::Hello(proto::Hello {
                 agent_version: advert.agent_version,
-                specialties: advert
-                    .specialties
-                    .iter()
-                    .map(|&s| values::specialty_to_proto(s) as i32)
-                    .collect(),
+                specialties: values::specialties_to_proto(&advert.specialties),
                 capacity: advert.capacity,
                 labels: advert.labels.into_iter().collect(),
-                toolchains: advert
-                    .toolchains
-                    .iter()
-                    .map(values::toolchain_to_proto)
-                    .collect(),
+                toolchains: values::toolchains_to_proto(&advert.toolchains),
                 running: running_to_proto(&running),
                 claimed_name: claimed_name.to_owned(),
                 hostname: advert.hostname,

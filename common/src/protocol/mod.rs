@@ -30,8 +30,8 @@ pub use from_agent::{FromAgent, OutputChunk, ReportedTask};
 pub use to_agent::{PushAuth, ToAgent};
 pub use values::{
     cli_result_to_proto, kind_from_proto, kind_to_proto, outcome_from_proto, outcome_to_proto,
-    phase_from_proto, phase_to_proto, specialty_from_proto, specialty_to_proto,
-    test_summary_to_proto, toolchain_to_proto,
+    phase_from_proto, phase_to_proto, specialties_to_proto, specialty_from_proto,
+    specialty_to_proto, test_summary_to_proto, toolchain_to_proto, toolchains_to_proto,
 };
 
 /// The most attempts an agent may run at once.

@@ -126,6 +126,19 @@ pub fn kind_to_proto(k: OutputKind) -> proto::OutputKind {
     }
 }
 
+/// An advert's specialties as protobuf enum values.
+pub fn specialties_to_proto(specialties: &[Specialty]) -> Vec<i32> {
+    specialties
+        .iter()
+        .map(|&s| specialty_to_proto(s) as i32)
+        .collect()
+}
+
+/// An advert's toolchains as protobuf messages.
+pub fn toolchains_to_proto(toolchains: &[Toolchain]) -> Vec<proto::Toolchain> {
+    toolchains.iter().map(toolchain_to_proto).collect()
+}
+
 pub fn toolchain_to_proto(t: &Toolchain) -> proto::Toolchain {
     proto::Toolchain {
         name: t.name.clone(),

@@ -55,25 +55,10 @@ pub fn task_info(task: &Task) -> proto::TaskInfo {
                     commit: report.map(|r| r.commit.clone()).unwrap_or_default(),
                     tests: report
                         .and_then(|r| r.tests.as_ref())
-                        .map(|t| proto::TestSummary {
-                            ran: t.ran,
-                            passed: t.passed,
-                            command: t.command.clone(),
-                            exit_code: t.exit_code,
-                            tail: t.tail.clone(),
-                        }),
+                        .map(protocol::test_summary_to_proto),
                     cli: report
                         .and_then(|r| r.cli.as_ref())
-                        .map(|c| proto::CliResult {
-                            cost_usd: c.cost_usd,
-                            turns: c.turns,
-                            duration_ms: c.duration_ms,
-                            session_id: c.session_id.clone(),
-                            is_error: c.is_error,
-                            subtype: c.subtype.clone(),
-                            result: c.result.clone(),
-                            model: c.model.clone(),
-                        }),
+                        .map(protocol::cli_result_to_proto),
                 }
             })
             .collect(),
@@ -211,18 +196,10 @@ pub fn agent_info(view: AgentView) -> AgentInfo {
     AgentInfo {
         agent_id: record.id.to_string(),
         state: state as i32,
-        specialties: advert
-            .specialties
-            .iter()
-            .map(|&s| protocol::specialty_to_proto(s) as i32)
-            .collect(),
+        specialties: protocol::specialties_to_proto(&advert.specialties),
         capacity: advert.capacity,
         labels: advert.labels.into_iter().collect(),
-        toolchains: advert
-            .toolchains
-            .iter()
-            .map(protocol::toolchain_to_proto)
-            .collect(),
+        toolchains: protocol::toolchains_to_proto(&advert.toolchains),
         agent_version: advert.agent_version,
         hostname: advert.hostname,
         first_seen: Some(record.first_seen.to_timestamp()),

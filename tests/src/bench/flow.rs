@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use axum::http::Method;
+use common::proto::admin_client::AdminClient;
 use serde_json::json;
+use tonic::transport::Channel;
 
 use super::baselines::{concurrent, serial};
 use super::coord::{self, Coord, submit_request};
@@ -182,6 +184,33 @@ pub fn webhook(ctx: &mut Ctx) {
     ));
 }
 
+/// Submits `tasks` tasks on `repo` from `callers` concurrent submitters and
+/// waits until the simulated agents of `fleet` finished every one.
+pub(super) async fn submit_and_finish(
+    fleet: &mut Fleet,
+    admin: AdminClient<Channel>,
+    repo: String,
+    tasks: usize,
+    callers: usize,
+) {
+    let submitters = tokio::spawn(concurrent(callers, tasks / callers, move |i| {
+        let mut a = admin.clone();
+        let req = submit_request(&repo, i);
+        async move {
+            a.submit_task(req).await.expect("SubmitTask");
+        }
+    }));
+    let mut finished = 0;
+    while finished < tasks {
+        match fleet.next().await {
+            Event::FinishedAcked { .. } => finished += 1,
+            Event::Closed { agent, why } => panic!("agent {agent} closed: {why}"),
+            _ => {}
+        }
+    }
+    submitters.await.expect("submitters");
+}
+
 pub fn pipeline(ctx: &mut Ctx) {
     let ack_rate = match ctx.ack_rate {
         Some(r) => r,
@@ -199,23 +228,8 @@ pub fn pipeline(ctx: &mut Ctx) {
         let mut fleet = Fleet::start(&c.url(), &certs, &Behaviour::default(), 8).await;
         let admin = c.admin().await;
         let start = now();
-        let submitters = tokio::spawn(concurrent(100, tasks / 100, move |i| {
-            let mut a = admin.clone();
-            let req = submit_request(&repo, i);
-            async move {
-                a.submit_task(req).await.expect("SubmitTask");
-            }
-        }));
-        let mut finished = 0;
-        while finished < tasks {
-            match fleet.next().await {
-                Event::FinishedAcked { .. } => finished += 1,
-                Event::Closed { agent, why } => panic!("agent {agent} closed: {why}"),
-                _ => {}
-            }
-        }
+        submit_and_finish(&mut fleet, admin, repo, tasks, 100).await;
         let rate = tasks as f64 / start.elapsed().as_secs_f64();
-        submitters.await.expect("submitters");
         fleet.stop();
         rate
     });

@@ -20,9 +20,9 @@ use coordinator::core::{
 };
 use coordinator::store::{SledStore, Store};
 
-use super::baselines::{concurrent, serial};
+use super::baselines::serial;
 use super::coord::{self, Coord, submit_request};
-use super::sim::{Behaviour, Event, Fleet};
+use super::sim::{Behaviour, Fleet};
 use super::{Ctx, Figure, Q, now, proc};
 
 /// A finished task shaped as a real one.
@@ -238,22 +238,7 @@ pub fn disk(ctx: &mut Ctx) {
     ctx.rt.block_on(async {
         let mut fleet = Fleet::start(&c.url(), &certs, &behaviour, 8).await;
         let admin = c.admin().await;
-        let submitters = tokio::spawn(concurrent(10, tasks / 10, move |i| {
-            let mut a = admin.clone();
-            let req = submit_request(&repo, i);
-            async move {
-                a.submit_task(req).await.expect("SubmitTask");
-            }
-        }));
-        let mut finished = 0;
-        while finished < tasks {
-            match fleet.next().await {
-                Event::FinishedAcked { .. } => finished += 1,
-                Event::Closed { agent, why } => panic!("agent {agent} closed: {why}"),
-                _ => {}
-            }
-        }
-        submitters.await.expect("submitters");
+        super::flow::submit_and_finish(&mut fleet, admin, repo, tasks, 10).await;
         fleet.stop();
     });
     c.stop();
