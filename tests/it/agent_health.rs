@@ -618,6 +618,7 @@ fn the_command_line_explains_itself_and_refuses_settings_that_cannot_work() {
         (&["--stop-grace", "0s"], "stop_grace"),
         (&["--health-check-interval", "0s"], "health_check_interval"),
         (&["--max-turns", "0"], "max_turns"),
+        (&["--max-unacked-output", "1KiB"], "max_unacked_output"),
         (&["--stop-grace", "2s"], "kill_grace"),
         (&["--git-ssh-key", "/nonexistent/id_ed25519"], "ssh_key"),
         (

@@ -684,3 +684,35 @@ fn a_coordinator_killed_at_random_moments_under_load_loses_nothing_acknowledged(
         assert_eq!(wins, 1, "succeeded exactly once: {task}");
     }
 }
+
+#[test]
+fn the_output_of_tasks_ended_before_the_retention_is_deleted_and_the_tasks_kept() {
+    let mut cluster = Cluster::new("output-retention");
+    cluster.start_coordinator();
+    cluster.start_agent("pc-r", &["--specialties", "backend"]);
+    cluster.wait_agents(&["pc-r"], "connected");
+    let id = cluster.submit("backend", "Leaves output", "FAKE: lines=3 write=OUT.md");
+    cluster.wait_task(&id, "succeeded", LONG);
+    assert!(
+        cluster
+            .ccc_ok(&["logs", &id])
+            .contains("working, step 1 of 3"),
+        "output stored"
+    );
+    cluster.coordinator().terminate(LONG);
+    // Ended before this start, so older than a millisecond's retention.
+    let mut cluster = cluster.with_coordinator_args(&["--output-retention", "1ms"]);
+    cluster.start_coordinator();
+    cluster
+        .coordinator()
+        .wait_for_log("deleted the output of tasks ended long ago", LONG);
+    assert!(
+        !cluster.ccc_ok(&["logs", &id]).contains("working, step"),
+        "the output is gone"
+    );
+    assert_eq!(
+        cluster.task_json(&id).expect("task")["state"],
+        "succeeded",
+        "the task is kept"
+    );
+}
