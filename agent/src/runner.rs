@@ -368,10 +368,14 @@ fn system_line(mut line: String) -> String {
     line
 }
 
-/// Reads a pipe in chunks of at most one line (long lines are cut at
-/// `MAX_CHUNK`), as raw bytes: output need not be UTF-8. A stdout line cut
-/// into pieces goes out as plain pieces, and is also put back together (up
-/// to `MAX_EVENT_LINE`) for `events`, so that a long event is still seen.
+/// Reads a pipe in chunks of whole lines, as raw bytes: output need not be
+/// UTF-8. Lines of one kind that are already read when one ends (a program
+/// printing in bulk) go out together, up to `MAX_CHUNK`; a line is never
+/// held back waiting for more output, so a slow program's lines still go
+/// out one by one as they come. Long lines are cut at `MAX_CHUNK`. A stdout
+/// line cut into pieces goes out as plain pieces, and is also put back
+/// together (up to `MAX_EVENT_LINE`) for `events`, so that a long event is
+/// still seen; every whole line is shown to `events` on its own.
 async fn forward(
     pipe: impl tokio::io::AsyncRead + Unpin,
     plain: OutputKind,
@@ -385,6 +389,10 @@ async fn forward(
     // The pieces so far of a stdout line longer than a chunk.
     let mut long_line: Vec<u8> = Vec::new();
     let mut long_line_too_long = false;
+    // Whole lines of `gathered_kind` not sent yet: empty whenever the loop
+    // may wait for the pipe.
+    let mut gathered: Vec<u8> = Vec::new();
+    let mut gathered_kind = plain;
     loop {
         let (chunk, ends_line) = match reader.fill_buf().await {
             Ok([]) | Err(_) if line.is_empty() => return,
@@ -421,10 +429,37 @@ async fn forward(
             Some(events) if whole && events.observe(&chunk) => OutputKind::Event,
             _ => plain,
         };
-        if !send_chunk(chunk, kind, &sink, &collected).await {
+        let joins = whole && kind == gathered_kind && gathered.len() + chunk.len() <= MAX_CHUNK;
+        if joins {
+            gathered.extend_from_slice(&chunk);
+        } else {
+            if !send_gathered(&mut gathered, gathered_kind, &sink, &collected).await {
+                return;
+            }
+            if whole {
+                (gathered, gathered_kind) = (chunk, kind);
+            } else if !send_chunk(chunk, kind, &sink, &collected).await {
+                return;
+            }
+        }
+        // Send what is gathered unless the next line is already read.
+        if !reader.buffer().contains(&b'\n')
+            && !send_gathered(&mut gathered, gathered_kind, &sink, &collected).await
+        {
             return;
         }
     }
+}
+
+/// Sends the lines gathered, if any, leaving `gathered` empty. Returns
+/// false once the receiver is gone.
+async fn send_gathered(
+    gathered: &mut Vec<u8>,
+    kind: OutputKind,
+    sink: &Sink,
+    collected: &std::sync::Mutex<Collected>,
+) -> bool {
+    gathered.is_empty() || send_chunk(std::mem::take(gathered), kind, sink, collected).await
 }
 
 /// Sends one chunk of `kind`. Returns false once the receiver is gone.
@@ -437,11 +472,13 @@ async fn send_chunk(
     // One lock per chunk for the bookkeeping before the send.
     if let Ok(mut c) = collected.lock() {
         if kind != OutputKind::Event {
-            c.tail
-                .push_back(String::from_utf8_lossy(&chunk).into_owned());
-            if c.tail.len() > TAIL_LINES {
-                c.tail.pop_front();
+            // The chunk's last lines are enough for the tail.
+            let lines: Vec<&[u8]> = chunk.split_inclusive(|&b| b == b'\n').collect();
+            for line in &lines[lines.len().saturating_sub(TAIL_LINES)..] {
+                c.tail.push_back(String::from_utf8_lossy(line).into_owned());
             }
+            let excess = c.tail.len().saturating_sub(TAIL_LINES);
+            c.tail.drain(..excess);
         }
         if c.group_gone {
             c.after_group += chunk.len();
@@ -731,14 +768,19 @@ mod tests {
         // The driver is busy for longer than the pipes are given once the
         // process is gone.
         tokio::time::sleep(PIPE_GIVE_UP + Duration::from_secs(1)).await;
-        let mut lines = 0;
+        let mut output = Vec::new();
         while let Some(event) = rx.recv().await {
-            if matches!(event, ChildEvent::Output { .. }) {
-                lines += 1;
+            if let ChildEvent::Output { data, .. } = event {
+                output.extend_from_slice(&data);
             }
         }
         assert!(matches!(run.await, Ok(Ok(true))));
-        assert_eq!(lines, 500, "every line arrives");
+        let expected: String = (1..=500).map(|i| format!("{i}\n")).collect();
+        assert_eq!(
+            String::from_utf8_lossy(&output),
+            expected,
+            "every line arrives"
+        );
     }
 
     #[tokio::test]
@@ -791,6 +833,56 @@ mod tests {
             Some("success".to_owned()),
             "the result event is understood although it spans chunks"
         );
+    }
+
+    #[tokio::test]
+    async fn lines_read_together_go_out_together_in_chunks_of_one_kind() {
+        // 200 lines of 1 KiB, an event among them, then more plain lines.
+        let plain: String = (0..200)
+            .map(|i| format!("{i:04}{}\n", "x".repeat(1019)))
+            .collect();
+        let event = "{\"type\":\"system\",\"subtype\":\"init\"}\n";
+        let input = format!("{plain}{event}{plain}");
+        let (chunks, _) = read_stdout(input.as_bytes()).await;
+
+        let rejoined: Vec<u8> = chunks.iter().flat_map(|(_, d)| d.clone()).collect();
+        assert_eq!(
+            rejoined,
+            input.as_bytes(),
+            "nothing lost, added or reordered"
+        );
+        assert!(
+            chunks.len() < 20,
+            "400 lines read at once go out in a few chunks, not {}",
+            chunks.len()
+        );
+        for (kind, data) in &chunks {
+            assert!(data.len() <= MAX_CHUNK, "a chunk of {} bytes", data.len());
+            assert!(data.ends_with(b"\n"), "chunks end at a line's end");
+            assert_eq!(
+                *kind == OutputKind::Event,
+                data == event.as_bytes(),
+                "the event is a chunk of its own kind"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_line_is_not_held_back_waiting_for_the_next() {
+        let (sink, mut rx) = sink(64);
+        let inv = sh("echo first; sleep 30; echo second");
+        let cancel = CancellationToken::new();
+        let run = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move { run_streaming(&inv, &sink, &cancel).await })
+        };
+        let first = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await;
+        assert!(
+            matches!(&first, Ok(Some(ChildEvent::Output { data, .. })) if &data[..] == b"first\n"),
+            "the first line arrives while the program still runs: {first:?}"
+        );
+        cancel.cancel();
+        let _ = run.await;
     }
 
     #[tokio::test]

@@ -511,9 +511,21 @@ pub fn after_cancel(t: &TaskInfo) -> String {
     }
 }
 
+/// The lines for a chunk of the CLI's stream-json events (one event a line;
+/// an agent sends lines that arrive together as one chunk), or `None` when
+/// none is worth a line (raw mode shows everything).
+pub fn render_events(data: &[u8]) -> Option<String> {
+    let lines: Vec<String> = data
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.trim_ascii().is_empty())
+        .filter_map(render_event)
+        .collect();
+    (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
 /// One line for a stream-json event of the CLI, or `None` for events not
-/// worth a line (raw mode shows everything).
-pub fn render_event(data: &[u8]) -> Option<String> {
+/// worth a line.
+fn render_event(data: &[u8]) -> Option<String> {
     let event: serde_json::Value = serde_json::from_slice(data).ok()?;
     let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().trim().to_owned();
     match (event["type"].as_str()?, event["subtype"].as_str()) {
@@ -765,7 +777,7 @@ async fn watch_once(
                 }
                 let is_event = chunk.kind == proto::OutputKind::Event as i32;
                 if is_event && !raw {
-                    if let Some(line) = render_event(&chunk.data) {
+                    if let Some(line) = render_events(&chunk.data) {
                         out.line(line.as_bytes())?;
                     }
                 } else {
@@ -795,7 +807,7 @@ async fn watch_once(
 
 #[cfg(test)]
 mod tests {
-    use super::{TaskInfo, TaskState, for_terminal, state_line};
+    use super::{TaskInfo, TaskState, for_terminal, render_events, state_line};
 
     fn task(state: TaskState, outcome: &str, reason: &str) -> TaskInfo {
         TaskInfo {
@@ -826,6 +838,23 @@ mod tests {
             "cancelled: by admin root"
         );
         assert_eq!(state_line(&task(TaskState::Queued, "", "")), "queued");
+    }
+
+    #[test]
+    fn a_chunk_of_several_events_gives_a_line_for_each_worth_one() {
+        let chunk = concat!(
+            r#"{"type":"system","subtype":"init","session_id":"s1","model":"m"}"#,
+            "\n",
+            r#"{"type":"user","message":{}}"#,
+            "\n",
+            r#"{"type":"assistant","message":{"content":[{"type":"text","text":"hello"}]}}"#,
+            "\n",
+        );
+        assert_eq!(
+            render_events(chunk.as_bytes()).as_deref(),
+            Some("[claude] session s1 started (model m)\n[claude] hello")
+        );
+        assert_eq!(render_events(b"{\"type\":\"user\"}\n"), None);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use common::proto::{AgentInfo, OutputKind, TaskInfo, TaskOutput, TaskState, cluster_event};
 
-use crate::tasks::{for_terminal, render_event};
+use crate::tasks::{for_terminal, render_events};
 
 /// Lines a log pane keeps; older ones scroll away.
 pub const MAX_LOG_LINES: usize = 5000;
@@ -108,7 +108,7 @@ pub fn one_line(text: &str) -> String {
 /// readable, as `ccc logs` shows them); none for events not worth a line.
 pub fn readable_lines(kind: i32, data: &[u8]) -> Vec<String> {
     let text = if kind == OutputKind::Event as i32 {
-        match render_event(data) {
+        match render_events(data) {
             Some(text) => text,
             None => return Vec::new(),
         }
