@@ -8,6 +8,9 @@ use proptest::prelude::*;
 
 use super::*;
 
+/// The built-in rules, compiled once for every test.
+static DEFAULTS: std::sync::LazyLock<Rules> = std::sync::LazyLock::new(Rules::defaults);
+
 fn run(title: &str, body: &str, labels: &[&str]) -> Triage {
     let labels: Vec<String> = labels.iter().map(|l| (*l).to_owned()).collect();
     triage(
@@ -17,7 +20,7 @@ fn run(title: &str, body: &str, labels: &[&str]) -> Triage {
             labels: &labels,
             languages: &[],
         },
-        &Rules::defaults(),
+        &DEFAULTS,
     )
 }
 
@@ -284,8 +287,61 @@ fn rules_files_extend_or_replace_the_defaults_and_errors_name_the_entry() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `text::normalise` by its definition: full-width ASCII folded one char at
+/// a time, then lowercase as `str::to_lowercase` does it (a final sigma
+/// included).
+fn normalise_by_chars(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+            '\u{3000}' => ' ',
+            _ => c,
+        })
+        .collect::<String>()
+        .to_lowercase()
+}
+
+/// `text::sentences` by its definition, one char at a time.
+fn sentences_by_chars(text: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        let end = i + c.len_utf8();
+        let cut = match c {
+            '\n' | '。' | '！' | '？' => true,
+            '.' | '!' | '?' => chars.peek().is_none_or(|(_, next)| next.is_whitespace()),
+            _ => false,
+        };
+        if cut {
+            out.push((start, end));
+            start = end;
+        }
+    }
+    if start < text.len() {
+        out.push((start, text.len()));
+    }
+    out
+}
+
+/// Text rich in what the two functions above treat specially.
+fn tricky_text() -> impl Strategy<Value = String> {
+    let special = prop::sample::select(vec![
+        '.', '!', '?', '\n', ' ', '\u{3000}', '\u{2003}', '。', '！', '？', '、', 'Ａ', 'ｚ', '！',
+        '～', 'İ', 'Σ', 'é', 'a', 'Z', '1',
+    ]);
+    prop::collection::vec(prop_oneof![3 => special, 1 => any::<char>()], 0..300)
+        .prop_map(|chars| chars.into_iter().collect())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn the_fast_text_passes_agree_with_their_definitions(text in tricky_text()) {
+        prop_assert_eq!(text::normalise(&text), normalise_by_chars(&text));
+        prop_assert_eq!(text::sentences(&text), sentences_by_chars(&text));
+    }
 
     #[test]
     fn any_text_gives_an_answer(title in ".{0,200}", body in ".{0,2000}", label in ".{0,40}") {

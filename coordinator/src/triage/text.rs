@@ -5,7 +5,7 @@
 
 use std::sync::LazyLock;
 
-use regex::Regex;
+use regex::{Regex, RegexSet};
 
 /// The most of an issue that is read; GitHub itself caps a body at 65,536
 /// characters, so this only bounds hostile or pasted-log input.
@@ -17,14 +17,26 @@ const MAX_PATHS: usize = 64;
 
 /// Lowercase, with full-width ASCII and the ideographic space folded.
 pub fn normalise(s: &str) -> String {
-    s.chars()
-        .map(|c| match c {
-            '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+    // `to_lowercase` is fast on ASCII runs; full-width letters lowercase to
+    // full-width letters, which the fold below then turns into ASCII.
+    let lower = s.to_lowercase();
+    let full_width = |c: char| matches!(c, '\u{FF01}'..='\u{FF5E}' | '\u{3000}');
+    if lower.is_ascii() || !lower.contains(full_width) {
+        return lower;
+    }
+    // Copied in runs between the characters folded.
+    let mut folded = String::with_capacity(lower.len());
+    let mut rest = lower.as_str();
+    while let Some((at, c)) = rest.char_indices().find(|(_, c)| full_width(*c)) {
+        folded.push_str(&rest[..at]);
+        folded.push(match c {
             '\u{3000}' => ' ',
-            _ => c,
-        })
-        .flat_map(char::to_lowercase)
-        .collect()
+            _ => char::from_u32(c as u32 - 0xFEE0).unwrap_or(c),
+        });
+        rest = &rest[at + c.len_utf8()..];
+    }
+    folded.push_str(rest);
+    folded
 }
 
 /// An issue's text, cut by where each part was found.
@@ -55,9 +67,16 @@ pub struct Shape {
 }
 
 /// Lines that belong to a stack trace, with the file a frame names as the
-/// `path` group where there is one.
-static TRACE_LINES: LazyLock<Vec<Regex>> = LazyLock::new(|| {
-    [
+/// `path` group where there is one: one pass of the set tells whether a
+/// line is one (most are not), then the first pattern that matches reads
+/// the path.
+struct TracePatterns {
+    any: RegexSet,
+    each: Vec<Regex>,
+}
+
+static TRACE_LINES: LazyLock<TracePatterns> = LazyLock::new(|| {
+    let patterns = [
         // Python
         r#"^\s*traceback \(most recent call last\)"#,
         r#"^\s*file "(?P<path>[^"]+)", line \d+"#,
@@ -79,10 +98,14 @@ static TRACE_LINES: LazyLock<Vec<Regex>> = LazyLock::new(|| {
         // Ruby, PHP
         r#"^\s*(?:from )?(?P<path>[^:\s]+\.rb):\d+:in "#,
         r#"^\s*#\d+ (?P<path>[^\s(]+\.php)\(\d+\)"#,
-    ]
-    .iter()
-    .map(|p| Regex::new(p).expect("invariant: trace patterns compile"))
-    .collect()
+    ];
+    TracePatterns {
+        any: RegexSet::new(patterns).expect("invariant: trace patterns compile"),
+        each: patterns
+            .iter()
+            .map(|p| Regex::new(p).expect("invariant: trace patterns compile"))
+            .collect(),
+    }
 });
 
 /// A token that names a file: a known extension, or a path with a slash.
@@ -189,7 +212,11 @@ pub fn parts(body: &str) -> Parts {
         {
             parts.shape.list_items += 1;
         }
-        parts.shape.prose_chars += line.chars().filter(|c| c.is_alphanumeric()).count();
+        parts.shape.prose_chars += if line.is_ascii() {
+            line.bytes().filter(u8::is_ascii_alphanumeric).count()
+        } else {
+            line.chars().filter(|c| c.is_alphanumeric()).count()
+        };
         push_line(&mut parts.prose, line);
     }
     for text in [&parts.prose, &parts.code] {
@@ -243,29 +270,38 @@ fn trace_line(line: &str) -> Option<Option<String>> {
     if line.len() > 1000 {
         return None;
     }
-    TRACE_LINES.iter().find_map(|re| {
-        let cap = re.captures(line)?;
-        Some(cap.name("path").map(|p| p.as_str().to_owned()))
-    })
+    let first = TRACE_LINES.any.matches(line).into_iter().next()?;
+    let cap = TRACE_LINES.each[first].captures(line)?;
+    Some(cap.name("path").map(|p| p.as_str().to_owned()))
 }
 
 /// The sentences of a text as byte ranges: cut after a line end, a
 /// Japanese full stop, or `.`, `!` or `?` followed by white space.
 pub fn sentences(text: &str) -> Vec<(usize, usize)> {
+    const JAPANESE_STOPS: [&[u8]; 3] = ["。".as_bytes(), "！".as_bytes(), "？".as_bytes()];
+    let bytes = text.as_bytes();
     let mut out = Vec::new();
     let mut start = 0;
-    let mut chars = text.char_indices().peekable();
-    while let Some((i, c)) = chars.next() {
-        let end = i + c.len_utf8();
-        let cut = match c {
-            '\n' | '。' | '！' | '？' => true,
-            '.' | '!' | '?' => chars.peek().is_none_or(|(_, next)| next.is_whitespace()),
-            _ => false,
+    // Every byte that can end a sentence is ASCII or the lead byte of a
+    // Japanese stop, so the text is walked by bytes, not decoded.
+    for (i, &b) in bytes.iter().enumerate() {
+        let end = match b {
+            b'\n' => i + 1,
+            b'.' | b'!' | b'?' => {
+                let next = text[i + 1..].chars().next();
+                if !next.is_none_or(char::is_whitespace) {
+                    continue;
+                }
+                i + 1
+            }
+            0xE3 | 0xEF => match JAPANESE_STOPS.iter().find(|s| bytes[i..].starts_with(s)) {
+                Some(stop) => i + stop.len(),
+                None => continue,
+            },
+            _ => continue,
         };
-        if cut {
-            out.push((start, end));
-            start = end;
-        }
+        out.push((start, end));
+        start = end;
     }
     if start < text.len() {
         out.push((start, text.len()));
