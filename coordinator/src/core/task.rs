@@ -831,6 +831,7 @@ impl Core {
         {
             let write = entry.record_write();
             self.writes.push(write);
+            self.refile(agent);
         }
     }
 
