@@ -25,6 +25,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use common::ids::{AgentId, TaskId};
@@ -293,26 +294,30 @@ impl Core {
         let (rank, agent) = best?;
         let entry = self.agents.get(agent)?;
         let capacity = entry.record.advert.as_ref().map_or(0, |a| a.capacity);
-        let mut reasons = vec![if rank.exact_specialty {
+        // The reasons, "; " between them, written into one string (writing
+        // to a string cannot fail).
+        let mut reasons = if rank.exact_specialty {
             format!("specialty {wanted}")
         } else {
             format!("no {wanted} agent free; general fallback")
-        }];
+        };
         if !task.spec.technologies.is_empty() {
-            reasons.push(format!(
-                "toolchains cover {}/{} technologies",
+            let _ = write!(
+                reasons,
+                "; toolchains cover {}/{} technologies",
                 rank.coverage,
                 task.spec.technologies.len()
-            ));
+            );
         }
         if rank.knows_repo {
-            reasons.push("ran this repository before".into());
+            reasons.push_str("; ran this repository before");
         }
-        reasons.push(format!(
-            "{} of {capacity} slots free",
+        let _ = write!(
+            reasons,
+            "; {} of {capacity} slots free",
             self.free_slots(entry)
-        ));
-        Some((agent.clone(), reasons.join("; ")))
+        );
+        Some((agent.clone(), reasons))
     }
 
     /// Queue entries looked at by scheduling so far: what one event costs,
@@ -419,7 +424,13 @@ impl Core {
             entry.load.insert(task);
         }
         self.refile(agent);
-        *self.repo_live.entry(repo.to_owned()).or_default() += 1;
+        // The repository's name is copied only when it is not counted yet.
+        match self.repo_live.get_mut(repo) {
+            Some(n) => *n += 1,
+            None => {
+                self.repo_live.insert(repo.to_owned(), 1);
+            }
+        }
     }
 
     pub(super) fn release_slot(&mut self, agent: &AgentId, task: TaskId, repo: &str, now: Instant) {
