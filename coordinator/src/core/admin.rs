@@ -77,6 +77,7 @@ impl Core {
         entry.record.last_seen = entry.record.last_seen.max(wall);
         self.writes
             .push(Write::Agent(Box::new(entry.record.clone())));
+        self.refile(agent);
         info!(agent_id = %agent, "agent undrained");
         if let Some(conn) = live {
             self.conn_agent.remove(&conn);
@@ -102,6 +103,7 @@ impl Core {
         entry.record.last_seen = entry.record.last_seen.max(wall);
         self.writes
             .push(Write::Agent(Box::new(entry.record.clone())));
+        self.refile(agent);
         warn!(agent_id = %agent, "agent unrevoked");
         Ok(self
             .agent(agent)
@@ -129,6 +131,7 @@ impl Core {
             ));
         }
         self.agents.remove(agent);
+        self.refile(agent);
         self.writes.push(Write::ForgetAgent(agent.clone()));
         info!(agent_id = %agent, "agent forgotten");
         Ok(())

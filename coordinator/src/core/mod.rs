@@ -338,6 +338,8 @@ pub struct Core {
     output: BTreeMap<TaskId, OutputBudget>,
     /// The queued tasks, indexed for placement.
     queue: Queue,
+    /// The agents that may take work, indexed for placement.
+    free: schedule::FreeIndex,
     /// Live attempts per repository (fairness between repositories).
     repo_live: BTreeMap<String, usize>,
     /// Tasks by the issue they come from (`owner/name` lowercased, number),
@@ -467,6 +469,7 @@ impl Core {
             live: BTreeMap::new(),
             output: BTreeMap::new(),
             queue: Queue::default(),
+            free: schedule::FreeIndex::default(),
             repo_live: BTreeMap::new(),
             issues: BTreeMap::new(),
             deliveries: github::Deliveries::new(restored.deliveries),
@@ -715,6 +718,9 @@ impl Core {
                 if health_changed || stale {
                     self.writes.push(entry.record_write());
                 }
+                if health_changed {
+                    self.refile(&agent);
+                }
                 self.renew_leases(&agent, &running, now);
                 if recovered {
                     self.schedule(now, wall);
@@ -725,6 +731,7 @@ impl Core {
                 entry.record.state = AgentState::Draining;
                 entry.record.last_seen = wall;
                 self.writes.push(entry.record_write());
+                self.refile(&agent);
             }
             FromAgent::Accepted { task, attempt } => {
                 self.handle_accepted(conn, &agent, task, attempt, wall);
@@ -828,6 +835,7 @@ impl Core {
         );
         let write = entry.record_write();
         self.writes.push(write);
+        self.refile(&agent);
         if let Some(old) = replaced {
             self.conn_agent.remove(&old);
             self.close(old, CloseReason::Replaced);
@@ -881,6 +889,7 @@ impl Core {
         entry.record.last_disconnect_reason = Some(reason.clone());
         info!(agent_id = %agent, %reason, "agent disconnected");
         self.writes.push(entry.record_write());
+        self.refile(&agent);
     }
 
     /// Time passed: close silent streams, send due heartbeats.
@@ -946,6 +955,7 @@ impl Core {
             entry.record.last_disconnect_reason = Some(format!("revoked: {reason}"));
         }
         self.writes.push(entry.record_write());
+        self.refile(agent);
         warn!(agent_id = %agent, %reason, "agent revoked");
         let pending: Vec<ConnId> = self
             .pending
@@ -1000,6 +1010,7 @@ impl Core {
         entry.record.drain_reason = Some(reason.clone());
         entry.record.last_seen = entry.record.last_seen.max(wall);
         self.writes.push(entry.record_write());
+        self.refile(agent);
         info!(agent_id = %agent, %reason, "agent asked to drain");
         self.send(conn, ToAgent::Drain { reason });
         Ok(self.agent(agent).expect("invariant: drained agent exists"))

@@ -709,6 +709,8 @@ impl Harness {
 
     /// The invariants that hold after every event.
     fn check(&mut self) -> Result<(), TestCaseError> {
+        let (kept, rebuilt) = self.core.free_index_rebuilt();
+        prop_assert_eq!(kept, &rebuilt, "the free agents' index is stale");
         let mut holder: BTreeMap<TaskId, AgentId> = BTreeMap::new();
         for view in self.core.agents() {
             let slots = view.record.advert.as_ref().map_or(0, |a| a.capacity) as usize;
@@ -893,7 +895,8 @@ proptest! {
     /// on the agent whose slot it takes), or terminal; a terminal task
     /// changes only by an explicit retry of a failed or cancelled one; every
     /// change is written; output is written in order; and nothing is sent
-    /// to a stream after it was closed.
+    /// to a stream after it was closed; the index of free agents is the
+    /// one rebuilt from every agent.
     #[test]
     fn task_invariants_hold(steps in prop::collection::vec(step(), 1..120)) {
         let mut h = Harness::new();

@@ -10,8 +10,22 @@
 //! the task's technologies, then the one that ran the repository before (its
 //! mirror is warm), then the least loaded, then the longest idle. Every
 //! placement records these reasons.
+//!
+//! The agents that can take work are indexed as the queue is (`FreeIndex`):
+//! an agent is filed under the specialties it advertises while it is
+//! connected, not draining, healthy and has a free slot, and is refiled
+//! wherever one of those changes (a slot taken or released, a Hello, a
+//! disconnect, a drain, a revocation, a change of health). A cool-down ends
+//! with time rather than with an event, so a cooling agent stays filed and
+//! is skipped where the index is read. A round therefore looks at the free
+//! agents only: which specialties they serve, then, to place the task the
+//! queue offers, those that advertise its specialty (and the `general`
+//! ones when the fallback applies). Busy, draining, unhealthy and
+//! disconnected agents are never looked at.
 
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use common::ids::{AgentId, TaskId};
@@ -22,7 +36,7 @@ use tracing::warn;
 
 use super::queue::FreeAgents;
 use super::task::TaskState;
-use super::{AgentState, Core};
+use super::{AgentEntry, AgentState, Core};
 
 /// The toolchains that serve a technology named by triage or a submitter.
 pub fn tools_for(technology: &str) -> &'static [&'static str] {
@@ -60,7 +74,7 @@ fn coverage(technologies: &[String], toolchains: &[Toolchain]) -> usize {
 
 /// Ranking key of one agent for one task; greater is better.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Rank {
+struct Rank<'a> {
     exact_specialty: bool,
     coverage: usize,
     knows_repo: bool,
@@ -69,13 +83,105 @@ struct Rank {
     /// Longer idle is better.
     idle_since: Reverse<Instant>,
     /// Deterministic last resort: lower id first.
-    id: Reverse<AgentId>,
+    id: Reverse<&'a AgentId>,
+}
+
+/// The agents that may take work now, by the specialties they advertise:
+/// connected, not draining, healthy, with fewer live attempts than slots
+/// (cooling agents included; see the module docs).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct FreeIndex {
+    by_specialty: BTreeMap<Specialty, BTreeSet<AgentId>>,
+    /// Every filed agent, with the specialties it is filed under as a set
+    /// of bits (an agent advertising none is filed here only).
+    filed: BTreeMap<AgentId, u8>,
+}
+
+fn bit(specialty: Specialty) -> u8 {
+    1 << specialty as u8
+}
+
+impl FreeIndex {
+    /// Files `agent` under the specialties of `mask`, or takes it out
+    /// (`None`). Costs nothing when its filing does not change.
+    fn set(&mut self, agent: &AgentId, mask: Option<u8>) {
+        let old = self.filed.get(agent).copied();
+        if old == mask {
+            return;
+        }
+        let old = old.unwrap_or(0);
+        let new = mask.unwrap_or(0);
+        for specialty in Specialty::ALL {
+            let b = bit(specialty);
+            if old & b != 0 && new & b == 0 {
+                if let Some(agents) = self.by_specialty.get_mut(&specialty) {
+                    agents.remove(agent);
+                    if agents.is_empty() {
+                        self.by_specialty.remove(&specialty);
+                    }
+                }
+            } else if old & b == 0 && new & b != 0 {
+                self.by_specialty
+                    .entry(specialty)
+                    .or_default()
+                    .insert(agent.clone());
+            }
+        }
+        match mask {
+            Some(mask) => {
+                self.filed.insert(agent.clone(), mask);
+            }
+            None => {
+                self.filed.remove(agent);
+            }
+        }
+    }
+
+    /// The filed agents that advertise `specialty`.
+    fn serving(&self, specialty: Specialty) -> impl Iterator<Item = &AgentId> {
+        self.by_specialty.get(&specialty).into_iter().flatten()
+    }
+
+    /// The filed agents that may take a task of `wanted`: any for a
+    /// `general` task; else those of its specialty, and the `general` ones
+    /// too once the task is in the fallback. An agent may come twice (it
+    /// ranks the same both times).
+    fn candidates(&self, wanted: Specialty, fallback: bool) -> impl Iterator<Item = &AgentId> {
+        let anyone = wanted == Specialty::General;
+        let all = anyone.then(|| self.filed.keys()).into_iter().flatten();
+        let exact = (!anyone)
+            .then(|| self.serving(wanted))
+            .into_iter()
+            .flatten();
+        let general = (!anyone && fallback)
+            .then(|| self.serving(Specialty::General))
+            .into_iter()
+            .flatten();
+        all.chain(exact).chain(general)
+    }
+}
+
+/// Whether an agent may take work, cool-downs aside: how it is filed in
+/// the `FreeIndex` (`None`: not filed).
+fn filing(entry: &AgentEntry) -> Option<u8> {
+    let advert = entry.record.advert.as_ref()?;
+    let open = entry.live.is_some()
+        && entry.record.state == AgentState::Connected
+        && entry.record.unhealthy.is_none()
+        && usize::try_from(advert.capacity).unwrap_or(usize::MAX) > entry.load.len();
+    open.then(|| {
+        advert
+            .specialties
+            .iter()
+            .fold(0, |mask, specialty| mask | bit(*specialty))
+    })
 }
 
 impl Core {
     /// Assigns queued tasks to free agents until nothing more fits. One
-    /// round looks only at the agents and at one queued task per
-    /// repository lane that a free agent can serve (see `queue`).
+    /// round looks only at the free agents (see `FreeIndex`) and at one
+    /// queued task per repository lane that a free agent can serve (see
+    /// `queue`).
     pub(super) fn schedule(&mut self, now: Instant, wall: UnixMillis) {
         self.queue.advance(now, wall);
         loop {
@@ -96,22 +202,29 @@ impl Core {
         }
     }
 
-    /// What the agents with a free slot advertise.
+    /// What the agents with a free slot advertise: one filed agent that is
+    /// not cooling down per specialty.
     fn free_agents(&self) -> FreeAgents {
         let mut free = FreeAgents::default();
-        for entry in self.agents.values() {
-            if self.free_slots(entry) > 0
-                && let Some(advert) = entry.record.advert.as_ref()
-            {
-                free.specialties.extend(advert.specialties.iter().copied());
+        for (specialty, agents) in &self.free.by_specialty {
+            if agents.iter().any(|agent| self.takes_work_now(agent)) {
+                free.specialties.insert(*specialty);
             }
         }
         free
     }
 
+    /// Whether a filed agent is not cooling down.
+    fn takes_work_now(&self, agent: &AgentId) -> bool {
+        self.agents
+            .get(agent)
+            .and_then(|e| e.live.as_ref())
+            .is_some_and(|live| live.cooldown_until.is_none_or(|c| c <= self.last_now))
+    }
+
     /// Slots an agent can take new work in: zero unless connected, not
-    /// draining, not cooling down.
-    pub(super) fn free_slots(&self, entry: &super::AgentEntry) -> u32 {
+    /// draining, healthy, not cooling down.
+    pub(super) fn free_slots(&self, entry: &AgentEntry) -> u32 {
         let Some(live) = entry.live.as_ref() else {
             return 0;
         };
@@ -125,13 +238,34 @@ impl Core {
         capacity.saturating_sub(u32::try_from(entry.load.len()).unwrap_or(u32::MAX))
     }
 
+    /// Files an agent in the free index as its entry says now. Called
+    /// wherever its stream, state, health, advert or load changes.
+    pub(super) fn refile(&mut self, agent: &AgentId) {
+        let mask = self.agents.get(agent).and_then(filing);
+        self.free.set(agent, mask);
+    }
+
+    /// The free index as kept, and as rebuilt from every agent's entry:
+    /// the two must be equal.
+    #[cfg(test)]
+    pub(super) fn free_index_rebuilt(&self) -> (&FreeIndex, FreeIndex) {
+        let mut rebuilt = FreeIndex::default();
+        for (agent, entry) in &self.agents {
+            rebuilt.set(agent, filing(entry));
+        }
+        (&self.free, rebuilt)
+    }
+
     /// The best agent for task `id` now, with the reasons.
     fn place(&self, id: TaskId) -> Option<(AgentId, String)> {
         let task = self.tasks.get(&id)?;
         let wanted = task.spec.specialty;
         let waited = self.queue.in_fallback(id);
         let mut best: Option<(Rank, &AgentId)> = None;
-        for (agent_id, entry) in &self.agents {
+        for agent_id in self.free.candidates(wanted, waited) {
+            let Some(entry) = self.agents.get(agent_id) else {
+                continue;
+            };
             let free = self.free_slots(entry);
             if free == 0 {
                 continue;
@@ -151,7 +285,7 @@ impl Core {
                 knows_repo: entry.repos.contains(&task.spec.repo_url),
                 free_per_mille: free * 1000 / advert.capacity.max(1),
                 idle_since: Reverse(entry.idle_since),
-                id: Reverse(agent_id.clone()),
+                id: Reverse(agent_id),
             };
             if best.as_ref().is_none_or(|(b, _)| rank > *b) {
                 best = Some((rank, agent_id));
@@ -160,26 +294,30 @@ impl Core {
         let (rank, agent) = best?;
         let entry = self.agents.get(agent)?;
         let capacity = entry.record.advert.as_ref().map_or(0, |a| a.capacity);
-        let mut reasons = vec![if rank.exact_specialty {
+        // The reasons, "; " between them, written into one string (writing
+        // to a string cannot fail).
+        let mut reasons = if rank.exact_specialty {
             format!("specialty {wanted}")
         } else {
             format!("no {wanted} agent free; general fallback")
-        }];
+        };
         if !task.spec.technologies.is_empty() {
-            reasons.push(format!(
-                "toolchains cover {}/{} technologies",
+            let _ = write!(
+                reasons,
+                "; toolchains cover {}/{} technologies",
                 rank.coverage,
                 task.spec.technologies.len()
-            ));
+            );
         }
         if rank.knows_repo {
-            reasons.push("ran this repository before".into());
+            reasons.push_str("; ran this repository before");
         }
-        reasons.push(format!(
-            "{} of {capacity} slots free",
+        let _ = write!(
+            reasons,
+            "; {} of {capacity} slots free",
             self.free_slots(entry)
-        ));
-        Some((agent.clone(), reasons.join("; ")))
+        );
+        Some((agent.clone(), reasons))
     }
 
     /// Queue entries looked at by scheduling so far: what one event costs,
@@ -211,7 +349,7 @@ impl Core {
                 .filter(|e| e.live.is_some())
                 .filter_map(|e| Some((e, e.record.advert.as_ref()?)))
         };
-        let able: Vec<&super::AgentEntry> = connected()
+        let able: Vec<&AgentEntry> = connected()
             .filter(|(_, a)| wanted == Specialty::General || a.specialties.contains(&wanted))
             .map(|(e, _)| e)
             .collect();
@@ -225,7 +363,7 @@ impl Core {
             return Some("no agent is connected".into());
         }
         let mut why = format!("no connected agent has specialty {wanted}");
-        let generals: Vec<&super::AgentEntry> = connected()
+        let generals: Vec<&AgentEntry> = connected()
             .filter(|(_, a)| a.specialties.contains(&Specialty::General))
             .map(|(e, _)| e)
             .collect();
@@ -251,7 +389,7 @@ impl Core {
 
     /// Why each of `agents` takes no new work now, e.g. "pc-01 (2 of 2
     /// slots taken), pc-02 (draining)"; a few named, the rest counted.
-    fn unavailability(&self, agents: &[&super::AgentEntry], now: Instant) -> String {
+    fn unavailability(&self, agents: &[&AgentEntry], now: Instant) -> String {
         const NAMED: usize = 5;
         let mut parts: Vec<String> = agents
             .iter()
@@ -285,7 +423,14 @@ impl Core {
         if let Some(entry) = self.agents.get_mut(agent) {
             entry.load.insert(task);
         }
-        *self.repo_live.entry(repo.to_owned()).or_default() += 1;
+        self.refile(agent);
+        // The repository's name is copied only when it is not counted yet.
+        match self.repo_live.get_mut(repo) {
+            Some(n) => *n += 1,
+            None => {
+                self.repo_live.insert(repo.to_owned(), 1);
+            }
+        }
     }
 
     pub(super) fn release_slot(&mut self, agent: &AgentId, task: TaskId, repo: &str, now: Instant) {
@@ -295,6 +440,7 @@ impl Core {
                 entry.idle_since = now;
             }
         }
+        self.refile(agent);
         if let Some(n) = self.repo_live.get_mut(repo) {
             *n = n.saturating_sub(1);
             if *n == 0 {

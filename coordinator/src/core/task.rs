@@ -831,6 +831,7 @@ impl Core {
         {
             let write = entry.record_write();
             self.writes.push(write);
+            self.refile(agent);
         }
     }
 
@@ -1073,6 +1074,7 @@ impl Core {
             return;
         };
         let attempt = task.next_attempt();
+        info!(task_id = %id, attempt = attempt.0, agent_id = %agent, %placement, "task assigned");
         task.attempts.push(AttemptRecord {
             attempt,
             agent: agent.clone(),
@@ -1081,7 +1083,7 @@ impl Core {
             finished_at: None,
             outcome: None,
             message: String::new(),
-            placement: placement.clone(),
+            placement,
             phase: None,
             report: None,
         });
@@ -1100,7 +1102,6 @@ impl Core {
             },
         );
         self.take_slot(&agent, id, &spec.repo_url);
-        info!(task_id = %id, attempt = attempt.0, agent_id = %agent, %placement, "task assigned");
         self.persist_task(id);
         self.publish_state(id);
         let push_as = self.tasks.get(&id).and_then(|t| match &t.source {
