@@ -825,11 +825,15 @@ impl Driver {
                 let observed = self.task_events.observe(&writes);
                 let store = Arc::clone(&self.store);
                 let n_writes = writes.len();
-                tokio::task::spawn_blocking(move || store.commit(&writes))
-                    .await
-                    .unwrap_or_else(|join| Err(store::Error::Task(join.to_string())))
-                    .inspect_err(|e| error!(error = %e, "commit failed; stopping"))?;
-                debug!(n_writes, "committed");
+                let took = tokio::task::spawn_blocking(move || {
+                    let (started, _) = clock();
+                    store.commit(&writes).map(|()| started.elapsed())
+                })
+                .await
+                .unwrap_or_else(|join| Err(store::Error::Task(join.to_string())))
+                .inspect_err(|e| error!(error = %e, "commit failed; stopping"))?;
+                self.metrics.store_commit(took);
+                debug!(n_writes, ?took, "committed");
                 self.metrics.record(&observed);
             }
             // What ended is in the store now.

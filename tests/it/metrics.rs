@@ -139,6 +139,15 @@ fn prometheus_scrapes_tasks_by_state_and_promtool_finds_nothing_to_lint() {
     // fake-claude reports 0.0123 USD a run.
     let cost = value(&text, "ccc_cli_cost_usd_total");
     assert!((cost - 3.0 * 0.0123).abs() < 1e-9, "cost {cost}");
+    // Each of the three tasks was committed when submitted, accepted and
+    // ended, at least.
+    let commits = value(&text, "ccc_store_commit_seconds_count");
+    assert!(
+        commits >= 9.0,
+        "{commits} commits in
+{text}"
+    );
+    assert!(value(&text, "ccc_store_commit_seconds_sum") > 0.0, "{text}");
 }
 
 #[test]

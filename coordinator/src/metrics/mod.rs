@@ -152,6 +152,7 @@ struct Inner {
     slots_free: Gauge,
     outbox_depth: Gauge,
     queue_wait: Histogram,
+    store_commit: Histogram,
     task_duration: HistogramFamily<StateLabel>,
     attempts: Family<OutcomeLabel, Counter>,
     output_bytes: Counter,
@@ -203,6 +204,11 @@ impl Inner {
             self.queue_wait.clone(),
         );
         r.register(
+            "ccc_store_commit_seconds",
+            "Time to commit one batch of state changes to the store (its transaction and flush), per batch",
+            self.store_commit.clone(),
+        );
+        r.register(
             "ccc_task_duration_seconds",
             "Time from a task's submission to its terminal state, by that state",
             self.task_duration.clone(),
@@ -250,6 +256,11 @@ fn queue_wait_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.1, 2.0, 16))
 }
 
+/// Store commits: 25 us to about 0.8 s, doubling.
+fn store_commit_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_025, 2.0, 16))
+}
+
 /// Task durations: 1 s to about 9 h, doubling.
 fn task_duration_buckets() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 16))
@@ -274,6 +285,7 @@ impl Metrics {
             slots_free: Gauge::default(),
             outbox_depth: Gauge::default(),
             queue_wait: queue_wait_buckets(),
+            store_commit: store_commit_buckets(),
             task_duration: Family::new_with_constructor(task_duration_buckets),
             attempts: Family::default(),
             output_bytes: Counter::default(),
@@ -322,6 +334,11 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// Records how long one commit to the store took.
+    pub fn store_commit(&self, took: std::time::Duration) {
+        self.inner.store_commit.observe(took.as_secs_f64());
     }
 
     pub fn webhook_delivery(&self, result: WebhookResult) {

@@ -89,6 +89,26 @@ pub struct Coord {
 const READY: Duration = Duration::from_secs(300);
 
 impl Coord {
+    /// A series of the coordinator's `/metrics` (summed over its labels).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let answer = crate::http::send(
+            axum::http::Method::GET,
+            &format!("http://{}/metrics", self.http),
+            &[],
+            Vec::new(),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("metrics");
+        answer
+            .text()
+            .lines()
+            .filter_map(|l| l.strip_prefix(name))
+            .filter(|rest| rest.starts_with([' ', '{']))
+            .filter_map(|rest| rest.split_whitespace().last()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Starts the release coordinator with its data in `dir` (kept as it
     /// is: a restart opens the same store) and `args` added.
     pub fn start(ctx: &Ctx, dir: &Path, args: &[&str]) -> Self {

@@ -28,7 +28,7 @@ pub fn submit(ctx: &mut Ctx) {
     let repo = repo(ctx);
     let runs = ctx.n(500, 100);
     let each = ctx.n(20, 5);
-    let (one, rate) = ctx.rt.block_on(async {
+    let (one, rate, commit_mean) = ctx.rt.block_on(async {
         let admin = c.admin().await;
         let call = move |i| {
             let mut a = admin.clone();
@@ -38,11 +38,26 @@ pub fn submit(ctx: &mut Ctx) {
             }
         };
         serial(20, call.clone()).await;
+        let commits = || async {
+            (
+                c.metric("ccc_store_commit_seconds_sum").await,
+                c.metric("ccc_store_commit_seconds_count").await,
+            )
+        };
+        let before = commits().await;
         let one = serial(runs, call.clone()).await;
+        let after = commits().await;
+        let commit_mean = (after.0 - before.0) / (after.1 - before.1).max(1.0);
         let rate = concurrent(100, each, call).await;
-        (one, rate)
+        (one, rate, commit_mean)
     });
     c.stop();
+    ctx.note(format!(
+        "durable submit ack: the store's commit took {} on average \
+         (ccc_store_commit_seconds over the serial submits), of a p50 of {}",
+        Q::time(Duration::from_secs_f64(commit_mean)),
+        Q::time(one.p50())
+    ));
     let base = sled.p50 + unary.driver_p50;
     ctx.push(Figure::with(
         "durable submit ack, one client, p50",

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use axum::http::Method;
 use common::proto;
 
 use super::coord::{self, Coord, submit_request};
@@ -62,25 +61,6 @@ pub fn through_coordinator(ctx: &mut Ctx) {
         ">= 0.5x baseline",
         bw >= 0.5 * sled.batched_bw,
     ));
-}
-
-/// The bytes of output the coordinator stored, from its `/metrics`.
-async fn stored_bytes(http: std::net::SocketAddr) -> f64 {
-    let answer = crate::http::send(
-        Method::GET,
-        &format!("http://{http}/metrics"),
-        &[],
-        Vec::new(),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("metrics");
-    answer
-        .text()
-        .lines()
-        .filter(|l| l.starts_with("ccc_output_stored_bytes"))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum()
 }
 
 pub fn real_agent(ctx: &mut Ctx) {
@@ -141,7 +121,7 @@ pub fn real_agent(ctx: &mut Ctx) {
         let deadline = now() + Duration::from_secs(600);
         let mut first = None;
         loop {
-            let stored = stored_bytes(c.http).await;
+            let stored = c.metric("ccc_output_stored_bytes_total").await;
             if first.is_none() && stored >= 1048576.0 {
                 first = Some((now(), stored));
             }
