@@ -935,7 +935,7 @@ mod tests {
     use common::types::Specialty;
 
     use super::*;
-    use crate::core::{OutputPosition, Restored, TaskSource, Write};
+    use crate::core::{OutputPosition, Restored, Write};
     use crate::store::StoredChunk;
 
     /// Counts commits; holds nothing.
@@ -1016,15 +1016,10 @@ mod tests {
     fn submit(driver: &mut Driver) -> TaskId {
         let (reply, _rx) = oneshot::channel();
         driver.apply(Command::Submit {
-            task: NewTask {
-                source: TaskSource::Manual {
-                    submitted_by: "root".into(),
-                },
-                spec: crate::core::task_tests::spec("r", Specialty::Backend),
-                priority: 0,
-                triage: None,
-                needs_info: false,
-            },
+            task: crate::core::task_tests::manual(crate::core::task_tests::spec(
+                "r",
+                Specialty::Backend,
+            )),
             reply,
         });
         driver.core.tasks().map(|t| t.id).max().expect("submitted")

@@ -206,6 +206,23 @@ pub enum Write {
     Admin(Box<AdminRecord>),
 }
 
+impl Write {
+    /// The task a write is about, if any: its record, its output, or a
+    /// GitHub write it owes.
+    pub fn task(&self) -> Option<TaskId> {
+        match self {
+            Self::Task(task) => Some(task.id),
+            Self::Output { task, .. } | Self::OutboxDone(task, _) => Some(*task),
+            Self::Outbox(entry) => Some(entry.task),
+            Self::Delivery { .. }
+            | Self::ForgetDelivery(_)
+            | Self::Agent(_)
+            | Self::ForgetAgent(_)
+            | Self::Admin(_) => None,
+        }
+    }
+}
+
 /// Why a new stream is refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OpenRejected {

@@ -6,9 +6,12 @@
 //! outcomes (for the live attempt, a stale one or a future one, from its
 //! agent or another), time passing, cancels, retries, drains, revocations
 //! and restarts from what was written. Actions are drained only now and
-//! then, as the driver drains them once per batch. After every event the
-//! invariants listed on `task_invariants_hold` must hold. Checks of known
-//! core bugs are switched by the constants below until the core is fixed.
+//! then, as the driver drains them once per batch. Each step's writes are
+//! committed to a [`MemoryStore`], and a restart restores from it as the
+//! coordinator does; what was written is checked by reading the store, never
+//! by interpreting the writes. After every event the invariants listed on
+//! `task_invariants_hold` must hold. Checks of known core bugs are switched
+//! by the constants below until the core is fixed.
 
 #![allow(clippy::disallowed_methods)] // one real Instant as the origin of simulated time
 
@@ -21,6 +24,7 @@ use proptest::prelude::*;
 
 use super::task::TRUNCATION_MARKER;
 use super::*;
+use crate::store::{MemoryStore, Store};
 
 const AGENTS: usize = 3;
 const WALL_ORIGIN_MS: u64 = 1_000_000;
@@ -234,13 +238,8 @@ struct Harness {
     conns: [Option<ConnId>; AGENTS],
     /// Submitted tasks, in order.
     tasks: Vec<TaskId>,
-    /// What the driver would have committed: the latest write of each.
-    written_tasks: BTreeMap<TaskId, Task>,
-    written_agents: BTreeMap<AgentId, AgentRecord>,
-    /// Per attempt, the highest output seq written.
-    written_seq: BTreeMap<(TaskId, Attempt), u64>,
-    written_bytes: BTreeMap<TaskId, u64>,
-    truncated: BTreeSet<TaskId>,
+    /// What the driver would have committed.
+    store: MemoryStore,
     /// Each terminal task as it first became terminal.
     terminal: BTreeMap<TaskId, Task>,
     /// Actions drained so far: the position of the next one.
@@ -266,11 +265,7 @@ impl Harness {
             next_conn: 0,
             conns: [None; AGENTS],
             tasks: Vec::new(),
-            written_tasks: BTreeMap::new(),
-            written_agents: BTreeMap::new(),
-            written_seq: BTreeMap::new(),
-            written_bytes: BTreeMap::new(),
-            truncated: BTreeSet::new(),
+            store: MemoryStore::new(),
             terminal: BTreeMap::new(),
             drained: 0,
             closed_from: BTreeMap::new(),
@@ -583,7 +578,7 @@ impl Harness {
             Step::Restart => self.restart(),
             Step::Flush => self.flush()?,
         }
-        self.record_writes()?;
+        self.commit();
         self.check()
     }
 
@@ -591,37 +586,16 @@ impl Harness {
     /// memory: from what was written.
     fn bring_back(&mut self, id: TaskId) {
         if self.core.left_memory(id)
-            && let Some(task) = self.written_tasks.get(&id)
+            && let Some(task) = self.store.load_task(id).expect("the store reads")
         {
-            self.core.bring_back(task.clone());
+            self.core.bring_back(task);
         }
     }
 
-    /// A new core from what was written; the old one's streams and unsent
-    /// actions die with it.
+    /// A new core from what was written, restored as the coordinator
+    /// restores; the old one's streams and unsent actions die with it.
     fn restart(&mut self) {
-        let output = self
-            .written_tasks
-            .values()
-            .filter(|t| !t.state.is_terminal())
-            .map(|t| {
-                let attempt = t.current().map_or(Attempt(0), |a| a.attempt);
-                let position = OutputPosition {
-                    last_seq: self.written_seq.get(&(t.id, attempt)).copied().unwrap_or(0),
-                    stored_bytes: self.written_bytes.get(&t.id).copied().unwrap_or(0),
-                    truncated: self.truncated.contains(&t.id),
-                };
-                (t.id, position)
-            })
-            .collect();
-        let restored = Restored {
-            agents: self.written_agents.values().cloned().collect(),
-            tasks: self.written_tasks.values().cloned().collect(),
-            ended: Vec::new(),
-            output,
-            deliveries: Vec::new(),
-            outbox: Vec::new(),
-        };
+        let restored = crate::restore(&self.store).expect("the store restores");
         let (now, wall) = self.now();
         self.core = Core::new(config(), restored, now, wall);
         for conn in self.conns.iter_mut().filter_map(Option::take) {
@@ -661,49 +635,75 @@ impl Harness {
         Ok(())
     }
 
-    /// Takes the writes as the driver would commit them; output is written
-    /// in order, without gap or duplicate, and nothing after the marker.
-    fn record_writes(&mut self) -> Result<(), TestCaseError> {
-        for write in self.core.take_writes() {
-            match write {
-                Write::Agent(record) => {
-                    self.written_agents.insert(record.id.clone(), *record);
-                }
-                Write::Task(task) => {
-                    self.written_tasks.insert(task.id, *task);
-                }
-                Write::ForgetAgent(id) => {
-                    self.written_agents.remove(&id);
-                }
-                Write::Admin(_)
-                | Write::Delivery { .. }
-                | Write::ForgetDelivery(_)
-                | Write::Outbox(_)
-                | Write::OutboxDone(..) => {}
-                Write::Output {
-                    task,
-                    attempt,
-                    seq,
-                    kind,
-                    data,
-                } => {
-                    prop_assert!(
-                        !self.truncated.contains(&task),
-                        "{} output after its marker",
-                        task
-                    );
-                    let last = self.written_seq.entry((task, attempt)).or_default();
-                    prop_assert_eq!(seq, *last + 1, "{}#{} output out of order", task, attempt);
-                    *last = seq;
-                    *self.written_bytes.entry(task).or_default() += data.len() as u64;
-                    if kind == OutputKind::System && data.starts_with(TRUNCATION_MARKER) {
-                        self.truncated.insert(task);
-                    }
-                }
+    /// Commits the writes as the driver does, and evicts what ended as it
+    /// does once the batch is committed.
+    fn commit(&mut self) {
+        self.store
+            .commit(&self.core.take_writes())
+            .expect("the store commits");
+        self.core.evict_finished();
+    }
+
+    /// The output of `task` in the store: per attempt seqs 1, 2, 3, ...
+    /// without a gap; nothing after the truncation marker within the
+    /// output the task's budget counts (a retry starts a fresh budget);
+    /// where the core keeps the task's budget, it is what the store holds;
+    /// and the live attempt's output is acknowledged exactly as far as it
+    /// is stored.
+    ///
+    /// Checked on state after every step, this cannot see the order of the
+    /// writes within one batch (harmless: a batch is committed at once) nor
+    /// the same chunk written twice (the store keeps one row per seq). The
+    /// last two checks stand in for the check of every write's seq that
+    /// this replaces: a chunk stored again out of order moves the core's
+    /// acknowledgement back, or its count of bytes away, from the store's.
+    fn check_output(&self, task: &Task) -> Result<(), TestCaseError> {
+        let chunks = self
+            .store
+            .read_output(task.id, (Attempt(0), 0), usize::MAX)
+            .expect("the store reads");
+        let mut last_seq: BTreeMap<Attempt, u64> = BTreeMap::new();
+        let mut truncated = false;
+        for chunk in chunks {
+            let last = last_seq.entry(chunk.attempt).or_default();
+            prop_assert_eq!(
+                chunk.seq,
+                *last + 1,
+                "{}#{} output stored with a gap",
+                task.id,
+                chunk.attempt
+            );
+            *last = chunk.seq;
+            if chunk.attempt >= task.output_since {
+                prop_assert!(!truncated, "{} output after its marker", task.id);
+                truncated |=
+                    chunk.kind == OutputKind::System && chunk.data.starts_with(TRUNCATION_MARKER);
             }
         }
-        // As the driver does once the batch is committed.
-        self.core.evict_finished();
+        let attempt = task.current().map_or(Attempt(0), |a| a.attempt);
+        let stored = self
+            .store
+            .output_position(task.id, task.output_since, attempt)
+            .expect("the store reads");
+        if let Some(budget) = self.core.output.get(&task.id) {
+            prop_assert_eq!(
+                (budget.stored_bytes, budget.truncated),
+                (stored.stored_bytes, stored.truncated),
+                "{} output counted otherwise than it was stored",
+                task.id
+            );
+        }
+        if let Some(acked) = self.core.acked_seq(task.id) {
+            // Past the cap the core acknowledges what it no longer stores.
+            prop_assert!(
+                acked == stored.last_seq || (stored.truncated && acked > stored.last_seq),
+                "{}#{} output acknowledged up to {} with {} stored",
+                task.id,
+                attempt,
+                acked,
+                stored.last_seq
+            );
+        }
         Ok(())
     }
 
@@ -711,6 +711,15 @@ impl Harness {
     fn check(&mut self) -> Result<(), TestCaseError> {
         let (kept, rebuilt) = self.core.free_index_rebuilt();
         prop_assert_eq!(kept, &rebuilt, "the free agents' index is stale");
+        let mut written: BTreeMap<TaskId, Task> = BTreeMap::new();
+        self.store
+            .scan_tasks(&mut |task| {
+                written.insert(task.id, task);
+            })
+            .expect("the store reads");
+        for task in written.values() {
+            self.check_output(task)?;
+        }
         let mut holder: BTreeMap<TaskId, AgentId> = BTreeMap::new();
         for view in self.core.agents() {
             let slots = view.record.advert.as_ref().map_or(0, |a| a.capacity) as usize;
@@ -795,7 +804,7 @@ impl Harness {
                 None => {}
             }
             prop_assert_eq!(
-                self.written_tasks.get(&task.id),
+                written.get(&task.id),
                 Some(task),
                 "a change of {} was not written",
                 task.id
@@ -808,20 +817,19 @@ impl Harness {
         );
         // Memory follows the live work: what is not in memory has ended and
         // is written; nothing unended is out of it.
-        for (id, written) in &self.written_tasks {
+        for (id, task) in &written {
             if self.core.task(*id).is_none() {
                 prop_assert!(self.core.left_memory(*id), "{} is unknown", id);
                 prop_assert!(
-                    written.state.is_terminal(),
+                    task.state.is_terminal(),
                     "{} left memory {:?}",
                     id,
-                    written.state
+                    task.state
                 );
             }
         }
         let ended_out: u64 = self.core.finished_counts().map(|c| c.2).sum();
-        let ended_written = self
-            .written_tasks
+        let ended_written = written
             .values()
             .filter(|t| self.core.task(t.id).is_none())
             .count() as u64;

@@ -35,6 +35,19 @@ pub(super) fn id(name: &str) -> AgentId {
     AgentId::new(name).expect("valid name")
 }
 
+/// A submission of `spec` by an admin, at priority 0.
+pub(crate) fn manual(spec: TaskSpec) -> NewTask {
+    NewTask {
+        source: TaskSource::Manual {
+            submitted_by: "root".into(),
+        },
+        spec,
+        priority: 0,
+        triage: None,
+        needs_info: false,
+    }
+}
+
 pub(crate) fn spec(repo: &str, specialty: Specialty) -> TaskSpec {
     TaskSpec {
         repo_url: repo.into(),
@@ -139,19 +152,11 @@ impl H {
 
     pub(super) fn submit(&mut self, repo: &str, specialty: Specialty, priority: i32) -> TaskId {
         let (now, wall) = self.now();
-        self.core.submit(
-            NewTask {
-                source: TaskSource::Manual {
-                    submitted_by: "root".into(),
-                },
-                spec: spec(repo, specialty),
-                priority,
-                triage: None,
-                needs_info: false,
-            },
-            now,
-            wall,
-        )
+        let task = NewTask {
+            priority,
+            ..manual(spec(repo, specialty))
+        };
+        self.core.submit(task, now, wall)
     }
 
     pub(super) fn msg(&mut self, agent: &str, msg: FromAgent) {
@@ -353,19 +358,7 @@ fn toolchains_then_a_warm_mirror_then_load_choose_among_agents() {
     let (now, wall) = h.now();
     let mut with_tech = spec("repo", Specialty::Backend);
     with_tech.technologies = vec!["python".into()];
-    let t = h.core.submit(
-        NewTask {
-            source: TaskSource::Manual {
-                submitted_by: "root".into(),
-            },
-            spec: with_tech,
-            priority: 0,
-            triage: None,
-            needs_info: false,
-        },
-        now,
-        wall,
-    );
+    let t = h.core.submit(manual(with_tech), now, wall);
     assert_eq!(h.assigned(), vec![("py".into(), t, Attempt(1))]);
     let placement = h.core.task(t).expect("task").attempts[0].placement.clone();
     assert!(placement.contains("toolchains cover 1/1"), "{placement}");

@@ -28,13 +28,22 @@
 //! stays off too (`flush_every_ms(None)`): the driver flushes every batch.
 //! sled 0.34 is no longer developed; keeping every sled call here lets the
 //! store move to another engine without touching anything else.
+//!
+//! [`MemoryStore`] (`memory.rs`) is the same store in memory, the model
+//! tests read what was written from. The two share everything but where
+//! the bytes sit: `Rows` is the one interpretation of [`Write`]s as keys
+//! and encoded values, and [`Store`] is implemented once, over any
+//! `Backend` (its `Table`s and how it applies one commit's rows), so both
+//! decode with the same code.
 
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 
 use common::ids::{Attempt, TaskId};
 use common::time::UnixMillis;
 use common::types::OutputKind;
+use serde::de::DeserializeOwned;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
@@ -43,6 +52,9 @@ use crate::core::task::TRUNCATION_MARKER;
 use crate::core::{AdminRecord, AgentRecord, OutputPosition, Task, Write};
 
 mod codec;
+mod memory;
+
+pub use memory::MemoryStore;
 
 /// The layout this code reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -140,18 +152,156 @@ pub trait Store: Send + Sync + 'static {
         after: Option<TaskId>,
         limit: usize,
     ) -> Result<(Option<TaskId>, usize), Error>;
-    /// Applies every write in one transaction and flushes it to disk.
+    /// Applies every write atomically; a durable store has flushed them to
+    /// disk when it returns.
     fn commit(&self, writes: &[Write]) -> Result<(), Error>;
+}
+
+/// The tables of a store, one `T` each: a store's tables ([`Table`]), or
+/// the rows one commit writes to each ([`Rows`]).
+#[derive(Default)]
+struct Tables<T> {
+    agents: T,
+    tasks: T,
+    output: T,
+    admins: T,
+    deliveries: T,
+    outbox: T,
+}
+
+impl<T> Tables<T> {
+    /// Makes each table from its name.
+    fn try_new<E>(mut make: impl FnMut(&'static str) -> Result<T, E>) -> Result<Self, E> {
+        Ok(Self {
+            agents: make("agents")?,
+            tasks: make("tasks")?,
+            output: make("output")?,
+            admins: make("admins")?,
+            deliveries: make("deliveries")?,
+            outbox: make("outbox")?,
+        })
+    }
+
+    /// Every table, always in the same order.
+    fn each(&self) -> [&T; 6] {
+        [
+            &self.agents,
+            &self.tasks,
+            &self.output,
+            &self.admins,
+            &self.deliveries,
+            &self.outbox,
+        ]
+    }
+}
+
+/// One row a commit writes: its key, and its encoded value or `None` when
+/// the row is deleted.
+type Row = (Vec<u8>, Option<Vec<u8>>);
+
+/// The rows one commit writes, table by table, in the order of the writes.
+type Rows = Tables<Vec<Row>>;
+
+impl Rows {
+    /// The one interpretation of [`Write`]s as rows: every store applies
+    /// exactly these. Encoding happens here, before any transaction, so
+    /// sled's transaction closure stays pure (sled may run it twice).
+    fn of(writes: &[Write]) -> Self {
+        let mut rows = Self::default();
+        for write in writes {
+            let (table, key, value) = match write {
+                Write::Agent(record) => (
+                    &mut rows.agents,
+                    record.id.as_str().as_bytes().to_vec(),
+                    Some(codec::encode(record)),
+                ),
+                Write::ForgetAgent(id) => (&mut rows.agents, id.as_str().as_bytes().to_vec(), None),
+                Write::Admin(record) => (
+                    &mut rows.admins,
+                    record.name.as_bytes().to_vec(),
+                    Some(codec::encode(record)),
+                ),
+                Write::Task(task) => (
+                    &mut rows.tasks,
+                    task.id.0.to_be_bytes().to_vec(),
+                    Some(codec::encode(task)),
+                ),
+                Write::Delivery { id, at } => (
+                    &mut rows.deliveries,
+                    id.as_bytes().to_vec(),
+                    Some(at.0.to_be_bytes().to_vec()),
+                ),
+                Write::ForgetDelivery(id) => (&mut rows.deliveries, id.as_bytes().to_vec(), None),
+                Write::Outbox(entry) => (
+                    &mut rows.outbox,
+                    outbox_key(entry.task, entry.effect).to_vec(),
+                    Some(codec::encode(entry)),
+                ),
+                Write::OutboxDone(task, effect) => {
+                    (&mut rows.outbox, outbox_key(*task, *effect).to_vec(), None)
+                }
+                Write::Output {
+                    task,
+                    attempt,
+                    seq,
+                    kind,
+                    data,
+                } => {
+                    let mut value = Vec::with_capacity(data.len() + 1);
+                    value.push(kind.to_byte());
+                    value.extend_from_slice(data);
+                    (
+                        &mut rows.output,
+                        output_key(*task, *attempt, *seq).to_vec(),
+                        Some(value),
+                    )
+                }
+            };
+            table.push((key, value));
+        }
+        rows
+    }
+
+    fn is_empty(&self) -> bool {
+        self.each().iter().all(|rows| rows.is_empty())
+    }
+}
+
+/// A table of byte keys in key order, as the reads use it: a sled tree, or
+/// an ordered map in memory.
+trait Table {
+    /// A key or a value as the table hands it out.
+    type Bytes: AsRef<[u8]>;
+
+    fn get(&self, key: &[u8]) -> Result<Option<Self::Bytes>, Error>;
+
+    /// The rows from `from` on (through `through`, if given), in key order.
+    fn range(
+        &self,
+        from: &[u8],
+        through: Option<&[u8]>,
+    ) -> impl Iterator<Item = Result<(Self::Bytes, Self::Bytes), Error>>;
+
+    /// Deletes these rows (at once, but not in a commit's transaction).
+    fn remove(&self, keys: Vec<Self::Bytes>) -> Result<(), Error>;
+}
+
+/// What a store is beyond the shared code: where its tables are, and how
+/// one commit's rows are applied. [`Store`] is implemented once for every
+/// backend, so the stores differ in nothing else.
+trait Backend: Send + Sync + 'static {
+    type Table: Table;
+
+    fn tables(&self) -> &Tables<Self::Table>;
+
+    /// Applies the rows of one commit atomically (and durably, for a
+    /// durable store) before it returns.
+    fn apply(&self, rows: &Rows) -> Result<(), Error>;
 }
 
 pub struct SledStore {
     db: sled::Db,
-    agents: sled::Tree,
-    tasks: sled::Tree,
-    output: sled::Tree,
-    admins: sled::Tree,
-    deliveries: sled::Tree,
-    outbox: sled::Tree,
+    tables: Tables<sled::Tree>,
 }
 
 fn output_key(task: TaskId, attempt: Attempt, seq: u64) -> [u8; 20] {
@@ -160,6 +310,11 @@ fn output_key(task: TaskId, attempt: Attempt, seq: u64) -> [u8; 20] {
     key[8..12].copy_from_slice(&attempt.0.to_be_bytes());
     key[12..].copy_from_slice(&seq.to_be_bytes());
     key
+}
+
+/// The key after every output key of `task`.
+fn last_output_key(task: TaskId) -> [u8; 20] {
+    output_key(task, Attempt(u32::MAX), u64::MAX)
 }
 
 /// An outbox row's key: the task (big-endian) and the effect, so a task's
@@ -171,10 +326,50 @@ fn outbox_key(task: TaskId, effect: Effect) -> [u8; 9] {
     key
 }
 
+/// A key that is a name (agent, admin, delivery), as it is shown in errors.
+fn text_key(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
+}
+
+/// A binary key (task, output, outbox), as it is shown in errors.
+fn byte_key(key: &[u8]) -> String {
+    format!("{key:?}")
+}
+
+/// A record row (version byte and JSON) of `tree`.
+fn decode_record<R: DeserializeOwned>(
+    tree: &'static str,
+    show_key: fn(&[u8]) -> String,
+    key: &[u8],
+    value: &[u8],
+) -> Result<R, Error> {
+    codec::decode(value).map_err(|why| Error::Corrupt {
+        tree,
+        key: show_key(key),
+        why,
+    })
+}
+
+fn decode_task(key: &[u8], value: &[u8]) -> Result<Task, Error> {
+    decode_record("tasks", byte_key, key, value)
+}
+
+fn decode_delivery(key: &[u8], value: &[u8]) -> Result<(String, UnixMillis), Error> {
+    let id = text_key(key);
+    let at = <[u8; 8]>::try_from(value)
+        .map(u64::from_be_bytes)
+        .map_err(|_| Error::Corrupt {
+            tree: "deliveries",
+            key: id.clone(),
+            why: format!("{} bytes, expected 8", value.len()),
+        })?;
+    Ok((id, UnixMillis(at)))
+}
+
 fn decode_chunk(key: &[u8], value: &[u8]) -> Result<StoredChunk, Error> {
     let corrupt = |why: &str| Error::Corrupt {
         tree: "output",
-        key: format!("{key:?}"),
+        key: byte_key(key),
         why: why.to_owned(),
     };
     let attempt = key
@@ -194,6 +389,141 @@ fn decode_chunk(key: &[u8], value: &[u8]) -> Result<StoredChunk, Error> {
         kind: OutputKind::from_byte(kind).ok_or_else(|| corrupt("unknown output kind"))?,
         data: Arc::from(data),
     })
+}
+
+/// Every row of `table` from `from` on (through `through`), decoded.
+fn decode_rows<T: Table, R>(
+    table: &T,
+    from: &[u8],
+    through: Option<&[u8]>,
+    decode: impl Fn(&[u8], &[u8]) -> Result<R, Error>,
+) -> impl Iterator<Item = Result<R, Error>> {
+    table.range(from, through).map(move |row| {
+        let (key, value) = row?;
+        decode(key.as_ref(), value.as_ref())
+    })
+}
+
+impl<B: Backend> Store for B {
+    fn load_outbox(&self) -> Result<Vec<OutboxEntry>, Error> {
+        decode_rows(&self.tables().outbox, &[], None, |key, value| {
+            decode_record("outbox", byte_key, key, value)
+        })
+        .collect()
+    }
+
+    fn load_deliveries(&self) -> Result<Vec<(String, UnixMillis)>, Error> {
+        decode_rows(&self.tables().deliveries, &[], None, decode_delivery).collect()
+    }
+
+    fn load_agents(&self) -> Result<Vec<AgentRecord>, Error> {
+        decode_rows(&self.tables().agents, &[], None, |key, value| {
+            decode_record("agents", text_key, key, value)
+        })
+        .collect()
+    }
+
+    fn load_tasks(&self) -> Result<Vec<Task>, Error> {
+        decode_rows(&self.tables().tasks, &[], None, decode_task).collect()
+    }
+
+    fn load_task(&self, id: TaskId) -> Result<Option<Task>, Error> {
+        let key = id.0.to_be_bytes();
+        self.tables()
+            .tasks
+            .get(&key)?
+            .map(|value| decode_task(&key, value.as_ref()))
+            .transpose()
+    }
+
+    fn scan_tasks(&self, visit: &mut dyn FnMut(Task)) -> Result<(), Error> {
+        for task in decode_rows(&self.tables().tasks, &[], None, decode_task) {
+            visit(task?);
+        }
+        Ok(())
+    }
+
+    fn load_admins(&self) -> Result<Vec<AdminRecord>, Error> {
+        decode_rows(&self.tables().admins, &[], None, |key, value| {
+            decode_record("admins", text_key, key, value)
+        })
+        .collect()
+    }
+
+    fn output_position(
+        &self,
+        task: TaskId,
+        since: Attempt,
+        attempt: Attempt,
+    ) -> Result<OutputPosition, Error> {
+        let mut position = OutputPosition::default();
+        let (from, through) = (task.0.to_be_bytes(), last_output_key(task));
+        for chunk in decode_rows(&self.tables().output, &from, Some(&through), decode_chunk) {
+            let chunk = chunk?;
+            if chunk.attempt < since {
+                continue;
+            }
+            position.stored_bytes += u64::try_from(chunk.data.len()).unwrap_or(u64::MAX);
+            position.truncated |=
+                chunk.kind == OutputKind::System && chunk.data.starts_with(TRUNCATION_MARKER);
+            if chunk.attempt == attempt {
+                position.last_seq = position.last_seq.max(chunk.seq);
+            }
+        }
+        Ok(position)
+    }
+
+    fn read_output(
+        &self,
+        task: TaskId,
+        from: (Attempt, u64),
+        limit: usize,
+    ) -> Result<Vec<StoredChunk>, Error> {
+        let (from, through) = (output_key(task, from.0, from.1), last_output_key(task));
+        decode_rows(&self.tables().output, &from, Some(&through), decode_chunk)
+            .take(limit)
+            .collect()
+    }
+
+    fn prune_output(
+        &self,
+        ended_before: UnixMillis,
+        after: Option<TaskId>,
+        limit: usize,
+    ) -> Result<(Option<TaskId>, usize), Error> {
+        let tables = self.tables();
+        let from = after.map_or(0, |id| id.0.saturating_add(1)).to_be_bytes();
+        let mut looked = 0;
+        let mut pruned = 0;
+        for task in decode_rows(&tables.tasks, &from, None, decode_task) {
+            let task = task?;
+            looked += 1;
+            if task.state.is_terminal() && task.updated_at < ended_before {
+                let (start, end) = (output_key(task.id, Attempt(0), 0), last_output_key(task.id));
+                let keys = tables
+                    .output
+                    .range(&start, Some(&end))
+                    .map(|row| row.map(|(key, _)| key))
+                    .collect::<Result<Vec<_>, Error>>()?;
+                if !keys.is_empty() {
+                    tables.output.remove(keys)?;
+                    pruned += 1;
+                }
+            }
+            if looked == limit {
+                return Ok((Some(task.id), pruned));
+            }
+        }
+        Ok((None, pruned))
+    }
+
+    fn commit(&self, writes: &[Write]) -> Result<(), Error> {
+        let rows = Rows::of(writes);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.apply(&rows)
+    }
 }
 
 impl SledStore {
@@ -226,12 +556,7 @@ impl SledStore {
     }
 
     fn from_db(db: sled::Db) -> Result<Self, Error> {
-        let agents = db.open_tree("agents")?;
-        let tasks = db.open_tree("tasks")?;
-        let output = db.open_tree("output")?;
-        let admins = db.open_tree("admins")?;
-        let deliveries = db.open_tree("deliveries")?;
-        let outbox = db.open_tree("outbox")?;
+        let tables = Tables::try_new(|name| db.open_tree(name))?;
         let meta = db.open_tree("meta")?;
         match meta.get(b"schema_version")? {
             None => {
@@ -251,274 +576,70 @@ impl SledStore {
                 }
             }
         }
-        Ok(Self {
-            db,
-            agents,
-            tasks,
-            output,
-            admins,
-            deliveries,
-            outbox,
-        })
+        Ok(Self { db, tables })
     }
 }
 
-fn decode_task(key: &[u8], value: &[u8]) -> Result<Task, Error> {
-    codec::decode(value).map_err(|why| Error::Corrupt {
-        tree: "tasks",
-        key: format!("{key:?}"),
-        why,
-    })
+impl Table for sled::Tree {
+    type Bytes = sled::IVec;
+
+    fn get(&self, key: &[u8]) -> Result<Option<sled::IVec>, Error> {
+        Ok(sled::Tree::get(self, key)?)
+    }
+
+    fn range(
+        &self,
+        from: &[u8],
+        through: Option<&[u8]>,
+    ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), Error>> {
+        let end = through.map_or(Bound::Unbounded, Bound::Included);
+        sled::Tree::range::<&[u8], _>(self, (Bound::Included(from), end))
+            .map(|row| row.map_err(Error::Io))
+    }
+
+    fn remove(&self, keys: Vec<sled::IVec>) -> Result<(), Error> {
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            batch.remove(key);
+        }
+        Ok(self.apply_batch(batch)?)
+    }
 }
 
-impl Store for SledStore {
-    fn load_outbox(&self) -> Result<Vec<OutboxEntry>, Error> {
-        self.outbox
-            .iter()
-            .map(|row| {
-                let (key, value) = row?;
-                codec::decode(&value).map_err(|why| Error::Corrupt {
-                    tree: "outbox",
-                    key: format!("{key:?}"),
-                    why,
-                })
-            })
-            .collect()
+impl Backend for SledStore {
+    type Table = sled::Tree;
+
+    fn tables(&self) -> &Tables<sled::Tree> {
+        &self.tables
     }
 
-    fn load_deliveries(&self) -> Result<Vec<(String, UnixMillis)>, Error> {
-        self.deliveries
-            .iter()
-            .map(|row| {
-                let (key, value) = row?;
-                let id = String::from_utf8_lossy(&key).into_owned();
-                let at = <[u8; 8]>::try_from(value.as_ref())
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| Error::Corrupt {
-                        tree: "deliveries",
-                        key: id.clone(),
-                        why: format!("{} bytes, expected 8", value.len()),
-                    })?;
-                Ok((id, UnixMillis(at)))
-            })
-            .collect()
-    }
-
-    fn load_agents(&self) -> Result<Vec<AgentRecord>, Error> {
-        self.agents
-            .iter()
-            .map(|row| {
-                let (key, value) = row?;
-                codec::decode(&value).map_err(|why| Error::Corrupt {
-                    tree: "agents",
-                    key: String::from_utf8_lossy(&key).into_owned(),
-                    why,
-                })
-            })
-            .collect()
-    }
-
-    fn load_tasks(&self) -> Result<Vec<Task>, Error> {
-        self.tasks
-            .iter()
-            .map(|row| {
-                let (key, value) = row?;
-                decode_task(&key, &value)
-            })
-            .collect()
-    }
-
-    fn load_task(&self, id: TaskId) -> Result<Option<Task>, Error> {
-        let key = id.0.to_be_bytes();
-        self.tasks
-            .get(key)?
-            .map(|value| decode_task(&key, &value))
-            .transpose()
-    }
-
-    fn scan_tasks(&self, visit: &mut dyn FnMut(Task)) -> Result<(), Error> {
-        for row in &self.tasks {
-            let (key, value) = row?;
-            visit(decode_task(&key, &value)?);
-        }
-        Ok(())
-    }
-
-    fn load_admins(&self) -> Result<Vec<AdminRecord>, Error> {
-        self.admins
-            .iter()
-            .map(|row| {
-                let (key, value) = row?;
-                codec::decode(&value).map_err(|why| Error::Corrupt {
-                    tree: "admins",
-                    key: String::from_utf8_lossy(&key).into_owned(),
-                    why,
-                })
-            })
-            .collect()
-    }
-
-    fn output_position(
-        &self,
-        task: TaskId,
-        since: Attempt,
-        attempt: Attempt,
-    ) -> Result<OutputPosition, Error> {
-        let mut position = OutputPosition::default();
-        for row in self.output.scan_prefix(task.0.to_be_bytes()) {
-            let (key, value) = row?;
-            let chunk = decode_chunk(&key, &value)?;
-            if chunk.attempt < since {
-                continue;
-            }
-            position.stored_bytes += u64::try_from(chunk.data.len()).unwrap_or(u64::MAX);
-            position.truncated |=
-                chunk.kind == OutputKind::System && chunk.data.starts_with(TRUNCATION_MARKER);
-            if chunk.attempt == attempt {
-                position.last_seq = position.last_seq.max(chunk.seq);
-            }
-        }
-        Ok(position)
-    }
-
-    fn read_output(
-        &self,
-        task: TaskId,
-        from: (Attempt, u64),
-        limit: usize,
-    ) -> Result<Vec<StoredChunk>, Error> {
-        let start = output_key(task, from.0, from.1);
-        let end = output_key(task, Attempt(u32::MAX), u64::MAX);
-        self.output
-            .range(start..=end)
-            .take(limit)
-            .map(|row| {
-                let (key, value) = row?;
-                decode_chunk(&key, &value)
-            })
-            .collect()
-    }
-
-    fn prune_output(
-        &self,
-        ended_before: UnixMillis,
-        after: Option<TaskId>,
-        limit: usize,
-    ) -> Result<(Option<TaskId>, usize), Error> {
-        let from = after.map_or(0, |id| id.0.saturating_add(1));
-        let mut looked = 0;
-        let mut pruned = 0;
-        for row in self.tasks.range(from.to_be_bytes()..) {
-            let (key, value) = row?;
-            let task = decode_task(&key, &value)?;
-            looked += 1;
-            if task.state.is_terminal() && task.updated_at < ended_before {
-                let start = output_key(task.id, Attempt(0), 0);
-                let end = output_key(task.id, Attempt(u32::MAX), u64::MAX);
-                let mut batch = sled::Batch::default();
-                let mut any = false;
-                for key in self.output.range(start..=end).keys() {
-                    batch.remove(key?);
-                    any = true;
-                }
-                if any {
-                    self.output.apply_batch(batch)?;
-                    pruned += 1;
-                }
-            }
-            if looked == limit {
-                return Ok((Some(task.id), pruned));
-            }
-        }
-        Ok((None, pruned))
-    }
-
-    fn commit(&self, writes: &[Write]) -> Result<(), Error> {
-        if writes.is_empty() {
-            return Ok(());
-        }
-        // Encode outside the transaction: the closure below must be pure
-        // because sled may run it more than once.
-        // `None`: the row is deleted.
-        let mut agent_rows: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-        let mut admin_rows: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        let mut task_rows: Vec<([u8; 8], Vec<u8>)> = Vec::new();
-        let mut output_rows: Vec<([u8; 20], Vec<u8>)> = Vec::new();
-        let mut delivery_rows: Vec<(Vec<u8>, Option<[u8; 8]>)> = Vec::new();
-        let mut outbox_rows: Vec<([u8; 9], Option<Vec<u8>>)> = Vec::new();
-        for write in writes {
-            match write {
-                Write::Agent(record) => agent_rows.push((
-                    record.id.as_str().as_bytes().to_vec(),
-                    Some(codec::encode(record)),
-                )),
-                Write::ForgetAgent(id) => agent_rows.push((id.as_str().as_bytes().to_vec(), None)),
-                Write::Admin(record) => {
-                    admin_rows.push((record.name.as_bytes().to_vec(), codec::encode(record)));
-                }
-                Write::Task(task) => task_rows.push((task.id.0.to_be_bytes(), codec::encode(task))),
-                Write::Delivery { id, at } => {
-                    delivery_rows.push((id.as_bytes().to_vec(), Some(at.0.to_be_bytes())));
-                }
-                Write::ForgetDelivery(id) => delivery_rows.push((id.as_bytes().to_vec(), None)),
-                Write::Outbox(entry) => {
-                    outbox_rows.push((
-                        outbox_key(entry.task, entry.effect),
-                        Some(codec::encode(entry)),
-                    ));
-                }
-                Write::OutboxDone(task, effect) => {
-                    outbox_rows.push((outbox_key(*task, *effect), None))
-                }
-                Write::Output {
-                    task,
-                    attempt,
-                    seq,
-                    kind,
-                    data,
-                } => {
-                    let mut value = Vec::with_capacity(data.len() + 1);
-                    value.push(kind.to_byte());
-                    value.extend_from_slice(data);
-                    output_rows.push((output_key(*task, *attempt, *seq), value));
-                }
-            }
-        }
+    /// One sled transaction over every tree, then one flush.
+    fn apply(&self, rows: &Rows) -> Result<(), Error> {
+        let t = &self.tables;
         (
-            &self.agents,
-            &self.tasks,
-            &self.output,
-            &self.admins,
-            &self.deliveries,
-            &self.outbox,
+            &t.agents,
+            &t.tasks,
+            &t.output,
+            &t.admins,
+            &t.deliveries,
+            &t.outbox,
         )
             .transaction(|(agents, tasks, output, admins, deliveries, outbox)| {
-                for (key, value) in &outbox_rows {
-                    match value {
-                        Some(value) => outbox.insert(key.as_slice(), value.as_slice())?,
-                        None => outbox.remove(key.as_slice())?,
-                    };
-                }
-                for (key, value) in &delivery_rows {
-                    match value {
-                        Some(at) => deliveries.insert(key.as_slice(), at.as_slice())?,
-                        None => deliveries.remove(key.as_slice())?,
-                    };
-                }
-                for (key, value) in &agent_rows {
-                    match value {
-                        Some(value) => agents.insert(key.as_slice(), value.as_slice())?,
-                        None => agents.remove(key.as_slice())?,
-                    };
-                }
-                for (key, value) in &admin_rows {
-                    admins.insert(key.as_slice(), value.as_slice())?;
-                }
-                for (key, value) in &task_rows {
-                    tasks.insert(key.as_slice(), value.as_slice())?;
-                }
-                for (key, value) in &output_rows {
-                    output.insert(key.as_slice(), value.as_slice())?;
+                let trees = Tables {
+                    agents,
+                    tasks,
+                    output,
+                    admins,
+                    deliveries,
+                    outbox,
+                };
+                for (tree, rows) in trees.each().into_iter().zip(rows.each()) {
+                    for (key, value) in rows {
+                        match value {
+                            Some(value) => tree.insert(key.as_slice(), value.as_slice())?,
+                            None => tree.remove(key.as_slice())?,
+                        };
+                    }
                 }
                 Ok::<(), ConflictableTransactionError<()>>(())
             })

@@ -275,7 +275,7 @@ enum CrashPoint {
 /// What the simulation knows independently of the core.
 #[derive(Debug, Default)]
 pub(super) struct Ledger {
-    /// The tasks in the store, as committed.
+    /// The tasks in the store, read back after each commit.
     pub committed: BTreeMap<TaskId, Task>,
     /// Each task's first committed terminal version: it must never change.
     pub terminal: BTreeMap<TaskId, Task>,
@@ -289,55 +289,58 @@ pub(super) struct Ledger {
     pub doomed: BTreeMap<TaskId, bool>,
     /// Submissions not yet acknowledged (the admin retries lost ones).
     pub unacknowledged_submits: usize,
-    /// The highest output seq committed per attempt.
+    /// The highest output seq in the store per attempt.
     pub stored_seq: BTreeMap<(TaskId, Attempt), u64>,
-    /// Tasks whose output reached the cap (a marker was committed).
+    /// Tasks whose output reached the cap (the store holds a marker).
     pub truncated: BTreeSet<TaskId>,
 }
 
 impl Ledger {
-    /// Records a committed batch; a terminal task must never be rewritten
-    /// differently.
-    fn record(&mut self, writes: &[Write]) -> Result<(), String> {
-        for write in writes {
-            let task: &Task = match write {
-                Write::Task(task) => task,
-                Write::Output {
-                    task,
-                    attempt,
-                    seq,
-                    kind,
-                    data,
-                } => {
-                    let stored = self.stored_seq.entry((*task, *attempt)).or_default();
-                    *stored = (*stored).max(*seq);
-                    if *kind == OutputKind::System && data.starts_with(TRUNCATION_MARKER) {
-                        self.truncated.insert(*task);
-                    }
-                    continue;
+    /// Reads back from the store what a committed batch stored of the
+    /// tasks it touched: their records and output. A terminal task must
+    /// never be rewritten differently (seen as the store holds it after
+    /// each batch: a batch is committed at once).
+    fn record(&mut self, store: &impl Store, writes: &[Write]) -> Result<(), String> {
+        let touched: BTreeSet<TaskId> = writes.iter().filter_map(Write::task).collect();
+        for id in touched {
+            // Output is stored for a task's live attempt only: what the
+            // batch stored follows what was stored of the attempt that was
+            // current before it.
+            let from =
+                self.committed
+                    .get(&id)
+                    .and_then(Task::current)
+                    .map_or((Attempt(0), 0), |a| {
+                        let stored = self.stored_seq.get(&(id, a.attempt)).copied();
+                        (a.attempt, stored.unwrap_or(0) + 1)
+                    });
+            for chunk in store
+                .read_output(id, from, usize::MAX)
+                .expect("the store reads output")
+            {
+                let stored = self.stored_seq.entry((id, chunk.attempt)).or_default();
+                *stored = (*stored).max(chunk.seq);
+                if chunk.kind == OutputKind::System && chunk.data.starts_with(TRUNCATION_MARKER) {
+                    self.truncated.insert(id);
                 }
-                Write::Agent(_)
-                | Write::ForgetAgent(_)
-                | Write::Admin(_)
-                | Write::Delivery { .. }
-                | Write::ForgetDelivery(_)
-                | Write::Outbox(_)
-                | Write::OutboxDone(..) => continue,
+            }
+            let Some(task) = store.load_task(id).expect("the store reads tasks") else {
+                continue;
             };
-            match self.terminal.get(&task.id) {
-                Some(done) if done != task => {
+            match self.terminal.get(&id) {
+                Some(done) if *done != task => {
                     return Err(format!(
-                        "terminal task {} was rewritten: {:?} ({}) became {:?} ({})",
-                        task.id, done.state, done.state_reason, task.state, task.state_reason
+                        "terminal task {id} was rewritten: {:?} ({}) became {:?} ({})",
+                        done.state, done.state_reason, task.state, task.state_reason
                     ));
                 }
                 Some(_) => {}
                 None if task.state.is_terminal() => {
-                    self.terminal.insert(task.id, task.clone());
+                    self.terminal.insert(id, task.clone());
                 }
                 None => {}
             }
-            self.committed.insert(task.id, task.clone());
+            self.committed.insert(id, task);
         }
         Ok(())
     }
@@ -710,7 +713,7 @@ impl World {
         }
         // As the driver does: what ended is in the store now.
         c.core.evict_finished();
-        self.ledger.record(&writes)?;
+        self.ledger.record(&self.store, &writes)?;
         for reply in replies {
             match reply {
                 Reply::Submitted(id, _) => {
