@@ -71,7 +71,10 @@ impl Core {
             return Err(AdminError::NotDrained(agent.clone()));
         }
         entry.record.drain_reason = None;
-        let live = entry.live.take().map(|l| l.conn);
+        let live = entry.live.take().map(|l| {
+            self.timers.unfile_stream(&l, self.config.heartbeat_timeout);
+            l.conn
+        });
         entry.record.state = AgentState::Disconnected;
         entry.record.last_disconnect_reason = Some("undrained: reconnecting to take work".into());
         entry.record.last_seen = entry.record.last_seen.max(wall);

@@ -28,6 +28,7 @@ pub mod outbox;
 mod queue;
 pub mod schedule;
 pub mod task;
+mod timers;
 
 pub use admin::AdminRecord;
 use queue::{Queue, Queued};
@@ -35,6 +36,7 @@ pub use task::{
     AttemptRecord, NewTask, OutputPosition, Task, TaskError, TaskSource, TaskState, TaskTriage,
 };
 use task::{LiveAttempt, OutputBudget};
+use timers::Timers;
 
 /// How often an agent's `last_seen` is written while only heartbeats come:
 /// a heartbeat itself writes nothing durable.
@@ -357,6 +359,8 @@ pub struct Core {
     queue: Queue,
     /// The agents that may take work, indexed for placement.
     free: schedule::FreeIndex,
+    /// The deadlines of the streams and of the live attempts, in order.
+    timers: Timers,
     /// Live attempts per repository (fairness between repositories).
     repo_live: BTreeMap<String, usize>,
     /// Tasks by the issue they come from (`owner/name` lowercased, number),
@@ -487,6 +491,7 @@ impl Core {
             output: BTreeMap::new(),
             queue: Queue::default(),
             free: schedule::FreeIndex::default(),
+            timers: Timers::default(),
             repo_live: BTreeMap::new(),
             issues: BTreeMap::new(),
             deliveries: github::Deliveries::new(restored.deliveries),
@@ -551,7 +556,7 @@ impl Core {
                 && let Some(current) = task.current()
             {
                 let acked = restored.output.get(&task.id).map_or(0, |p| p.last_seq);
-                core.live.insert(
+                core.insert_live(
                     task.id,
                     LiveAttempt {
                         lease_deadline: now + core.config.lease_timeout,
@@ -679,17 +684,22 @@ impl Core {
             .map(|(c, _)| *c)
             .collect();
         for old in older {
-            self.pending.remove(&old);
+            self.remove_pending(old);
             self.close(old, CloseReason::Replaced);
         }
-        self.pending.insert(
+        let hello_deadline = now + self.config.hello_timeout;
+        self.timers.hellos.set(conn, None, Some(hello_deadline));
+        let replaced = self.pending.insert(
             conn,
             Pending {
                 agent,
                 peer,
-                hello_deadline: now + self.config.hello_timeout,
+                hello_deadline,
             },
         );
+        if let Some(old) = replaced {
+            self.timers.hellos.set(conn, Some(old.hello_deadline), None);
+        }
         Ok(())
     }
 
@@ -717,6 +727,10 @@ impl Core {
         let Some(live) = entry.live.as_mut() else {
             return;
         };
+        let timeout = self.config.heartbeat_timeout;
+        self.timers
+            .silences
+            .set(conn, Some(live.last_heard + timeout), Some(now + timeout));
         live.last_heard = now;
         match msg {
             FromAgent::Hello { .. } => {}
@@ -793,7 +807,7 @@ impl Core {
         now: Instant,
         wall: UnixMillis,
     ) {
-        let Some(pending) = self.pending.remove(&conn) else {
+        let Some(pending) = self.remove_pending(conn) else {
             if self.conn_agent.contains_key(&conn) {
                 self.protocol_error(conn, "Hello sent twice".into(), now, wall);
             }
@@ -825,7 +839,11 @@ impl Core {
             self.close(conn, CloseReason::Duplicate(why));
             return;
         }
-        let replaced = entry.live.take().map(|old| old.conn);
+        let replaced = entry.live.take().map(|old| {
+            self.timers
+                .unfile_stream(&old, self.config.heartbeat_timeout);
+            old.conn
+        });
         entry.record.state = AgentState::Connected;
         let instance = advert.instance_id.clone();
         // A drain lasts for the stream it was sent on.
@@ -835,7 +853,7 @@ impl Core {
         entry.record.last_seen = wall;
         entry.record.connections += 1;
         entry.record.peer_address = pending.peer;
-        entry.live = Some(Live {
+        let live = entry.live.insert(Live {
             conn,
             instance,
             since: wall,
@@ -844,6 +862,7 @@ impl Core {
             running: running.clone(),
             cooldown_until: None,
         });
+        self.timers.file_stream(live, self.config.heartbeat_timeout);
         info!(
             agent_id = %agent,
             peer = %entry.record.peer_address,
@@ -887,7 +906,7 @@ impl Core {
     /// The stream ended (agent gone, network, or closed by us).
     pub fn handle_closed(&mut self, conn: ConnId, reason: String, now: Instant, wall: UnixMillis) {
         self.tick(now, wall);
-        self.pending.remove(&conn);
+        self.remove_pending(conn);
         self.pending_acks.retain(|(c, _, _), _| *c != conn);
         let Some(agent) = self.conn_agent.remove(&conn) else {
             return;
@@ -898,7 +917,10 @@ impl Core {
         if entry.live.as_ref().map(|l| l.conn) != Some(conn) {
             return;
         }
-        entry.live = None;
+        if let Some(live) = entry.live.take() {
+            self.timers
+                .unfile_stream(&live, self.config.heartbeat_timeout);
+        }
         if entry.record.state != AgentState::Revoked {
             entry.record.state = AgentState::Disconnected;
         }
@@ -909,41 +931,61 @@ impl Core {
         self.refile(&agent);
     }
 
-    /// Time passed: close silent streams, send due heartbeats.
+    /// Time passed: close silent streams, send due heartbeats, end
+    /// cool-downs and expire attempts. Looks only at what is due (see
+    /// `timers`).
     pub fn handle_timeout(&mut self, now: Instant, wall: UnixMillis) {
         self.tick(now, wall);
-        let late: Vec<ConnId> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| now >= p.hello_deadline)
-            .map(|(c, _)| *c)
-            .collect();
-        for conn in late {
+        for conn in self.timers.hellos.pop_due(now) {
             self.pending.remove(&conn);
             warn!(conn = conn.0, "stream sent no Hello in time");
             self.close(conn, CloseReason::HelloTimeout);
         }
-        let mut silent = Vec::new();
-        for entry in self.agents.values_mut() {
-            let Some(live) = entry.live.as_mut() else {
-                continue;
-            };
-            if now >= live.last_heard + self.config.heartbeat_timeout {
-                silent.push(live.conn);
-            } else if now >= live.next_heartbeat {
-                live.next_heartbeat = now + self.config.heartbeat_interval;
-                self.actions.push_back(Action::Send {
-                    conn: live.conn,
-                    msg: ToAgent::Heartbeat { now: wall },
-                });
-            }
-        }
-        for conn in silent {
+        // Silent streams are closed first: they are owed no heartbeat.
+        for conn in self.timers.silences.pop_due(now) {
             self.close(conn, CloseReason::HeartbeatTimeout);
             self.handle_closed(conn, "heartbeat timeout".into(), now, wall);
         }
+        // Heartbeats due within a quarter of the interval go out with the
+        // due ones (early, never late): the streams' heartbeats fall into a
+        // few batches per interval, and the driver wakes once per batch
+        // rather than once per stream.
+        let interval = self.config.heartbeat_interval;
+        let next = now + interval;
+        for conn in self.timers.heartbeats.pop_due(now + interval / 4) {
+            let Some(live) = self.live_stream(conn) else {
+                continue;
+            };
+            live.next_heartbeat = next;
+            self.timers.heartbeats.set(conn, None, Some(next));
+            self.send(conn, ToAgent::Heartbeat { now: wall });
+        }
+        for conn in self.timers.cooldowns.pop_due(now) {
+            if let Some(live) = self.live_stream(conn) {
+                live.cooldown_until = None;
+            }
+        }
         self.expire_tasks(now, wall);
         self.schedule(now, wall);
+    }
+
+    /// The live state of a stream that is its agent's current one.
+    fn live_stream(&mut self, conn: ConnId) -> Option<&mut Live> {
+        let agent = self.conn_agent.get(&conn)?;
+        self.agents
+            .get_mut(agent)?
+            .live
+            .as_mut()
+            .filter(|l| l.conn == conn)
+    }
+
+    /// Forgets a stream that has not said Hello, with its deadline.
+    fn remove_pending(&mut self, conn: ConnId) -> Option<Pending> {
+        let pending = self.pending.remove(&conn)?;
+        self.timers
+            .hellos
+            .set(conn, Some(pending.hello_deadline), None);
+        Some(pending)
     }
 
     // ---- admin mutators ----
@@ -967,7 +1009,10 @@ impl Core {
         entry.record.state = AgentState::Revoked;
         entry.record.revoked_reason = Some(reason.clone());
         entry.record.last_seen = entry.record.last_seen.max(wall);
-        let live_conn = entry.live.take().map(|l| l.conn);
+        let live_conn = entry.live.take().map(|l| {
+            self.timers.unfile_stream(&l, self.config.heartbeat_timeout);
+            l.conn
+        });
         if live_conn.is_some() {
             entry.record.last_disconnect_reason = Some(format!("revoked: {reason}"));
         }
@@ -981,7 +1026,7 @@ impl Core {
             .map(|(c, _)| *c)
             .collect();
         for conn in pending.into_iter().chain(live_conn) {
-            self.pending.remove(&conn);
+            self.remove_pending(conn);
             self.conn_agent.remove(&conn);
             self.close(conn, CloseReason::Revoked(reason.clone()));
         }
@@ -1048,26 +1093,13 @@ impl Core {
         std::mem::take(&mut self.writes)
     }
 
-    /// When `handle_timeout` must be called next.
+    /// When `handle_timeout` must be called next: the first of the
+    /// timers and of the queue's deadlines.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let hellos = self.pending.values().map(|p| p.hello_deadline);
-        let lives = self
-            .agents
-            .values()
-            .filter_map(|e| e.live.as_ref())
-            .map(|l| {
-                l.next_heartbeat
-                    .min(l.last_heard + self.config.heartbeat_timeout)
-            });
-        let cooldowns = self
-            .agents
-            .values()
-            .filter_map(|e| e.live.as_ref()?.cooldown_until)
-            .filter(|at| *at > self.last_now);
-        hellos
-            .chain(lives)
-            .chain(cooldowns)
-            .chain(self.task_timeout())
+        self.timers
+            .next()
+            .into_iter()
+            .chain(self.queue_timeout())
             .min()
     }
 

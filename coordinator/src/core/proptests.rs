@@ -711,6 +711,8 @@ impl Harness {
     fn check(&mut self) -> Result<(), TestCaseError> {
         let (kept, rebuilt) = self.core.free_index_rebuilt();
         prop_assert_eq!(kept, &rebuilt, "the free agents' index is stale");
+        let (kept, rebuilt) = self.core.timers_rebuilt();
+        prop_assert_eq!(kept, &rebuilt, "the timers are stale");
         let mut written: BTreeMap<TaskId, Task> = BTreeMap::new();
         self.store
             .scan_tasks(&mut |task| {

@@ -259,6 +259,11 @@ impl Queue {
         }
     }
 
+    /// Whether any task is ready to be placed (out of its backoff).
+    pub(super) fn has_ready(&self) -> bool {
+        self.ready.values().any(|lanes| !lanes.0.is_empty()) || !self.fallback.0.is_empty()
+    }
+
     /// The task to place next given which agents are free, if any fits.
     pub(super) fn next(
         &mut self,

@@ -184,6 +184,10 @@ impl Core {
     /// `queue`).
     pub(super) fn schedule(&mut self, now: Instant, wall: UnixMillis) {
         self.queue.advance(now, wall);
+        // Nothing ready (the common case at a timer): no agent is looked at.
+        if !self.queue.has_ready() {
+            return;
+        }
         loop {
             let free = self.free_agents();
             if free.specialties.is_empty() {

@@ -8,6 +8,7 @@
 //! anyone but that attempt's agent, is dropped and its sender told to cancel
 //! (fencing).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -541,9 +542,9 @@ impl Core {
                 .get(&id)
                 .is_some_and(|t| t.is_live_attempt(attempt, agent));
             if live {
-                if let Some(l) = self.live.get_mut(&id) {
-                    l.lease_deadline = now + self.config.lease_timeout;
-                    held.push((id, attempt, l.acked));
+                let lease = now + self.config.lease_timeout;
+                if let Some(acked) = self.set_lease(id, |_| lease) {
+                    held.push((id, attempt, acked));
                 }
                 // Holding it means it was accepted, even if that message was lost.
                 self.handle_accepted(conn, agent, id, attempt, wall);
@@ -614,9 +615,9 @@ impl Core {
                 .tasks
                 .get(&r.task)
                 .is_some_and(|t| t.is_live_attempt(r.attempt, agent))
-                && let Some(l) = self.live.get_mut(&r.task)
             {
-                l.lease_deadline = now + self.config.lease_timeout;
+                let lease = now + self.config.lease_timeout;
+                self.set_lease(r.task, |_| lease);
             }
         }
     }
@@ -636,11 +637,8 @@ impl Core {
             .get(&id)
             .is_some_and(|t| t.is_live_attempt(attempt, agent))
         {
-            if let Some(l) = self.live.get_mut(&id) {
-                l.lease_deadline = l
-                    .lease_deadline
-                    .max(self.last_now + self.config.lease_timeout);
-            }
+            let renewed = self.last_now + self.config.lease_timeout;
+            self.set_lease(id, |lease| lease.max(renewed));
             return true;
         }
         warn!(task_id = %id, attempt = attempt.0, agent_id = %agent, "dropped {what} of a stale attempt");
@@ -672,7 +670,7 @@ impl Core {
             a.accepted_at = Some(wall);
         }
         if let Some(l) = self.live.get_mut(&id) {
-            l.accept_deadline = None;
+            self.timers.accepts.set(id, l.accept_deadline.take(), None);
         }
         info!(task_id = %id, attempt = attempt.0, agent_id = %agent, "task running");
         self.persist_task(id);
@@ -858,7 +856,11 @@ impl Core {
         }
         let wait = until_reset.max(self.config.rate_limit_cooldown);
         if let Some(live) = self.agents.get_mut(agent).and_then(|e| e.live.as_mut()) {
-            live.cooldown_until = Some(now + wait);
+            let until = now + wait;
+            self.timers
+                .cooldowns
+                .set(live.conn, live.cooldown_until, Some(until));
+            live.cooldown_until = Some(until);
             warn!(agent_id = %agent, wait_s = wait.as_secs(), "usage limit reached; no new work for this agent until it resets");
         }
     }
@@ -881,9 +883,18 @@ impl Core {
 
     // ---- time ----
 
+    /// Ends the attempts not accepted in time and those whose lease ran
+    /// out. Looks only at those due (see `timers`), in task order.
     pub(super) fn expire_tasks(&mut self, now: Instant, wall: UnixMillis) {
+        let due: BTreeSet<TaskId> = self
+            .timers
+            .accepts
+            .pop_due(now)
+            .into_iter()
+            .chain(self.timers.leases.pop_due(now))
+            .collect();
         let mut expired = Vec::new();
-        for (id, live) in &self.live {
+        for (id, live) in due.iter().filter_map(|id| Some((id, self.live.get(id)?))) {
             if live.accept_deadline.is_some_and(|d| now >= d) {
                 expired.push((
                     *id,
@@ -913,18 +924,46 @@ impl Core {
         }
     }
 
-    pub(super) fn task_timeout(&self) -> Option<Instant> {
-        let live = self.live.values().map(|l| {
-            l.accept_deadline
-                .map_or(l.lease_deadline, |a| a.min(l.lease_deadline))
-        });
+    /// When the queue has something to do next (the attempts' deadlines
+    /// are in the timers).
+    pub(super) fn queue_timeout(&self) -> Option<Instant> {
         // A passed backoff or fallback is still returned until the queue
         // has advanced past it (at the next `handle_timeout`), and then it
         // is gone: the driver cannot spin on it.
         let (backoff, fallback) = self.queue.next_due();
-        live.chain(backoff.map(|nb| self.instant_of(nb)))
+        backoff
+            .map(|nb| self.instant_of(nb))
+            .into_iter()
             .chain(fallback)
             .min()
+    }
+
+    /// Tracks a live attempt, its deadlines filed in the timers.
+    pub(super) fn insert_live(&mut self, id: TaskId, live: LiveAttempt) {
+        self.remove_live(id);
+        self.timers.leases.set(id, None, Some(live.lease_deadline));
+        self.timers.accepts.set(id, None, live.accept_deadline);
+        self.live.insert(id, live);
+    }
+
+    /// Stops tracking a live attempt, its deadlines with it.
+    fn remove_live(&mut self, id: TaskId) {
+        if let Some(live) = self.live.remove(&id) {
+            self.timers.leases.set(id, Some(live.lease_deadline), None);
+            self.timers.accepts.set(id, live.accept_deadline, None);
+        }
+    }
+
+    /// Moves the lease of a live attempt to `renew(its lease)`; returns
+    /// its acknowledged output position (`None`: not live).
+    fn set_lease(&mut self, id: TaskId, renew: impl FnOnce(Instant) -> Instant) -> Option<u64> {
+        let live = self.live.get_mut(&id)?;
+        let lease = renew(live.lease_deadline);
+        self.timers
+            .leases
+            .set(id, Some(live.lease_deadline), Some(lease));
+        live.lease_deadline = lease;
+        Some(live.acked)
     }
 
     // ---- transitions ----
@@ -940,7 +979,7 @@ impl Core {
         now: Instant,
         wall: UnixMillis,
     ) {
-        self.live.remove(&id);
+        self.remove_live(id);
         let rate_limit_until = if outcome == Outcome::RateLimited {
             self.rate_limit_reset(report.as_ref(), wall)
         } else {
@@ -1093,7 +1132,7 @@ impl Core {
         task.updated_at = wall;
         let spec = task.spec.clone();
         self.queue.remove(id);
-        self.live.insert(
+        self.insert_live(
             id,
             LiveAttempt {
                 lease_deadline: now + self.config.lease_timeout,

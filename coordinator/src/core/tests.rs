@@ -207,6 +207,29 @@ fn silence_closes_the_stream_and_heartbeats_are_sent_meanwhile() {
 }
 
 #[test]
+fn heartbeats_due_close_together_go_out_together() {
+    let mut h = Harness::new();
+    h.connect(1, "a", 0);
+    h.connect(2, "b", 1);
+    h.connect(3, "c", 2);
+    h.actions();
+    let (now, wall) = h.at(5);
+    assert_eq!(h.core.poll_timeout(), Some(now));
+    h.core.handle_timeout(now, wall);
+    let beat = |conn| Action::Send {
+        conn: ConnId(conn),
+        msg: ToAgent::Heartbeat { now: wall },
+    };
+    // A quarter of the 5 s interval: b (due at 6 s) comes along, c (7 s)
+    // does not; from then on a and b share their deadline.
+    assert_eq!(h.actions(), vec![beat(1), beat(2)]);
+    assert_eq!(h.core.poll_timeout(), h.at(7).0.into());
+    let (now, wall) = h.at(7);
+    h.core.handle_timeout(now, wall);
+    assert_eq!(h.core.poll_timeout(), h.at(10).0.into());
+}
+
+#[test]
 fn heartbeats_keep_the_stream_alive() {
     let mut h = Harness::new();
     h.connect(1, "a", 0);
