@@ -138,7 +138,7 @@ pub fn real_agent(ctx: &mut Ctx) {
     c.stop();
     let b3 = stream.bw(4096);
     ctx.note(format!(
-        "real agent: {:.1} MiB of 1 KiB lines (one chunk each) stored in {:.2} s",
+        "real agent: {:.1} MiB of 1 KiB lines (those read together sent as one chunk) stored in {:.2} s",
         total / 1048576.0,
         took.as_secs_f64()
     ));
