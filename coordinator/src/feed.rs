@@ -12,7 +12,6 @@
 //! snapshot (drop and resync).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use common::ids::{AgentId, TaskId};
 use common::protocol::OutputChunk;
@@ -76,23 +75,8 @@ impl Changes {
                 Write::Task(task) => {
                     changes.tasks.insert(task.id);
                 }
-                Write::Output {
-                    task,
-                    attempt,
-                    seq,
-                    kind,
-                    data,
-                } => {
-                    changes.lines.insert(
-                        *task,
-                        Line {
-                            task: *task,
-                            attempt: *attempt,
-                            seq: *seq,
-                            kind: *kind,
-                            data: Arc::clone(data),
-                        },
-                    );
+                Write::Output(chunk) => {
+                    changes.lines.insert(chunk.task, chunk.clone());
                 }
                 Write::Delivery { .. }
                 | Write::ForgetDelivery(_)
@@ -190,7 +174,7 @@ mod tests {
             attempt: Attempt(1),
             seq,
             kind: OutputKind::Stdout,
-            data: Arc::from(text.as_bytes()),
+            data: std::sync::Arc::from(text.as_bytes()),
         }
     }
 
@@ -247,13 +231,7 @@ mod tests {
 
     #[test]
     fn a_batch_names_what_it_changed_and_only_its_last_line_per_task() {
-        let output = |l: Line| Write::Output {
-            task: l.task,
-            attempt: l.attempt,
-            seq: l.seq,
-            kind: l.kind,
-            data: l.data,
-        };
+        let output = Write::Output;
         let changes = Changes::of(&[
             Write::Agent(Box::new(agent("pc-1", AgentState::Connected))),
             Write::ForgetAgent(AgentId::new("pc-2").expect("name")),

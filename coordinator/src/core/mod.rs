@@ -195,13 +195,8 @@ pub enum Write {
     OutboxDone(TaskId, outbox::Effect),
     Agent(Box<AgentRecord>),
     Task(Box<Task>),
-    Output {
-        task: TaskId,
-        attempt: Attempt,
-        seq: u64,
-        kind: OutputKind,
-        data: Arc<[u8]>,
-    },
+    /// One chunk of a task's output.
+    Output(OutputChunk),
     /// The agent's record is deleted.
     ForgetAgent(AgentId),
     /// An admin certificate's revocation record.
@@ -214,7 +209,7 @@ impl Write {
     pub fn task(&self) -> Option<TaskId> {
         match self {
             Self::Task(task) => Some(task.id),
-            Self::Output { task, .. } | Self::OutboxDone(task, _) => Some(*task),
+            Self::Output(OutputChunk { task, .. }) | Self::OutboxDone(task, _) => Some(*task),
             Self::Outbox(entry) => Some(entry.task),
             Self::Delivery { .. }
             | Self::ForgetDelivery(_)

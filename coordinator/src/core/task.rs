@@ -8,6 +8,7 @@
 //! anyone but that attempt's agent, is dropped and its sender told to cancel
 //! (fencing).
 
+use common::protocol::OutputChunk;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -768,13 +769,13 @@ impl Core {
             };
             budget.stored_bytes += u64::try_from(data.len()).unwrap_or(u64::MAX);
             live.acked = seq;
-            self.writes.push(Write::Output {
+            self.writes.push(Write::Output(OutputChunk {
                 task: id,
                 attempt,
                 seq,
                 kind,
                 data: Arc::clone(&data),
-            });
+            }));
             self.actions.push_back(Action::Publish(TaskEvent::Output {
                 task: id,
                 attempt,

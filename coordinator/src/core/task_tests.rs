@@ -212,7 +212,7 @@ impl H {
             .take_writes()
             .into_iter()
             .filter_map(|w| match w {
-                Write::Output { seq, .. } => Some(seq),
+                Write::Output(OutputChunk { seq, .. }) => Some(seq),
                 _ => None,
             })
             .collect()
@@ -420,7 +420,7 @@ fn a_lost_agent_keeps_its_task_until_the_lease_expires() {
         !h.core
             .take_writes()
             .iter()
-            .any(|w| matches!(w, Write::Output { .. }))
+            .any(|w| matches!(w, Write::Output(OutputChunk { .. })))
     );
 }
 
@@ -529,7 +529,7 @@ fn output_past_the_cap_is_replaced_by_one_marker() {
         .take_writes()
         .into_iter()
         .filter_map(|w| match w {
-            Write::Output { seq, kind, .. } => Some((seq, kind)),
+            Write::Output(OutputChunk { seq, kind, .. }) => Some((seq, kind)),
             _ => None,
         })
         .collect();

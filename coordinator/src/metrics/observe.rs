@@ -6,6 +6,7 @@
 //! state it reaches. Ended tasks are forgotten: one written again is taken
 //! as counted up to what it holds.
 
+use common::protocol::OutputChunk;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -88,7 +89,7 @@ impl TaskEvents {
         for write in writes {
             match write {
                 Write::Task(task) => self.task_written(task, &mut observed),
-                Write::Output { data, .. } => {
+                Write::Output(OutputChunk { data, .. }) => {
                     output_bytes =
                         output_bytes.saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
                 }

@@ -1,3 +1,4 @@
+use common::protocol::OutputChunk;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -150,12 +151,14 @@ fn an_admin_retry_ends_the_task_again_and_a_restart_counts_nothing_old() {
 
 #[test]
 fn stored_output_is_summed_per_commit() {
-    let chunk = |bytes: &[u8]| Write::Output {
-        task: TaskId(1),
-        attempt: Attempt(1),
-        seq: 1,
-        kind: OutputKind::Stdout,
-        data: Arc::from(bytes),
+    let chunk = |bytes: &[u8]| {
+        Write::Output(OutputChunk {
+            task: TaskId(1),
+            attempt: Attempt(1),
+            seq: 1,
+            kind: OutputKind::Stdout,
+            data: Arc::from(bytes),
+        })
     };
     let mut events = TaskEvents::default();
     assert_eq!(

@@ -240,19 +240,13 @@ impl Rows {
                 Write::OutboxDone(task, effect) => {
                     (&mut rows.outbox, outbox_key(*task, *effect).to_vec(), None)
                 }
-                Write::Output {
-                    task,
-                    attempt,
-                    seq,
-                    kind,
-                    data,
-                } => {
-                    let mut value = Vec::with_capacity(data.len() + 1);
-                    value.push(kind.to_byte());
-                    value.extend_from_slice(data);
+                Write::Output(chunk) => {
+                    let mut value = Vec::with_capacity(chunk.data.len() + 1);
+                    value.push(chunk.kind.to_byte());
+                    value.extend_from_slice(&chunk.data);
                     (
                         &mut rows.output,
-                        output_key(*task, *attempt, *seq).to_vec(),
+                        output_key(chunk.task, chunk.attempt, chunk.seq).to_vec(),
                         Some(value),
                     )
                 }

@@ -1,4 +1,5 @@
 use common::ids::AgentId;
+use common::protocol::OutputChunk;
 use common::time::UnixMillis;
 use common::types::Specialty;
 use proptest::prelude::*;
@@ -113,12 +114,14 @@ fn a_newer_schema_is_refused_and_corrupt_rows_are_named() {
 
 #[test]
 fn the_output_budget_counts_the_attempts_since_the_last_retry() {
-    let chunk = |attempt: u32, seq: u64, kind: OutputKind, data: &[u8]| Write::Output {
-        task: TaskId(1),
-        attempt: Attempt(attempt),
-        seq,
-        kind,
-        data: Arc::from(data),
+    let chunk = |attempt: u32, seq: u64, kind: OutputKind, data: &[u8]| {
+        Write::Output(OutputChunk {
+            task: TaskId(1),
+            attempt: Attempt(attempt),
+            seq,
+            kind,
+            data: Arc::from(data),
+        })
     };
     for (name, store) in both_stores() {
         store
@@ -302,12 +305,14 @@ fn prunes_step_by_step(name: &str, store: &dyn Store) {
     tasks[1].updated_at = UnixMillis(9_000);
     tasks[2].state = TaskState::Running;
     tasks[2].updated_at = UnixMillis(1_000);
-    let chunk = |task: TaskId| Write::Output {
-        task,
-        attempt: Attempt(1),
-        seq: 1,
-        kind: OutputKind::Stdout,
-        data: Arc::from(&b"some output"[..]),
+    let chunk = |task: TaskId| {
+        Write::Output(OutputChunk {
+            task,
+            attempt: Attempt(1),
+            seq: 1,
+            kind: OutputKind::Stdout,
+            data: Arc::from(&b"some output"[..]),
+        })
     };
     let mut writes: Vec<Write> = tasks
         .into_iter()
@@ -504,13 +509,13 @@ fn write(change: Change, tasks: &[Task]) -> Write {
             } else {
                 vec![b'x'; len]
             };
-            Write::Output {
+            Write::Output(OutputChunk {
                 task: TaskId(task),
                 attempt: Attempt(attempt),
                 seq,
                 kind: KINDS[kind],
                 data: Arc::from(data),
-            }
+            })
         }
     }
 }

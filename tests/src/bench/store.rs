@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::ids::{AgentId, Attempt, TaskId};
+use common::protocol::OutputChunk;
 use common::time::UnixMillis;
 use common::types::{CliResult, FinishedReport, Outcome, OutputKind, Specialty};
 use coordinator::core::{
@@ -99,13 +100,13 @@ fn populate(dir: &Path, tasks: u64, output: u64) {
         t.spec.title = format!("{} ({n})", base.spec.title);
         writes.push(Write::Task(Box::new(t)));
         for seq in 1..=per_task {
-            writes.push(Write::Output {
+            writes.push(Write::Output(OutputChunk {
                 task: TaskId(n),
                 attempt: Attempt(1),
                 seq,
                 kind: OutputKind::Stdout,
                 data: Arc::clone(&data),
-            });
+            }));
         }
         if n % 1000 == 0 || n == tasks {
             store.commit(&writes).expect("commit");
