@@ -3,6 +3,11 @@
 //! and runs each batch as: apply every ready command, commit the core's
 //! writes in one transaction with one flush (group commit), and only then
 //! answer callers and perform the core's actions.
+//!
+//! The loop runs on a thread of its own ([`Driver::spawn`]) and commits on
+//! it: the commit blocks nothing but the loop, which waits for it anyway,
+//! and no hand-off to a blocking pool and back sits on every
+//! acknowledgement's path.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -350,11 +355,32 @@ impl Driver {
         self
     }
 
-    /// Runs until `shutdown` fires or a commit fails. A failed commit stops
-    /// the coordinator: it can no longer promise durability.
-    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), store::Error> {
+    /// Starts the event loop on a thread of its own (`ccc-driver`, with a
+    /// single-threaded runtime for its timers), where commits block only
+    /// the loop. It runs until `shutdown` fires or a commit fails; the
+    /// answer says which. A failed commit stops the coordinator: it can no
+    /// longer promise durability. The answer never comes if the thread
+    /// panicked.
+    pub fn spawn(
+        self,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<oneshot::Receiver<Result<(), store::Error>>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
+        let (done, stopped) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("ccc-driver".into())
+            .spawn(move || {
+                let result = runtime.block_on(self.run(shutdown));
+                let _ = done.send(result);
+            })?;
+        Ok(stopped)
+    }
+
+    async fn run(mut self, shutdown: CancellationToken) -> Result<(), store::Error> {
         // Writes from rebuilding state (e.g. agents marked disconnected).
-        self.commit_and_dispatch().await?;
+        self.commit_and_dispatch()?;
         loop {
             let deadline = self.core.poll_timeout();
             let prune_at = self.retention.as_ref().map(|r| r.next);
@@ -377,7 +403,7 @@ impl Driver {
                     Err(_) => break,
                 }
             }
-            self.commit_and_dispatch().await?;
+            self.commit_and_dispatch()?;
         }
         for (_, tx) in self.streams.drain() {
             let _ = tx.try_send(Outbound::Close(CloseReason::Protocol(
@@ -814,7 +840,8 @@ impl Driver {
         }));
     }
 
-    async fn commit_and_dispatch(&mut self) -> Result<(), store::Error> {
+    /// Commits on the driver's thread (see [`Driver::spawn`]).
+    fn commit_and_dispatch(&mut self) -> Result<(), store::Error> {
         // Performing an action can feed the core again (a stuck stream is
         // closed), so repeat until a round leaves nothing behind.
         loop {
@@ -823,15 +850,12 @@ impl Driver {
             let changes = feed::Changes::of(&writes);
             if !writes.is_empty() {
                 let observed = self.task_events.observe(&writes);
-                let store = Arc::clone(&self.store);
                 let n_writes = writes.len();
-                let took = tokio::task::spawn_blocking(move || {
-                    let (started, _) = clock();
-                    store.commit(&writes).map(|()| started.elapsed())
-                })
-                .await
-                .unwrap_or_else(|join| Err(store::Error::Task(join.to_string())))
-                .inspect_err(|e| error!(error = %e, "commit failed; stopping"))?;
+                let (started, _) = clock();
+                self.store
+                    .commit(&writes)
+                    .inspect_err(|e| error!(error = %e, "commit failed; stopping"))?;
+                let took = started.elapsed();
                 self.metrics.store_commit(took);
                 debug!(n_writes, ?took, "committed");
                 self.metrics.record(&observed);
@@ -1055,7 +1079,7 @@ mod tests {
             answer.try_recv().is_err(),
             "the snapshot shows a task not yet committed"
         );
-        driver.commit_and_dispatch().await.expect("commit");
+        driver.commit_and_dispatch().expect("commit");
         assert_eq!(store.commits(), 1);
         let snapshot = answer.try_recv().expect("answered after the commit");
         assert_eq!(snapshot.map(|t| t.id), Some(task));
@@ -1079,10 +1103,10 @@ mod tests {
     async fn a_cluster_feed_gets_a_snapshot_then_committed_changes_until_it_goes_or_lags() {
         let (mut driver, _store) = driver();
         let first = submit(&mut driver);
-        driver.commit_and_dispatch().await.expect("commit");
+        driver.commit_and_dispatch().expect("commit");
         let (mut answer, mut events) = watch_cluster(&mut driver, 8);
         assert!(answer.try_recv().is_err(), "answered only after the commit");
-        driver.commit_and_dispatch().await.expect("commit");
+        driver.commit_and_dispatch().expect("commit");
         let snapshot = answer.try_recv().expect("answered");
         assert_eq!(
             snapshot.tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
@@ -1094,18 +1118,18 @@ mod tests {
         );
 
         let second = submit(&mut driver);
-        driver.commit_and_dispatch().await.expect("commit");
+        driver.commit_and_dispatch().expect("commit");
         match events.try_recv() {
             Ok(FeedEvent::Task(task)) => assert_eq!(task.id, second),
             other => panic!("expected the new task, got {other:?}"),
         }
 
         let (_answer, slow) = watch_cluster(&mut driver, 1);
-        driver.commit_and_dispatch().await.expect("commit");
+        driver.commit_and_dispatch().expect("commit");
         assert_eq!(driver.cluster_watchers.len(), 2);
         for _ in 0..2 {
             submit(&mut driver);
-            driver.commit_and_dispatch().await.expect("commit");
+            driver.commit_and_dispatch().expect("commit");
         }
         assert_eq!(
             driver.cluster_watchers.len(),
@@ -1121,7 +1145,7 @@ mod tests {
             1,
             "a closed feed is pruned at the next registration"
         );
-        driver.commit_and_dispatch().await.expect("commit");
+        driver.commit_and_dispatch().expect("commit");
     }
 
     #[tokio::test]
@@ -1153,6 +1177,6 @@ mod tests {
             !driver.watchers.contains_key(&task),
             "a task without watchers is forgotten"
         );
-        driver.commit_and_dispatch().await.expect("commit");
+        driver.commit_and_dispatch().expect("commit");
     }
 }

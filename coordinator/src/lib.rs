@@ -186,7 +186,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .transpose()?;
     // What every part stops on: cancelled only once health says NOT_SERVING.
     let stop = CancellationToken::new();
-    let mut driver_task = tokio::spawn(driver.run(stop.clone()));
+    let mut driver_task = driver
+        .spawn(stop.clone())
+        .map_err(io("cannot start the driver's thread"))?;
     let incoming = server::tls_incoming(
         grpc_listener,
         server_tls,
@@ -253,9 +255,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     }
     match driver_result {
         Ok(result) => Ok(result?),
-        Err(join) => Err(Error::Io {
-            what: "driver task".into(),
-            source: std::io::Error::other(join.to_string()),
+        Err(_) => Err(Error::Io {
+            what: "driver thread".into(),
+            source: std::io::Error::other("it ended without an answer (it panicked)"),
         }),
     }
 }
