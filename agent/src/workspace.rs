@@ -547,51 +547,57 @@ impl Workspaces {
             .remote_anonymous(url)
             .map_err(|e| remote_error(url, "mirror remote".into(), e, &Problems::default()))?;
         let problems = Problems::default();
-        let head_branch = if spec.base_branch.is_empty() {
-            // The remote's HEAD names the default branch.
-            let connection = remote
+        let mut options = FetchOptions::new();
+        options.remote_callbacks(callbacks(credential, &self.ssh, url, stop, &problems));
+        // A branch gone from the remote goes from the mirror too.
+        options.prune(git2::FetchPrune::On);
+        let fetch = |remote: &mut git2::Remote<'_>,
+                     base_branch: &str,
+                     options: &mut FetchOptions<'_>|
+         -> Result<usize, Error> {
+            check_branch(base_branch)?;
+            let mut refspecs = vec![
+                format!("+refs/heads/{base_branch}:refs/heads/{base_branch}"),
+                "+refs/tags/*:refs/tags/*".to_owned(),
+            ];
+            if spec.follow_up {
+                refspecs.push(format!("+refs/heads/{0}:refs/heads/{0}", spec.branch));
+            }
+            remote
+                .fetch(&refspecs, Some(options), None)
+                .map_err(|e| remote_error(url, format!("fetch {url}"), e, &problems))?;
+            Ok(remote.stats().received_objects())
+        };
+        let (head_branch, base_branch, received_objects) = if spec.base_branch.is_empty() {
+            // The remote's HEAD names the default branch; the fetch goes
+            // through the same connection (one connection to the remote,
+            // not two: over git:// or SSH each is a server process).
+            let mut connection = remote
                 .connect_auth(
                     git2::Direction::Fetch,
                     Some(callbacks(credential, &self.ssh, url, stop, &problems)),
                     None,
                 )
                 .map_err(|e| remote_error(url, format!("connect to {url}"), e, &problems))?;
-            connection
+            let head_branch = connection
                 .default_branch()
                 .ok()
-                .and_then(|b| b.as_str().ok().map(str::to_owned))
-        } else {
-            None
-        };
-        let base_branch = if spec.base_branch.is_empty() {
-            head_branch
+                .and_then(|b| b.as_str().ok().map(str::to_owned));
+            let base_branch = head_branch
                 .as_deref()
                 .and_then(|r| r.strip_prefix("refs/heads/"))
-                .map(str::to_owned)
-                .unwrap_or_else(|| "main".into())
+                .map_or_else(|| "main".to_owned(), str::to_owned);
+            let received = fetch(connection.remote(), &base_branch, &mut options)?;
+            (head_branch, base_branch, received)
         } else {
-            spec.base_branch.clone()
+            let received = fetch(&mut remote, &spec.base_branch, &mut options)?;
+            (None, spec.base_branch.clone(), received)
         };
-        check_branch(&base_branch)?;
-        let mut refspecs = vec![
-            format!("+refs/heads/{base_branch}:refs/heads/{base_branch}"),
-            "+refs/tags/*:refs/tags/*".to_owned(),
-        ];
-        if spec.follow_up {
-            refspecs.push(format!("+refs/heads/{0}:refs/heads/{0}", spec.branch));
-        }
-        let mut options = FetchOptions::new();
-        options.remote_callbacks(callbacks(credential, &self.ssh, url, stop, &problems));
-        // A branch gone from the remote goes from the mirror too.
-        options.prune(git2::FetchPrune::On);
-        remote
-            .fetch(&refspecs, Some(&mut options), None)
-            .map_err(|e| remote_error(url, format!("fetch {url}"), e, &problems))?;
         info!(
             task_id = %task,
             repo = %spec.repo_url,
             mirror_reused,
-            received_objects = remote.stats().received_objects(),
+            received_objects,
             "mirror updated"
         );
         drop(remote);
