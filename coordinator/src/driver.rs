@@ -862,9 +862,6 @@ impl Driver {
             }
             // What ended is in the store now.
             self.core.evict_finished();
-            if owes_github {
-                self.outbox.notify_one();
-            }
             // Before any answer: a revoked admin's next call is refused.
             if std::mem::take(&mut self.admins_changed) {
                 self.revoked_admins
@@ -878,6 +875,11 @@ impl Driver {
             while let Some(action) = self.core.poll_action() {
                 performed = true;
                 self.perform(action);
+            }
+            // The GitHub worker last: answers and agents' messages are
+            // what someone waits on; its writes to GitHub are not.
+            if owes_github {
+                self.outbox.notify_one();
             }
             if !performed {
                 return Ok(());

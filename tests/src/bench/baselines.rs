@@ -1,7 +1,8 @@
 //! The baselines, measured before the figures that compare against them:
 //! what the machine itself costs, with none of our code in the way.
 //!
-//! - B1: fsync of a 4 KiB append on the data dir's file system.
+//! - B1: fsync of a 4 KiB append on the data dir's file system; and its
+//!   durable write bandwidth (1 MiB appends, each synced).
 //! - B2: sled insert + flush, one writer; batched inserts (100 per flush).
 //! - B3: a raw tonic bidi stream over loopback mTLS to a server that does
 //!   nothing.
@@ -36,6 +37,8 @@ use super::{Ctx, Figure, Q, Timings, measure, now};
 pub struct Fsync {
     pub p50: Duration,
     pub p99: Duration,
+    /// Bytes per second of 1 MiB appends, each followed by `fdatasync`.
+    pub write_bw: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -95,9 +98,24 @@ pub fn fsync(ctx: &mut Ctx) -> Fsync {
         file.write_all(&block).expect("write");
         file.sync_all().expect("fsync");
     });
+    // What the device takes durably: whatever stores on this file system
+    // (sled's log included) writes no faster.
+    let path = dir.join("stream.log");
+    let mut file = std::fs::File::create(&path).expect("create");
+    let block = vec![9u8; 1 << 20];
+    let blocks = ctx.n(256, 64);
+    let start = now();
+    for _ in 0..blocks {
+        file.write_all(&block).expect("write");
+        file.sync_data().expect("fdatasync");
+    }
+    let write_bw = (blocks * block.len()) as f64 / (now() - start).as_secs_f64();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
     let b = Fsync {
         p50: t.p50(),
         p99: t.p99(),
+        write_bw,
     };
     ctx.push(Figure::base(
         "B1 fsync of a 4 KiB append, p50",
@@ -106,6 +124,10 @@ pub fn fsync(ctx: &mut Ctx) -> Fsync {
     ctx.push(Figure::base(
         "B1 fsync of a 4 KiB append, p99",
         Q::time(b.p99),
+    ));
+    ctx.push(Figure::base(
+        "B1 durable write bandwidth (1 MiB appends, each synced)",
+        Q::bw(b.write_bw),
     ));
     b
 }

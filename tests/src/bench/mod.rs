@@ -234,7 +234,7 @@ pub fn scenarios() -> Vec<Scenario> {
     vec![
         Scenario {
             key: "fsync",
-            about: "B1 raw fsync of a 4 KiB append",
+            about: "B1 raw fsync of a 4 KiB append, durable write bandwidth",
             run: |c| {
                 c.fsync();
             },

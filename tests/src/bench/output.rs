@@ -14,6 +14,7 @@ use crate::process::{Process, bin};
 pub fn through_coordinator(ctx: &mut Ctx) {
     let stream = ctx.stream();
     let sled = ctx.sled();
+    let disk = ctx.fsync();
     let total: u64 = ctx.n(128 << 20, 32 << 20);
     let chunk = 4096;
     let c = Coord::start(ctx, &ctx.scratch("output"), &["--output-cap", "4GiB"]);
@@ -47,6 +48,13 @@ pub fn through_coordinator(ctx: &mut Ctx) {
     c.stop();
     let bw = total as f64 / secs;
     let b3 = stream.bw(4096);
+    ctx.note(format!(
+        "output into sled: {} is {:.2}x of B1's durable write bandwidth ({}); \
+         sled writes every byte to its log at least once",
+        Q::bw(bw),
+        bw / disk.write_bw,
+        Q::bw(disk.write_bw),
+    ));
     ctx.push(Figure::with(
         "agent output into sled, acked, 4 KiB chunks",
         Q::bw(bw),
