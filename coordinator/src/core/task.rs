@@ -430,7 +430,11 @@ impl Core {
             triage: new.triage,
             github: None,
         };
-        info!(task_id = %id, attempt = 0, repo = %task.spec.repo_url, specialty = %task.spec.specialty, state = task.state.as_str(), "task submitted");
+        let by = match &task.source {
+            TaskSource::Manual { submitted_by } => Some(submitted_by.as_str()),
+            TaskSource::Github { .. } => None,
+        };
+        info!(task_id = %id, attempt = 0, repo = %task.spec.repo_url, specialty = %task.spec.specialty, state = task.state.as_str(), by, "task submitted");
         if task.state == TaskState::Queued {
             self.queue
                 .insert(Queued::of(&task, now), self.config.general_fallback_after);

@@ -232,7 +232,6 @@ impl admin_server::Admin for Admin {
             .driver
             .call(|reply| Command::Submit { task, reply })
             .await?;
-        info!(admin = %admin.name, task_id = %task.id, attempt = task.attempt_number(), "task submitted by an admin");
         Ok(Response::new(task_info(&task)))
     }
 
