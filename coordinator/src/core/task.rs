@@ -434,7 +434,8 @@ impl Core {
             TaskSource::Manual { submitted_by } => Some(submitted_by.as_str()),
             TaskSource::Github { .. } => None,
         };
-        info!(task_id = %id, attempt = 0, repo = %task.spec.repo_url, specialty = %task.spec.specialty, state = task.state.as_str(), by, "task submitted");
+        let issue = task.source.issue().map(|(_, number)| number);
+        info!(task_id = %id, attempt = 0, repo = %task.spec.repo_url, specialty = %task.spec.specialty, state = task.state.as_str(), by, issue, "task submitted");
         if task.state == TaskState::Queued {
             self.queue
                 .insert(Queued::of(&task, now), self.config.general_fallback_after);

@@ -152,9 +152,6 @@ async fn handle(
                 .await
         }
     };
-    if let Ok(IssueOutcome::Created(id)) = &outcome {
-        info!(task_id = %id, attempt = 0, issue = work.number, repo = %work.repo.name, "issue triggered");
-    }
     outcome_answer(outcome)
 }
 
@@ -209,6 +206,8 @@ fn outcome_answer(outcome: Result<IssueOutcome, crate::driver::DriverGone>) -> R
     match outcome {
         Err(gone) => answer(StatusCode::SERVICE_UNAVAILABLE, "refused", gone.to_string()),
         Ok(IssueOutcome::Created(id)) => {
+            // The core logged the task with its repository; this line ties
+            // it to the delivery (the span).
             info!(task_id = %id, attempt = 0, "task created from a webhook");
             answer_task(
                 StatusCode::ACCEPTED,

@@ -11,9 +11,9 @@ use tonic::transport::Channel;
 
 use super::baselines::{concurrent, serial};
 use super::coord::{self, Coord, submit_request};
-use super::sim::{Behaviour, Event, Fleet};
+use super::sim::{Behaviour, Event, Fleet, branch_of};
 use super::{Ctx, Figure, Q, now};
-use crate::github::{FakeGitHub, GitHubConfig};
+use crate::github::{FakeGitHub, GitHubConfig, NewIssue, User};
 use crate::webhooks::{Delivery, Encoding};
 
 /// A repository location for manual tasks (simulated agents never clone).
@@ -82,6 +82,10 @@ pub fn submit(ctx: &mut Ctx) {
 const SECRET: &[u8] = b"a webhook secret for the bench";
 const REPO: &str = "bench-org/app";
 
+fn title(number: u64) -> String {
+    format!("Login API returns 500 for an empty password ({number})")
+}
+
 /// An `issues.labeled` delivery of issue `number`, labeled `claude` by its
 /// owner: the parts of GitHub's payload the coordinator reads.
 fn labeled(number: u64) -> Delivery {
@@ -93,7 +97,7 @@ fn labeled(number: u64) -> Delivery {
             "label": {"name": "claude"},
             "issue": {
                 "number": number,
-                "title": format!("Login API returns 500 for an empty password ({number})"),
+                "title": title(number),
                 "body": "POST /api/login answers 500 Internal Server Error when the password \
                          field is empty.\n\nSteps to reproduce:\n1. curl -X POST /api/login \
                          -d '{\"user\":\"a\",\"password\":\"\"}'\n\nExpected: 400 with a \
@@ -149,7 +153,17 @@ pub fn webhook(ctx: &mut Ctx) {
     let times = ctx.rt.block_on(async {
         let mut fleet = Fleet::start(&c.url(), &certs, &Behaviour::default(), 1).await;
         let mut times = Vec::new();
-        for number in 1..=runs + 10 {
+        for n in 1..=runs + 10 {
+            // As on GitHub: the issue exists (its status comment goes on
+            // it), and so does the branch the task pushes (its pull request
+            // comes from it). Task ids count from t-1 in a new store.
+            let number = github.create_issue(
+                REPO,
+                NewIssue::new(&title(n))
+                    .labels(&["claude", "bug"])
+                    .user(User::person("alice")),
+            );
+            github.add_branch(REPO, &branch_of(&format!("t-{n}")));
             let signed = labeled(number).sign(SECRET, Encoding::Json);
             let headers: Vec<(&str, &str)> = signed
                 .headers
@@ -175,13 +189,21 @@ pub fn webhook(ctx: &mut Ctx) {
                 }
             };
             // The first ten warm up.
-            if number > 10 {
+            if n > 10 {
                 times.push(assigned - start);
             }
             loop {
                 if let Event::FinishedAcked { .. } = fleet.next().await {
                     break;
                 }
+            }
+            // The task's writes to GitHub (its status comment, its pull
+            // request) done before the next delivery: the figure is the
+            // webhook's path, not the previous task's GitHub work.
+            let drained = now() + Duration::from_secs(30);
+            while c.metric("ccc_outbox_depth").await > 0.0 {
+                assert!(now() < drained, "the outbox did not drain in 30 s");
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
         fleet.stop();

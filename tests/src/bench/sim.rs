@@ -219,13 +219,18 @@ pub async fn run(
     let _ = events.send(Event::Closed { agent: index, why });
 }
 
+/// The branch a simulated agent reports having pushed for `task`.
+pub fn branch_of(task: &str) -> String {
+    format!("ccc/bench-{task}")
+}
+
 fn finished(task: &str, at: &Attempt) -> AgentMessage {
     msg(agent_message::Msg::TaskFinished(proto::TaskFinished {
         task_id: task.to_owned(),
         attempt: at.attempt,
         outcome: proto::Outcome::Succeeded as i32,
         message: "done".into(),
-        branch: "ccc/bench".into(),
+        branch: branch_of(task),
         commit: "0123456789abcdef0123456789abcdef01234567".into(),
         last_output_seq: at.next_seq - 1,
         ..Default::default()
