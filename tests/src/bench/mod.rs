@@ -543,12 +543,23 @@ pub fn main(opts: Options) -> std::process::ExitCode {
     let mut ctx = Ctx::new(opts);
     for s in chosen {
         eprintln!("bench: {} ({})", s.key, s.about);
+        // Every scenario starts with nothing of the one before still to be
+        // written back: a disk busy with an earlier scenario's gigabyte
+        // would be measured as this one's.
+        settle_disk();
         (s.run)(&mut ctx);
     }
     let took = started.elapsed();
     print(&ctx, took);
     ctx.empty_trash();
     std::process::ExitCode::SUCCESS
+}
+
+/// Writes every dirty page back (`sync`) before a scenario.
+fn settle_disk() {
+    if let Err(e) = std::process::Command::new("sync").status() {
+        eprintln!("bench: sync failed ({e}); the disk may still be busy");
+    }
 }
 
 fn cores() -> usize {
