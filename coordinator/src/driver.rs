@@ -276,7 +276,7 @@ impl DriverHandle {
     }
 }
 
-#[must_use = "the driver does nothing unless `run` is awaited"]
+#[must_use = "the driver does nothing until it is started with `spawn`"]
 pub struct Driver {
     core: Core,
     store: Arc<dyn Store>,
@@ -302,6 +302,17 @@ pub struct Driver {
     /// Counts what commits change (a registry nobody scrapes by default).
     metrics: crate::metrics::Metrics,
     task_events: crate::metrics::TaskEvents,
+}
+
+/// Why the driver's event loop ([`Driver::spawn`]) ended.
+#[derive(Debug)]
+pub enum Stopped {
+    /// `shutdown` fired, or every handle is gone.
+    Shutdown,
+    /// A commit failed: nothing more may be acknowledged.
+    CommitFailed(store::Error),
+    /// A bug: the loop panicked (with the panic's message).
+    Panicked(String),
 }
 
 impl Driver {
@@ -359,12 +370,9 @@ impl Driver {
     /// single-threaded runtime for its timers), where commits block only
     /// the loop. It runs until `shutdown` fires or a commit fails; the
     /// answer says which. A failed commit stops the coordinator: it can no
-    /// longer promise durability. The answer never comes if the thread
-    /// panicked.
-    pub fn spawn(
-        self,
-        shutdown: CancellationToken,
-    ) -> std::io::Result<oneshot::Receiver<Result<(), store::Error>>> {
+    /// longer promise durability. A panic in the loop is logged and
+    /// answered as [`Stopped::Panicked`].
+    pub fn spawn(self, shutdown: CancellationToken) -> std::io::Result<oneshot::Receiver<Stopped>> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()?;
@@ -372,8 +380,22 @@ impl Driver {
         std::thread::Builder::new()
             .name("ccc-driver".into())
             .spawn(move || {
-                let result = runtime.block_on(self.run(shutdown));
-                let _ = done.send(result);
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    runtime.block_on(self.run(shutdown))
+                }));
+                let _ = done.send(match ran {
+                    Ok(Ok(())) => Stopped::Shutdown,
+                    Ok(Err(e)) => Stopped::CommitFailed(e),
+                    Err(panic) => {
+                        let why = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic without a message".into());
+                        error!(panic = %why, "the driver's event loop panicked; stopping");
+                        Stopped::Panicked(why)
+                    }
+                });
             })?;
         Ok(stopped)
     }
@@ -964,10 +986,13 @@ mod tests {
     use crate::core::{OutputPosition, Restored, Write};
     use crate::store::StoredChunk;
 
-    /// Counts commits; holds nothing.
+    /// Counts commits; holds nothing. A commit can be made to fail or
+    /// panic.
     #[derive(Default)]
     struct CountingStore {
         commits: Mutex<usize>,
+        commit_fails: bool,
+        commit_panics: bool,
     }
 
     impl CountingStore {
@@ -1023,6 +1048,10 @@ mod tests {
             Ok(Vec::new())
         }
         fn commit(&self, _: &[Write]) -> Result<(), store::Error> {
+            assert!(!self.commit_panics, "a commit that panics");
+            if self.commit_fails {
+                return Err(store::Error::Task("a commit that fails".into()));
+            }
             if let Ok(mut c) = self.commits.lock() {
                 *c += 1;
             }
@@ -1031,7 +1060,11 @@ mod tests {
     }
 
     fn driver() -> (Driver, Arc<CountingStore>) {
-        let store = Arc::new(CountingStore::default());
+        driver_on(CountingStore::default())
+    }
+
+    fn driver_on(store: CountingStore) -> (Driver, Arc<CountingStore>) {
+        let store = Arc::new(store);
         let (now, wall) = clock();
         let core = Core::new(crate::core::tests::config(), Restored::default(), now, wall);
         let (driver, _handle, _admins) = Driver::new(core, Arc::clone(&store) as Arc<dyn Store>);
@@ -1070,6 +1103,42 @@ mod tests {
 
     fn watchers(driver: &Driver, task: TaskId) -> usize {
         driver.watchers.get(&task).map_or(0, Vec::len)
+    }
+
+    /// Runs `driver` on its thread with one task to commit and no handle
+    /// left (so it stops after that commit); returns how it stopped.
+    async fn stop_after_one_commit(store: CountingStore) -> Stopped {
+        let (mut driver, _store) = driver_on(store);
+        submit(&mut driver);
+        driver
+            .spawn(CancellationToken::new())
+            .expect("driver thread")
+            .await
+            .expect("the driver answers how it stopped")
+    }
+
+    #[tokio::test]
+    async fn the_driver_thread_says_how_its_loop_ended() {
+        assert!(matches!(
+            stop_after_one_commit(CountingStore::default()).await,
+            Stopped::Shutdown
+        ));
+        let failed = CountingStore {
+            commit_fails: true,
+            ..CountingStore::default()
+        };
+        assert!(matches!(
+            stop_after_one_commit(failed).await,
+            Stopped::CommitFailed(store::Error::Task(why)) if why == "a commit that fails"
+        ));
+        let panicking = CountingStore {
+            commit_panics: true,
+            ..CountingStore::default()
+        };
+        assert!(matches!(
+            stop_after_one_commit(panicking).await,
+            Stopped::Panicked(why) if why == "a commit that panics"
+        ));
     }
 
     #[tokio::test]

@@ -253,11 +253,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     if drained.is_err() {
         error!("servers did not stop within 5s");
     }
+    let panicked = |why: String| Error::Io {
+        what: "driver thread".into(),
+        source: std::io::Error::other(why),
+    };
     match driver_result {
-        Ok(result) => Ok(result?),
-        Err(_) => Err(Error::Io {
-            what: "driver thread".into(),
-            source: std::io::Error::other("it ended without an answer (it panicked)"),
-        }),
+        Ok(driver::Stopped::Shutdown) => Ok(()),
+        Ok(driver::Stopped::CommitFailed(e)) => Err(e.into()),
+        Ok(driver::Stopped::Panicked(why)) => Err(panicked(format!("it panicked: {why}"))),
+        Err(_) => Err(panicked("it ended without an answer".into())),
     }
 }

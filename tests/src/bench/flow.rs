@@ -156,11 +156,14 @@ pub fn webhook(ctx: &mut Ctx) {
         for n in 1..=runs + 10 {
             // As on GitHub: the issue exists (its status comment goes on
             // it), and so does the branch the task pushes (its pull request
-            // comes from it). Task ids count from t-1 in a new store.
+            // comes from it). Task ids count from t-1 in a new store. The
+            // issue carries no trigger label on the fake, so the
+            // reconciler's first pass, which may run meanwhile, never
+            // creates its task before the delivery does.
             let number = github.create_issue(
                 REPO,
                 NewIssue::new(&title(n))
-                    .labels(&["claude", "bug"])
+                    .labels(&["bug"])
                     .user(User::person("alice")),
             );
             github.add_branch(REPO, &branch_of(&format!("t-{n}")));
