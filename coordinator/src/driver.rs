@@ -387,11 +387,7 @@ impl Driver {
                     Ok(Ok(())) => Stopped::Shutdown,
                     Ok(Err(e)) => Stopped::CommitFailed(e),
                     Err(panic) => {
-                        let why = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| (*s).to_owned())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "a panic without a message".into());
+                        let why = common::telemetry::panic_message(&*panic);
                         error!(panic = %why, "the driver's event loop panicked; stopping");
                         Stopped::Panicked(why)
                     }

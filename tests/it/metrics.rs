@@ -142,11 +142,7 @@ fn prometheus_scrapes_tasks_by_state_and_promtool_finds_nothing_to_lint() {
     // Each of the three tasks was committed when submitted, accepted and
     // ended, at least.
     let commits = value(&text, "ccc_store_commit_seconds_count");
-    assert!(
-        commits >= 9.0,
-        "{commits} commits in
-{text}"
-    );
+    assert!(commits >= 9.0, "{commits} commits in\n{text}");
     assert!(value(&text, "ccc_store_commit_seconds_sum") > 0.0, "{text}");
 }
 

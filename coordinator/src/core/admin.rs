@@ -71,15 +71,13 @@ impl Core {
             return Err(AdminError::NotDrained(agent.clone()));
         }
         entry.record.drain_reason = None;
-        let live = entry.live.take().map(|l| {
-            self.timers.unfile_stream(&l, self.config.heartbeat_timeout);
-            l.conn
-        });
+        let live = self
+            .timers
+            .take_stream(&mut entry.live, self.config.heartbeat_timeout);
         entry.record.state = AgentState::Disconnected;
         entry.record.last_disconnect_reason = Some("undrained: reconnecting to take work".into());
         entry.record.last_seen = entry.record.last_seen.max(wall);
-        self.writes
-            .push(Write::Agent(Box::new(entry.record.clone())));
+        self.writes.push(entry.record_write());
         self.refile(agent);
         info!(agent_id = %agent, "agent undrained");
         if let Some(conn) = live {
@@ -104,9 +102,8 @@ impl Core {
         entry.record.state = AgentState::Disconnected;
         entry.record.revoked_reason = None;
         entry.record.last_seen = entry.record.last_seen.max(wall);
-        self.writes
-            .push(Write::Agent(Box::new(entry.record.clone())));
-        self.refile(agent);
+        // A revoked agent has no stream: it stays out of the free index.
+        self.writes.push(entry.record_write());
         warn!(agent_id = %agent, "agent unrevoked");
         Ok(self
             .agent(agent)
@@ -133,8 +130,8 @@ impl Core {
                 entry.load.iter().copied().collect(),
             ));
         }
+        // Without a stream it was never in the free index.
         self.agents.remove(agent);
-        self.refile(agent);
         self.writes.push(Write::ForgetAgent(agent.clone()));
         info!(agent_id = %agent, "agent forgotten");
         Ok(())

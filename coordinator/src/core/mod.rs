@@ -12,13 +12,12 @@
 //! `Err`: the core cannot fail.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::ids::{AgentId, Attempt, TaskId};
 pub use common::protocol::{FromAgent, OutputChunk, ReportedTask, ToAgent};
 use common::time::UnixMillis;
-use common::types::{AgentAdvert, Outcome, OutputKind, Specialty};
+use common::types::{AgentAdvert, Outcome, Specialty};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -131,20 +130,14 @@ pub struct AgentRecord {
 /// What watchers of a task (`WatchTask`, `ccc logs -f`) are told.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TaskEvent {
-    Output {
-        task: TaskId,
-        attempt: Attempt,
-        seq: u64,
-        kind: OutputKind,
-        data: Arc<[u8]>,
-    },
+    Output(OutputChunk),
     Changed(Box<Task>),
 }
 
 impl TaskEvent {
     pub fn task(&self) -> TaskId {
         match self {
-            Self::Output { task, .. } => *task,
+            Self::Output(chunk) => chunk.task,
             Self::Changed(t) => t.id,
         }
     }
@@ -682,9 +675,12 @@ impl Core {
             self.remove_pending(old);
             self.close(old, CloseReason::Replaced);
         }
+        // A connection id is never reused; were it, its old deadline goes
+        // before the new one is filed.
+        self.remove_pending(conn);
         let hello_deadline = now + self.config.hello_timeout;
         self.timers.hellos.set(conn, None, Some(hello_deadline));
-        let replaced = self.pending.insert(
+        self.pending.insert(
             conn,
             Pending {
                 agent,
@@ -692,9 +688,6 @@ impl Core {
                 hello_deadline,
             },
         );
-        if let Some(old) = replaced {
-            self.timers.hellos.set(conn, Some(old.hello_deadline), None);
-        }
         Ok(())
     }
 
@@ -834,11 +827,9 @@ impl Core {
             self.close(conn, CloseReason::Duplicate(why));
             return;
         }
-        let replaced = entry.live.take().map(|old| {
-            self.timers
-                .unfile_stream(&old, self.config.heartbeat_timeout);
-            old.conn
-        });
+        let replaced = self
+            .timers
+            .take_stream(&mut entry.live, self.config.heartbeat_timeout);
         entry.record.state = AgentState::Connected;
         let instance = advert.instance_id.clone();
         // A drain lasts for the stream it was sent on.
@@ -912,10 +903,8 @@ impl Core {
         if entry.live.as_ref().map(|l| l.conn) != Some(conn) {
             return;
         }
-        if let Some(live) = entry.live.take() {
-            self.timers
-                .unfile_stream(&live, self.config.heartbeat_timeout);
-        }
+        self.timers
+            .take_stream(&mut entry.live, self.config.heartbeat_timeout);
         if entry.record.state != AgentState::Revoked {
             entry.record.state = AgentState::Disconnected;
         }
@@ -1004,10 +993,9 @@ impl Core {
         entry.record.state = AgentState::Revoked;
         entry.record.revoked_reason = Some(reason.clone());
         entry.record.last_seen = entry.record.last_seen.max(wall);
-        let live_conn = entry.live.take().map(|l| {
-            self.timers.unfile_stream(&l, self.config.heartbeat_timeout);
-            l.conn
-        });
+        let live_conn = self
+            .timers
+            .take_stream(&mut entry.live, self.config.heartbeat_timeout);
         if live_conn.is_some() {
             entry.record.last_disconnect_reason = Some(format!("revoked: {reason}"));
         }

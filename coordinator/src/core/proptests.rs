@@ -15,6 +15,7 @@
 
 #![allow(clippy::disallowed_methods)] // one real Instant as the origin of simulated time
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::ids::{AgentId, Attempt, TaskId};

@@ -97,6 +97,9 @@ pub(super) struct FreeIndex {
     filed: BTreeMap<AgentId, u8>,
 }
 
+// Every specialty has a bit of the `u8` mask.
+const _: () = assert!(Specialty::ALL.len() <= 8);
+
 fn bit(specialty: Specialty) -> u8 {
     1 << specialty as u8
 }
@@ -229,13 +232,11 @@ impl Core {
     /// Slots an agent can take new work in: zero unless connected, not
     /// draining, healthy, not cooling down.
     pub(super) fn free_slots(&self, entry: &AgentEntry) -> u32 {
-        let Some(live) = entry.live.as_ref() else {
-            return 0;
-        };
-        if entry.record.state != AgentState::Connected
-            || entry.record.unhealthy.is_some()
-            || live.cooldown_until.is_some_and(|c| c > self.last_now)
-        {
+        let cooling = entry
+            .live
+            .as_ref()
+            .is_some_and(|live| live.cooldown_until.is_some_and(|c| c > self.last_now));
+        if filing(entry).is_none() || cooling {
             return 0;
         }
         let capacity = entry.record.advert.as_ref().map_or(0, |a| a.capacity);
@@ -277,12 +278,8 @@ impl Core {
             let Some(advert) = entry.record.advert.as_ref() else {
                 continue;
             };
+            // The candidates serve `wanted`, or general after the wait.
             let exact = advert.specialties.contains(&wanted);
-            let general_ok = wanted == Specialty::General
-                || (waited && advert.specialties.contains(&Specialty::General));
-            if !exact && !general_ok {
-                continue;
-            }
             let rank = Rank {
                 exact_specialty: exact,
                 coverage: coverage(&task.spec.technologies, &advert.toolchains),

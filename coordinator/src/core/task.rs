@@ -774,20 +774,16 @@ impl Core {
             };
             budget.stored_bytes += u64::try_from(data.len()).unwrap_or(u64::MAX);
             live.acked = seq;
-            self.writes.push(Write::Output(OutputChunk {
-                task: id,
-                attempt,
-                seq,
-                kind,
-                data: Arc::clone(&data),
-            }));
-            self.actions.push_back(Action::Publish(TaskEvent::Output {
+            let chunk = OutputChunk {
                 task: id,
                 attempt,
                 seq,
                 kind,
                 data,
-            }));
+            };
+            self.writes.push(Write::Output(chunk.clone()));
+            self.actions
+                .push_back(Action::Publish(TaskEvent::Output(chunk)));
         }
         let acked = self.live.get(&id).map_or(0, |l| l.acked);
         self.pending_acks.insert((conn, id, attempt), acked);

@@ -105,13 +105,20 @@ impl Timers {
         self.cooldowns.set(live.conn, None, live.cooldown_until);
     }
 
-    /// Takes out the deadlines of a stream that is no longer live.
-    pub(super) fn unfile_stream(&mut self, live: &Live, heartbeat_timeout: Duration) {
+    /// Ends an agent's live stream, if it has one: takes it out of `live`
+    /// with its deadlines. Every stream that ends goes through here.
+    pub(super) fn take_stream(
+        &mut self,
+        live: &mut Option<Live>,
+        heartbeat_timeout: Duration,
+    ) -> Option<ConnId> {
+        let live = live.take()?;
         self.heartbeats
             .set(live.conn, Some(live.next_heartbeat), None);
         self.silences
             .set(live.conn, Some(live.last_heard + heartbeat_timeout), None);
         self.cooldowns.set(live.conn, live.cooldown_until, None);
+        Some(live.conn)
     }
 }
 

@@ -82,18 +82,15 @@ pub async fn watch_task(
         }
         while let Some(event) = events.recv().await {
             let (event, last) = match &event {
-                TaskEvent::Output {
-                    attempt,
-                    seq,
-                    kind,
-                    data,
-                    ..
-                } => {
-                    if (*attempt, *seq) < next {
+                TaskEvent::Output(chunk) => {
+                    if (chunk.attempt, chunk.seq) < next {
                         continue; // Already sent from the store.
                     }
-                    next = (*attempt, seq + 1);
-                    (output_event(id, *attempt, *seq, *kind, data), false)
+                    next = (chunk.attempt, chunk.seq + 1);
+                    (
+                        output_event(id, chunk.attempt, chunk.seq, chunk.kind, &chunk.data),
+                        false,
+                    )
                 }
                 TaskEvent::Changed(task) => (state_event(task), task.state.is_terminal()),
             };

@@ -6,11 +6,11 @@
 //! state it reaches. Ended tasks are forgotten: one written again is taken
 //! as counted up to what it holds.
 
-use common::protocol::OutputChunk;
 use std::collections::HashMap;
 use std::time::Duration;
 
 use common::ids::TaskId;
+use common::protocol::OutputChunk;
 use common::time::UnixMillis;
 use common::types::Outcome;
 

@@ -223,7 +223,7 @@ impl Rows {
                 ),
                 Write::Task(task) => (
                     &mut rows.tasks,
-                    task.id.0.to_be_bytes().to_vec(),
+                    task_key(task.id).to_vec(),
                     Some(codec::encode(task)),
                 ),
                 Write::Delivery { id, at } => (
@@ -254,10 +254,6 @@ impl Rows {
             table.push((key, value));
         }
         rows
-    }
-
-    fn is_empty(&self) -> bool {
-        self.each().iter().all(|rows| rows.is_empty())
     }
 }
 
@@ -298,12 +294,22 @@ pub struct SledStore {
     tables: Tables<sled::Tree>,
 }
 
+/// A task's key: its number, big-endian, so byte order is numeric order.
+fn task_key(task: TaskId) -> [u8; 8] {
+    task.0.to_be_bytes()
+}
+
 fn output_key(task: TaskId, attempt: Attempt, seq: u64) -> [u8; 20] {
     let mut key = [0u8; 20];
-    key[..8].copy_from_slice(&task.0.to_be_bytes());
+    key[..8].copy_from_slice(&task_key(task));
     key[8..12].copy_from_slice(&attempt.0.to_be_bytes());
     key[12..].copy_from_slice(&seq.to_be_bytes());
     key
+}
+
+/// The key before every output key of `task`.
+fn first_output_key(task: TaskId) -> [u8; 20] {
+    output_key(task, Attempt(0), 0)
 }
 
 /// The key after every output key of `task`.
@@ -315,7 +321,7 @@ fn last_output_key(task: TaskId) -> [u8; 20] {
 /// effects sit together in key order.
 fn outbox_key(task: TaskId, effect: Effect) -> [u8; 9] {
     let mut key = [0u8; 9];
-    key[..8].copy_from_slice(&task.0.to_be_bytes());
+    key[..8].copy_from_slice(&task_key(task));
     key[8] = effect.to_byte();
     key
 }
@@ -422,7 +428,7 @@ impl<B: Backend> Store for B {
     }
 
     fn load_task(&self, id: TaskId) -> Result<Option<Task>, Error> {
-        let key = id.0.to_be_bytes();
+        let key = task_key(id);
         self.tables()
             .tasks
             .get(&key)?
@@ -451,7 +457,7 @@ impl<B: Backend> Store for B {
         attempt: Attempt,
     ) -> Result<OutputPosition, Error> {
         let mut position = OutputPosition::default();
-        let (from, through) = (task.0.to_be_bytes(), last_output_key(task));
+        let (from, through) = (first_output_key(task), last_output_key(task));
         for chunk in decode_rows(&self.tables().output, &from, Some(&through), decode_chunk) {
             let chunk = chunk?;
             if chunk.attempt < since {
@@ -486,14 +492,14 @@ impl<B: Backend> Store for B {
         limit: usize,
     ) -> Result<(Option<TaskId>, usize), Error> {
         let tables = self.tables();
-        let from = after.map_or(0, |id| id.0.saturating_add(1)).to_be_bytes();
+        let from = task_key(TaskId(after.map_or(0, |id| id.0.saturating_add(1))));
         let mut looked = 0;
         let mut pruned = 0;
         for task in decode_rows(&tables.tasks, &from, None, decode_task) {
             let task = task?;
             looked += 1;
             if task.state.is_terminal() && task.updated_at < ended_before {
-                let (start, end) = (output_key(task.id, Attempt(0), 0), last_output_key(task.id));
+                let (start, end) = (first_output_key(task.id), last_output_key(task.id));
                 let keys = tables
                     .output
                     .range(&start, Some(&end))
@@ -512,11 +518,11 @@ impl<B: Backend> Store for B {
     }
 
     fn commit(&self, writes: &[Write]) -> Result<(), Error> {
-        let rows = Rows::of(writes);
-        if rows.is_empty() {
+        // Every write is one row: no writes, nothing to apply.
+        if writes.is_empty() {
             return Ok(());
         }
-        self.apply(&rows)
+        self.apply(&Rows::of(writes))
     }
 }
 
@@ -607,28 +613,19 @@ impl Backend for SledStore {
         &self.tables
     }
 
-    /// One sled transaction over every tree, then one flush.
+    /// One sled transaction over the trees the rows touch, then one flush.
     fn apply(&self, rows: &Rows) -> Result<(), Error> {
-        let t = &self.tables;
-        (
-            &t.agents,
-            &t.tasks,
-            &t.output,
-            &t.admins,
-            &t.deliveries,
-            &t.outbox,
-        )
-            .transaction(|(agents, tasks, output, admins, deliveries, outbox)| {
-                let trees = Tables {
-                    agents,
-                    tasks,
-                    output,
-                    admins,
-                    deliveries,
-                    outbox,
-                };
-                for (tree, rows) in trees.each().into_iter().zip(rows.each()) {
-                    for (key, value) in rows {
+        let (trees, rows): (Vec<&sled::Tree>, Vec<&Vec<Row>>) = self
+            .tables
+            .each()
+            .into_iter()
+            .zip(rows.each())
+            .filter(|(_, rows)| !rows.is_empty())
+            .unzip();
+        trees[..]
+            .transaction(|trees| {
+                for (tree, rows) in trees.iter().zip(&rows) {
+                    for (key, value) in rows.iter() {
                         match value {
                             Some(value) => tree.insert(key.as_slice(), value.as_slice())?,
                             None => tree.remove(key.as_slice())?,

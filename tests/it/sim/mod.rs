@@ -71,11 +71,7 @@ fn run_seed(seed: u64, strict: bool) -> Result<Stats, String> {
     let failure = match result {
         Ok(Ok(())) => return Ok(world.stats),
         Ok(Err(why)) => why,
-        Err(panic) => panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-            .unwrap_or_else(|| "a panic".into()),
+        Err(panic) => common::telemetry::panic_message(&*panic),
     };
     let mut report = vec![
         format!("simulation seed {seed} failed: {failure}"),

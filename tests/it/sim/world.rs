@@ -297,9 +297,10 @@ pub(super) struct Ledger {
 
 impl Ledger {
     /// Reads back from the store what a committed batch stored of the
-    /// tasks it touched: their records and output. A terminal task must
-    /// never be rewritten differently (seen as the store holds it after
-    /// each batch: a batch is committed at once).
+    /// tasks it touched: their records and output. A task the batch wrote
+    /// must read back as written, and a terminal task must never be
+    /// rewritten differently (seen as the store holds it after each batch:
+    /// a batch is committed at once).
     fn record(&mut self, store: &impl Store, writes: &[Write]) -> Result<(), String> {
         let touched: BTreeSet<TaskId> = writes.iter().filter_map(Write::task).collect();
         for id in touched {
@@ -314,17 +315,30 @@ impl Ledger {
                         let stored = self.stored_seq.get(&(id, a.attempt)).copied();
                         (a.attempt, stored.unwrap_or(0) + 1)
                     });
-            for chunk in store
+            let output = store
                 .read_output(id, from, usize::MAX)
-                .expect("the store reads output")
-            {
+                .map_err(|e| format!("the store cannot read the output of {id}: {e}"))?;
+            for chunk in output {
                 let stored = self.stored_seq.entry((id, chunk.attempt)).or_default();
                 *stored = (*stored).max(chunk.seq);
                 if chunk.kind == OutputKind::System && chunk.data.starts_with(TRUNCATION_MARKER) {
                     self.truncated.insert(id);
                 }
             }
-            let Some(task) = store.load_task(id).expect("the store reads tasks") else {
+            let stored = store
+                .load_task(id)
+                .map_err(|e| format!("the store cannot read task {id}: {e}"))?;
+            let written = writes.iter().rev().find_map(|w| match w {
+                Write::Task(task) if task.id == id => Some(&**task),
+                _ => None,
+            });
+            if written.is_some() && written != stored.as_ref() {
+                return Err(format!(
+                    "task {id} reads back from the store differently from what was committed: \
+                     {written:?} became {stored:?}"
+                ));
+            }
+            let Some(task) = stored else {
                 continue;
             };
             match self.terminal.get(&id) {
