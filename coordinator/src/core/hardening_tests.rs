@@ -388,3 +388,29 @@ fn a_waiting_task_says_why() {
         Some("every general agent is busy or unavailable: gen (1 of 1 slots taken)")
     );
 }
+
+#[test]
+fn placing_a_task_looks_at_the_free_agents_not_the_fleet() {
+    let mut h = H::new();
+    let busy = 1_000;
+    for n in 0..busy {
+        h.connect(&format!("busy-{n:04}"), Specialty::Backend, 1);
+        h.submit("api", Specialty::Backend, 0);
+    }
+    assert_eq!(h.assigned().len(), busy, "every busy agent holds a task");
+    h.connect("free", Specialty::Backend, 1);
+    let before = h.core.placement_work();
+    let task = h.submit("web", Specialty::Backend, 0);
+    let placed = h.assigned();
+    assert_eq!(
+        placed.iter().map(|(_, t, _)| *t).collect::<Vec<_>>(),
+        vec![task],
+        "the task goes to the one free agent"
+    );
+    let looked = h.core.placement_work() - before;
+    assert!(
+        looked <= 4,
+        "placing one task looked at {looked} agents of {}",
+        busy + 1
+    );
+}

@@ -347,6 +347,8 @@ pub struct Core {
     queue: Queue,
     /// The agents that may take work, indexed for placement.
     free: schedule::FreeIndex,
+    /// Agents looked at by scheduling so far (`Core::placement_work`).
+    agents_examined: std::cell::Cell<u64>,
     /// The deadlines of the streams and of the live attempts, in order.
     timers: Timers,
     /// Live attempts per repository (fairness between repositories).
@@ -479,6 +481,7 @@ impl Core {
             output: BTreeMap::new(),
             queue: Queue::default(),
             free: schedule::FreeIndex::default(),
+            agents_examined: std::cell::Cell::new(0),
             timers: Timers::default(),
             repo_live: BTreeMap::new(),
             issues: BTreeMap::new(),

@@ -15,9 +15,10 @@
 //! an agent is filed under the specialties it advertises while it is
 //! connected, not draining, healthy and has a free slot, and is refiled
 //! wherever one of those changes (a slot taken or released, a Hello, a
-//! disconnect, a drain, a revocation, a change of health). A cool-down ends
-//! with time rather than with an event, so a cooling agent stays filed and
-//! is skipped where the index is read. A round therefore looks at the free
+//! disconnect, a drain, a revocation, a change of health). A cooling agent
+//! stays filed and is skipped where the index is read: its cool-down is
+//! over at the first event past its end, whether or not the cool-down's
+//! timer (which clears it) has fired yet. A round therefore looks at the free
 //! agents only: which specialties they serve, then, to place the task the
 //! queue offers, those that advertise its specialty (and the `general`
 //! ones when the fallback applies). Busy, draining, unhealthy and
@@ -214,7 +215,10 @@ impl Core {
     fn free_agents(&self) -> FreeAgents {
         let mut free = FreeAgents::default();
         for (specialty, agents) in &self.free.by_specialty {
-            if agents.iter().any(|agent| self.takes_work_now(agent)) {
+            if agents.iter().any(|agent| {
+                self.examined_agent();
+                self.takes_work_now(agent)
+            }) {
                 free.specialties.insert(*specialty);
             }
         }
@@ -268,6 +272,7 @@ impl Core {
         let waited = self.queue.in_fallback(id);
         let mut best: Option<(Rank, &AgentId)> = None;
         for agent_id in self.free.candidates(wanted, waited) {
+            self.examined_agent();
             let Some(entry) = self.agents.get(agent_id) else {
                 continue;
             };
@@ -325,6 +330,16 @@ impl Core {
     /// for tests that count work instead of timing it.
     pub fn schedule_work(&self) -> u64 {
         self.queue.examined()
+    }
+
+    /// Agents looked at by scheduling so far (to tell what is served and
+    /// to place a task), for tests that count work instead of timing it.
+    pub fn placement_work(&self) -> u64 {
+        self.agents_examined.get()
+    }
+
+    fn examined_agent(&self) {
+        self.agents_examined.set(self.agents_examined.get() + 1);
     }
 
     /// Why a queued task is not placed yet, in words (`None` when it is
