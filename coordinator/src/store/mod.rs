@@ -29,8 +29,8 @@
 //! sled 0.34 is no longer developed; keeping every sled call here lets the
 //! store move to another engine without touching anything else.
 //!
-//! [`MemoryStore`] (`memory.rs`) is the same store in memory, the model
-//! tests read what was written from. The two share everything but where
+//! `MemoryStore` (`memory.rs`, built for tests only) is the same store in
+//! memory, the model tests read what was written from. The two share everything but where
 //! the bytes sit: `Rows` is the one interpretation of [`Write`]s as keys
 //! and encoded values, and [`Store`] is implemented once, over any
 //! `Backend` (its `Table`s and how it applies one commit's rows), so both
@@ -52,8 +52,10 @@ use crate::core::task::TRUNCATION_MARKER;
 use crate::core::{AdminRecord, AgentRecord, OutputPosition, Task, Write};
 
 mod codec;
+#[cfg(test)]
 mod memory;
 
+#[cfg(test)]
 pub use memory::MemoryStore;
 
 /// The layout this code reads and writes.
